@@ -1,0 +1,122 @@
+"""Fashion-MNIST: kNN and linear-probe accuracy of an encoder pre-trained for a fixed CPU budget.
+
+Measures the training throughput of the config on this machine for a few steps, sets the number of
+epochs so that the warmup + cosine schedule ends inside the budget (``train.max_minutes`` is the
+hard stop), pre-trains, then evaluates the final checkpoint and intermediate ones (the curve of
+accuracy against pre-training minutes) with the same frozen-feature protocol as ``mimkit knn`` /
+``mimkit linprobe``, beside the raw-pixel and random-init baselines.
+
+Usage:
+    python benchmarks/bench_fmnist.py --budget-min 30 --config mae_fmnist [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from mimkit.cli import resolve_config_path
+from mimkit.config import load_config
+from mimkit.data import build_dataset, build_loader
+from mimkit.engine import pretrain
+from mimkit.engine.checkpoint import list_checkpoints, load_state
+from mimkit.engine.distributed import resolve_device
+from mimkit.engine.optim import build_optimizer
+from mimkit.engine.precision import autocast, resolve_precision
+from mimkit.evaluation.runner import features_for, resolve_subject, run_knn, run_linprobe, write_result
+from mimkit.models import method_from_config
+
+
+def measure_img_per_s(cfg, steps: int = 8) -> float:
+    """Training images/s of the configured method (forward, backward, AdamW) on real batches."""
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    data = build_dataset(cfg.data, "train")
+    loader = build_loader(data, cfg.data, cfg.optim.batch_size, train=True)
+    method = method_from_config(cfg).to(device).train()
+    opt = build_optimizer(method, cfg.optim, 1e-4)
+    it = iter(loader)
+    t0, n = None, 0
+    for i in range(steps + 2):
+        x, _ = next(it)
+        if i == 2:  # the first steps warm up allocator and kernels
+            t0 = time.perf_counter()
+        with autocast(device, precision):
+            loss = method(x.to(device)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if t0 is not None:
+            n += x.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def evaluate(run: str | None, baseline: str | None, config: str | None, overrides: list[str]) -> dict:
+    subject = resolve_subject(run, baseline, config, overrides)
+    feats = features_for(subject, "auto", "auto", 512, progress=False)
+    knn = run_knn(subject, (20, 200), 0.07, feats)
+    lin = run_linprobe(feats, 100, 0.1, 1024, 0)
+    write_result(subject, "knn", knn)
+    write_result(subject, "linprobe", lin)
+    return {"knn20": knn["top1_k20"], "knn200": knn["top1_k200"], "linprobe": lin["top1"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--config", default="mae_fmnist")
+    ap.add_argument("--budget-min", type=float, default=30.0)
+    ap.add_argument("--curve-points", type=int, default=3, help="intermediate checkpoints to evaluate")
+    ap.add_argument("--run-dir", default="runs/bench_fmnist")
+    ap.add_argument("--skip-baselines", action="store_true")
+    args = ap.parse_args()
+    config = str(resolve_config_path(args.config))
+    base = [f"run_dir={args.run_dir}", *args.overrides]
+    cfg = load_config(config, base)
+    ips = measure_img_per_s(cfg)
+    n_train = len(build_dataset(cfg.data, "train"))
+    # 3 % of the budget is left for start-up, epoch-end checkpoints and the rate's noise.
+    epochs = round(0.97 * args.budget_min * 60 * ips / n_train, 2)
+    steps_per_epoch = n_train // cfg.optim.batch_size
+    ckpt_every = max(1, int(epochs * steps_per_epoch / (args.curve_points + 1)))
+    train_over = [f"train.epochs={epochs}", f"train.max_minutes={args.budget_min}", "train.keep_last=0",
+                  f"train.ckpt_every_steps={ckpt_every}", "train.progress=false"]
+    cfg = load_config(config, base + train_over)
+    print(f"# {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"measured {ips:.0f} img/s -> {epochs} epochs in {args.budget_min} min", flush=True)
+    t0 = time.perf_counter()
+    run_dir = pretrain(cfg)
+    train_min = (time.perf_counter() - t0) / 60
+    rows = []
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    minutes = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "elapsed_min" in r:
+            minutes[r["step"]] = r["elapsed_min"]
+    for ck in ckpts:
+        step = load_state(ck)["step"]
+        near = min(minutes, key=lambda s: abs(s - step)) if minutes else None
+        res = evaluate(str(ck), None, None, [])
+        rows.append({"checkpoint": ck.name, "step": step,
+                     "minutes": round(minutes.get(near, float("nan")) * step / max(near, 1), 1) if near else None,
+                     **res})
+        print(json.dumps(rows[-1]), flush=True)
+    if not args.skip_baselines:
+        for baseline in ("pixels", "random"):
+            res = evaluate(None, baseline, config, base)
+            rows.append({"checkpoint": f"baseline: {baseline}", **res})
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n# pre-training wall time {train_min:.1f} min; {time.strftime('%Y-%m-%d')}")
+    print("| encoder | pre-train min | kNN k=20 | kNN k=200 | linear probe |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['checkpoint']} | {r.get('minutes', '-')} | {r['knn20']:.2f} | {r['knn200']:.2f} | "
+              f"{r['linprobe']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

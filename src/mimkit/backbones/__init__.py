@@ -1,0 +1,60 @@
+"""Backbone registry: ``BACKBONES[name]`` builds an encoder with the timm backbone interface.
+
+Every backbone provides ``forward_features(x)``, ``forward_head(x, pre_logits=True)``,
+``no_weight_decay()`` and ``group_matcher()``, so evaluation works with any of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from mimkit.backbones.vit import VIT_PRESETS, VisionTransformer
+from mimkit.config import ConfigError
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    name: functools.partial(VisionTransformer, **preset) for name, preset in VIT_PRESETS.items()
+}
+
+
+def _valid_keys(name: str) -> list[str]:
+    builder = BACKBONES[name]
+    target = builder.func if isinstance(builder, functools.partial) else builder
+    return sorted(inspect.signature(target).parameters)
+
+
+def check_backbone_cfg(cfg: dict[str, Any]) -> None:
+    """Refuse an unknown backbone name or setting, listing what is valid.
+
+    Args:
+        cfg: ``{"name": ..., **settings}`` as written under ``backbone:`` in a config.
+
+    """
+    name = cfg.get("name")
+    if name not in BACKBONES:
+        raise ConfigError(f"backbone.name {name!r} is unknown; valid: {', '.join(sorted(BACKBONES))}")
+    valid = _valid_keys(name)
+    unknown = sorted(set(cfg) - set(valid) - {"name"})
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join('backbone.' + k for k in unknown)} for backbone {name}; "
+            f"valid keys: name, {', '.join(valid)}"
+        )
+
+
+def create_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered backbone, overriding its preset with ``kwargs``.
+
+    Example:
+        >>> enc = create_backbone("vit_tiny_p4", img_size=28, in_chans=1)
+
+    """
+    check_backbone_cfg({"name": name, **kwargs})
+    return BACKBONES[name](**kwargs)
+
+
+__all__ = ["BACKBONES", "VisionTransformer", "check_backbone_cfg", "create_backbone"]

@@ -1,0 +1,176 @@
+"""Vision Transformer encoder with the timm backbone interface and MAE-style token dropping.
+
+Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021; the fixed sin-cos position
+embedding and initialisation follow He et al., "Masked Autoencoders Are Scalable Vision
+Learners", CVPR 2022.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from mimkit.backbones.layers.norm import layer_norm
+from mimkit.backbones.layers.pos_embed import sincos_2d
+
+
+class VisionTransformer(nn.Module):
+    """A plain ViT whose ``forward_features`` can run on a subset of patch tokens.
+
+    Example:
+        >>> vit = VisionTransformer(img_size=28, patch_size=4, in_chans=1, embed_dim=64,
+        ...                         depth=2, num_heads=2)
+        >>> tokens = vit.forward_features(torch.randn(2, 1, 28, 28))  # [2, 1 + 49, 64]
+        >>> vit.forward_head(tokens, pre_logits=True).shape
+        torch.Size([2, 64])
+
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
+        num_classes: int = 0,
+    ) -> None:
+        """Build the encoder.
+
+        Args:
+            img_size: Training resolution (other sizes divisible by the patch work too).
+            patch_size: Side of a square patch in pixels.
+            in_chans: Input channels.
+            embed_dim: Token width D.
+            depth: Number of transformer blocks.
+            num_heads: Attention heads per block.
+            mlp_ratio: MLP hidden width / D.
+            qkv_bias: Bias in the q/k/v projection.
+            drop_path_rate: Stochastic depth, linearly increasing over the blocks.
+            global_pool: ``avg`` (mean of patch tokens) or ``token`` (the class token).
+            num_classes: Size of the classification head; 0 = no head.
+
+        """
+        super().__init__()
+        if global_pool not in ("avg", "token"):
+            raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = self.num_features = embed_dim
+        self.global_pool = global_pool
+        self.num_prefix_tokens = 1
+        self.patch_embed = PatchEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            strict_img_size=False,
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
+                  norm_layer=layer_norm)
+            for i in range(depth)
+        ])
+        self.norm = layer_norm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # MAE initialises the patch projection like a linear layer, not like a conv.
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid for an input of ``height x width`` pixels."""
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"input {height}x{width} is not divisible by patch_size {self.patch_size}"
+            )
+        return height // self.patch_size, width // self.patch_size
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with position embedding, no class token.
+
+        Args:
+            x: Images ``[N, C, H, W]``.
+
+        Returns:
+            Tokens ``[N, L, D]`` with ``L = (H / p) * (W / p)``.
+
+        """
+        gh, gw = self.grid_size(x.shape[-2], x.shape[-1])
+        tokens = self.patch_embed(x)  # [N, L, D]
+        return tokens + sincos_2d(gh, gw, self.embed_dim, tokens.device).to(tokens.dtype)
+
+    def forward_features(
+        self, x: torch.Tensor, keep_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Encode images, optionally only the patch tokens at ``keep_idx`` (MAE).
+
+        Args:
+            x: Images ``[N, C, H, W]``.
+            keep_idx: Optional indices ``[N, K]`` of the patch tokens to keep.
+
+        Returns:
+            Normalised tokens ``[N, 1 + K, D]`` (class token first; ``K = L`` without ``keep_idx``).
+
+        """
+        tokens = self.embed(x)  # [N, L, D]
+        if keep_idx is not None:
+            index = keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+            tokens = torch.gather(tokens, 1, index)  # [N, K, D]
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+        tokens = torch.cat([cls, tokens], dim=1)
+        return self.norm(self.blocks(tokens))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool tokens ``[N, 1 + L, D]`` to ``[N, D]`` (``pre_logits``) or to class logits."""
+        pooled = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[N, C, H, W]`` to logits (or pooled features when there is no head)."""
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay beyond the 1-D rule."""
+        return {"cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, object]:
+        """Regexes grouping parameters by depth, as timm uses for layer-wise lr decay."""
+        return {
+            "stem": r"^cls_token|^patch_embed",
+            "blocks": r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
+
+VIT_PRESETS: dict[str, dict[str, int]] = {
+    # Small-image presets (28-64 px inputs).
+    "vit_micro_p2": dict(embed_dim=128, depth=4, num_heads=4, patch_size=2, img_size=28),
+    "vit_tiny_p2": dict(embed_dim=192, depth=6, num_heads=3, patch_size=2, img_size=28),
+    "vit_tiny_p4": dict(embed_dim=192, depth=6, num_heads=3, patch_size=4, img_size=28),
+    "vit_small_p4": dict(embed_dim=384, depth=12, num_heads=6, patch_size=4, img_size=32),
+    # The standard ImageNet sizes.
+    "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3, patch_size=16, img_size=224),
+    "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6, patch_size=16, img_size=224),
+    "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12, patch_size=16, img_size=224),
+}

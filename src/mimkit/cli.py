@@ -1,0 +1,215 @@
+"""``mimkit`` command line: pretrain, knn, linprobe, visualize, config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mimkit.config import ConfigError, load_config, to_yaml
+
+CONFIG_ROOT = Path(__file__).parent / "configs"
+log = logging.getLogger("mimkit")
+
+
+def resolve_config_path(name: str | None) -> Path | None:
+    """A YAML path as given, or a bare name looked up among the packaged configs."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_ROOT / "pretrain" / f"{name}.yaml", CONFIG_ROOT / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in (CONFIG_ROOT / "pretrain").glob("*.yaml"))
+    raise ConfigError(f"config {name!r} not found: not a file, and not a packaged config ({', '.join(known)})")
+
+
+def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """Separate the optional run path from ``key=value`` overrides."""
+    overrides = [a for a in items if "=" in a]
+    runs = [a for a in items if "=" not in a]
+    if len(runs) > 1:
+        raise ConfigError(f"expected at most one run or checkpoint, got {runs}")
+    return (runs[0] if runs else None), overrides
+
+
+def _eval_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("args", nargs="*", metavar="RUN|key=value",
+                   help="a run folder or checkpoint, then data.* overrides (e.g. data.img_size=32)")
+    p.add_argument("--baseline", choices=["pixels", "random"], help="evaluate a built-in baseline instead")
+    p.add_argument("--config", help="config for a baseline without a run (path or packaged name)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--batch-size", type=int, default=512, help="images per feature-extraction pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-fraction", type=float, default=1.0,
+                   help="per-class fraction of the labelled train split to use (kNN bank / probe training set)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The one parser for every command."""
+    parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling pre-training and evaluation.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pre-train a method", description="Pre-train a method. "
+                       "Settings: defaults, then --config, then key=value overrides (dotted keys).")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=1e-3 method.mask_ratio=0.6")
+    p.add_argument("--config", help="YAML file or packaged config name (e.g. mae_fmnist)")
+    p.add_argument("--resume", help="'auto' (newest complete checkpoint in the run folder) or a checkpoint path")
+
+    p = sub.add_parser("config", help="print the resolved config", description="Print the resolved config as YAML.")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--config")
+
+    p = _eval_parser(sub, "knn", "Weighted cosine kNN (DINO's protocol) on frozen features.")
+    p.add_argument("--k", type=int, nargs="+", default=[20, 200])
+    p.add_argument("--temperature", type=float, default=0.07)
+
+    p = _eval_parser(sub, "linprobe", "Linear probe (BatchNorm without affine + linear) on frozen cached features.")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--probe-batch-size", type=int, default=1024)
+
+    p = sub.add_parser("report", help="table of a run's kNN / linear-probe results beside its baselines",
+                       description="Print the kNN and linear-probe results of a run and its baselines as a table.")
+    p.add_argument("run", help="run folder")
+
+    p = sub.add_parser("visualize", help="reconstruction grid and loss curve PNGs",
+                       description="Write reconstructions (original, masked, reconstruction, pasted) "
+                       "and the loss curve.")
+    p.add_argument("run", help="run folder or checkpoint")
+    p.add_argument("--num", type=int, default=8, help="images in the grid")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="PNG path (default: reconstructions.png in the run folder)")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from mimkit.engine import pretrain
+
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    run_dir = pretrain(cfg, resume=args.resume)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mimkit.evaluation.runner import features_for, resolve_subject, run_knn, run_linprobe, write_result
+
+    run, overrides = _split_args(args.args)
+    subject = resolve_subject(run, args.baseline, str(resolve_config_path(args.config)) if args.config else None,
+                              overrides, args.seed)
+    if not 0.0 < args.train_fraction <= 1.0:
+        raise ConfigError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    feats = features_for(subject, args.device, args.precision, args.batch_size, not args.no_progress,
+                         args.train_fraction)
+    if args.command == "knn":
+        result = run_knn(subject, tuple(args.k), args.temperature, feats)
+        summary = "  ".join(f"k={k}: {result[f'top1_k{k}']:.2f}%" for k in args.k)
+    else:
+        result = run_linprobe(feats, args.epochs, args.lr, args.probe_batch_size, args.seed)
+        summary = f"top-1 {result['top1']:.2f}% (train {result['train_top1']:.2f}%)"
+    result["train_fraction"] = args.train_fraction
+    kind = args.command if args.train_fraction == 1.0 else f"{args.command}-frac{args.train_fraction:g}"
+    path = write_result(subject, kind, result)
+    print(f"{args.command} [{subject.label}] {subject.cfg.data.name}: {summary}  -> {path}")
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    import torch
+
+    from mimkit.data import build_dataset, build_loader, normalizer_for
+    from mimkit.engine.checkpoint import load_weights, resolve_checkpoint
+    from mimkit.evaluation.runner import run_config_for
+    from mimkit.models import method_from_config
+    from mimkit.viz import save_loss_curve, save_reconstructions
+
+    ckpt = resolve_checkpoint(args.run)
+    cfg_path = run_config_for(ckpt)
+    cfg = load_config(cfg_path)
+    method = method_from_config(cfg)
+    load_weights(method, ckpt)
+    train = build_dataset(cfg.data, "train")
+    data = build_dataset(cfg.data, args.split) if args.split != "train" else train
+    loader = build_loader(data, cfg.data, args.num, train=False, normalize=normalizer_for(train, cfg.data.channels))
+    images, _ = next(iter(loader))
+    torch.manual_seed(args.seed)
+    run_dir = cfg_path.parent
+    out = Path(args.out) if args.out else run_dir / "reconstructions.png"
+    save_reconstructions(method, images, loader.normalize, out, title=f"{cfg.method['name']} {ckpt.name}")
+    print(f"reconstructions -> {out}")
+    try:
+        print(f"loss curve -> {save_loss_curve(run_dir)}")
+    except FileNotFoundError as err:
+        print(f"no loss curve: {err}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from mimkit.engine.checkpoint import latest_checkpoint
+
+    run_dir = Path(args.run)
+    rows = []
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    folders = ([ckpt] if ckpt else []) + sorted(run_dir.glob("baseline-*"))
+    for folder in folders:
+        res = {kind: json.loads((folder / f"{kind}.json").read_text())
+               for kind in ("knn", "linprobe") if (folder / f"{kind}.json").is_file()}
+        if not res:
+            continue
+        label = next(iter(res.values()))["subject"]
+        knn, lin = res.get("knn", {}), res.get("linprobe", {})
+        cell = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
+        rows.append(f"| {label} | {cell(knn, 'top1_k20')} | {cell(knn, 'top1_k200')} | {cell(lin, 'top1')} |")
+    if not rows:
+        raise ConfigError(f"no knn.json or linprobe.json found for run {run_dir}")
+    print("| encoder | kNN k=20 (%) | kNN k=200 (%) | linear probe (%) |\n|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mimkit`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # Our own INFO lines only; third-party libraries stay at WARNING.
+    logging.getLogger().setLevel(logging.WARNING)
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from mimkit.engine.checkpoint import CheckpointError
+
+    try:
+        if args.command == "pretrain":
+            return _cmd_pretrain(args)
+        if args.command == "config":
+            print(to_yaml(load_config(resolve_config_path(args.config), args.overrides)), end="")
+            return 0
+        if args.command in ("knn", "linprobe"):
+            return _cmd_eval(args)
+        if args.command == "report":
+            return _cmd_report(args)
+        return _cmd_visualize(args)
+    except (ConfigError, CheckpointError) as err:
+        print(f"mimkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume auto", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,75 @@
+"""Run logs: TensorBoard, a JSONL metrics file and a text log, written by rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunLogger:
+    """Append scalars to ``metrics.jsonl`` and TensorBoard in the run folder.
+
+    Args:
+        run_dir: The run folder.
+        enabled: False on every rank but 0 (all calls become no-ops).
+        tensorboard: Also write TensorBoard event files.
+
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        """Open the files (only when ``enabled``)."""
+        self.enabled = enabled
+        self._writer = None
+        self._file = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / METRICS_FILE, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(run_dir / "tb"))
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("mimkit").addHandler(handler)
+        self._handler = handler
+
+    def log(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
+        """Record ``values`` at ``step`` (floats go to TensorBoard as ``prefix/key``)."""
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **values}
+        self._file.write(json.dumps(row) + "\n")
+        if self._writer is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float):
+                    self._writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+        logging.getLogger("mimkit").removeHandler(self._handler)
+        self._handler.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All rows of a run's ``metrics.jsonl`` (a torn last line from a killed run is ignored)."""
+    rows = []
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

@@ -1,0 +1,123 @@
+"""The one feature-extraction path every evaluation shares, with an on-disk cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mimkit.config import DataConfig
+from mimkit.data import build_dataset, build_loader, normalizer_for, per_class_subset
+from mimkit.engine.precision import autocast
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module | None,
+    loader: object,
+    device: torch.device,
+    precision: str = "auto",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of a frozen encoder (in eval mode), or flattened pixels if ``encoder`` is None.
+
+    Args:
+        encoder: A backbone with ``forward_features``/``forward_head``; None for raw pixels.
+        loader: Yields ``(images [B, C, H, W], labels [B])`` (no augmentation).
+        device: Where to run the encoder.
+        precision: ``bf16`` or ``fp32`` autocast for the forward pass.
+        progress: Show a progress bar.
+
+    Returns:
+        ``(features [N, D] float32 on CPU, labels [N] int64)``.
+
+    """
+    if encoder is not None:
+        # Frozen means eval mode: BatchNorm statistics and dropout must not move.
+        encoder.eval().to(device)
+    feats, labels = [], []
+    for images, y in tqdm(loader, desc="features", disable=not progress, leave=False):
+        if encoder is None:
+            f = images.flatten(1)
+        else:
+            with autocast(device, precision):
+                tokens = encoder.forward_features(images.to(device))
+                f = encoder.forward_head(tokens, pre_logits=True)
+        feats.append(f.float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _cache_key(tag: str, cfg: DataConfig, split: str, precision: str) -> str:
+    blob = json.dumps([tag, dataclasses.asdict(cfg), split, precision], sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def dataset_features(
+    encoder: nn.Module | None,
+    cfg: DataConfig,
+    cache_dir: Path | None,
+    tag: str,
+    device: torch.device,
+    precision: str = "auto",
+    batch_size: int = 512,
+    progress: bool = True,
+    train_fraction: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Train and test features of the labelled dataset in ``cfg``, cached per encoder and data.
+
+    The pre-training ``subset_fraction`` does not apply: the labelled train split is used whole, or
+    the per-class ``train_fraction`` of it (low-shot evaluation, or a quicker look). Both splits are
+    normalised with the statistics of the whole train split.
+
+    Args:
+        encoder: The frozen encoder, or None for raw pixels.
+        cfg: The data section (dataset, size, channels).
+        cache_dir: Folder for ``features-<key>.pt``; None disables the cache.
+        tag: Identifies the encoder in the cache key (e.g. the checkpoint path).
+        device: Where to run the encoder.
+        precision: ``bf16`` or ``fp32``.
+        batch_size: Images per forward pass.
+        progress: Show progress bars.
+        train_fraction: Per-class fraction of the train split used as kNN bank / probe training set.
+
+    Returns:
+        ``{"train_x", "train_y", "test_x", "test_y"}`` plus ``num_classes`` as a 0-d tensor.
+
+    """
+    cfg = dataclasses.replace(cfg, subset_fraction=1.0)
+    path = None
+    if cache_dir is not None:
+        path = cache_dir / f"features-{_cache_key(tag, cfg, f'train{train_fraction}+test', precision)}.pt"
+        if path.is_file():
+            log.info("using cached features %s", path)
+            return torch.load(path, weights_only=True)
+    train = build_dataset(cfg, "train")
+    test = build_dataset(cfg, "test")
+    if not (train.labelled and test.labelled):
+        raise ValueError(f"dataset {cfg.name} has no labels; kNN and linear probe need a labelled dataset")
+    norm = normalizer_for(train, cfg.channels)
+    if train_fraction < 1.0:
+        keep = per_class_subset(train.labels, train_fraction, seed=0)
+        train = dataclasses.replace(train, labels=train.labels[keep],
+                                    images=None if train.images is None else train.images[keep],
+                                    files=None if train.files is None else [train.files[i] for i in keep.tolist()])
+    out = {}
+    for split, data in (("train", train), ("test", test)):
+        loader = build_loader(data, cfg, batch_size, train=False, normalize=norm)
+        out[f"{split}_x"], out[f"{split}_y"] = extract_features(encoder, loader, device, precision, progress)
+    out["num_classes"] = torch.tensor(len(train.classes))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)
+    return out

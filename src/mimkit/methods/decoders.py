@@ -1,0 +1,74 @@
+"""Light transformer decoder shared by the token-based masked autoencoders."""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from mimkit.backbones.layers.norm import layer_norm
+from mimkit.backbones.layers.pos_embed import sincos_2d
+
+
+class MaskTokenDecoder(nn.Module):
+    """MAE's decoder: project, fill masked positions with a mask token, transformer, predict.
+
+    He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022, Sec. 3.
+    """
+
+    def __init__(
+        self, encoder_dim: int, dim: int, depth: int, num_heads: int, out_dim: int,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        """Build the decoder.
+
+        Args:
+            encoder_dim: Width of the encoder tokens.
+            dim: Decoder width.
+            depth: Decoder blocks.
+            num_heads: Decoder attention heads.
+            out_dim: Values predicted per token (``p*p*C`` for pixels).
+            mlp_ratio: MLP hidden width / ``dim``.
+
+        """
+        super().__init__()
+        self.dim = dim
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.Sequential(*[
+            Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=layer_norm) for _ in range(depth)
+        ])
+        self.norm = layer_norm(dim)
+        self.pred = nn.Linear(dim, out_dim)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(
+        self, latent: torch.Tensor, restore_idx: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """Decode visible tokens to a prediction for every position.
+
+        Args:
+            latent: Encoder output ``[N, 1 + K, D_enc]`` (class token first).
+            restore_idx: ``[N, L]`` indices that undo the masking shuffle.
+            grid: Patch grid ``(gh, gw)`` with ``gh * gw = L``.
+
+        Returns:
+            ``[N, L, out_dim]`` predictions in the original token order (class token dropped).
+
+        """
+        x = self.embed(latent)  # [N, 1+K, d]
+        n, k = x.shape[0], x.shape[1] - 1
+        length = restore_idx.shape[1]
+        masked = self.mask_token.to(x.dtype).expand(n, length - k, -1)
+        tokens = torch.cat([x[:, 1:], masked], dim=1)  # [N, L, d], shuffled order
+        index = restore_idx.unsqueeze(-1).expand(-1, -1, self.dim)
+        tokens = torch.gather(tokens, 1, index)  # [N, L, d], original order
+        tokens = tokens + sincos_2d(*grid, self.dim, x.device).to(x.dtype)
+        tokens = torch.cat([x[:, :1], tokens], dim=1)
+        tokens = self.norm(self.blocks(tokens))
+        return self.pred(tokens[:, 1:])  # [N, L, out_dim]
+

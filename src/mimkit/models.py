@@ -1,0 +1,22 @@
+"""Build the encoder and method a config describes (shared by training and evaluation)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mimkit.backbones import create_backbone
+from mimkit.config import PretrainConfig
+from mimkit.methods import PretrainMethod, create_method
+
+
+def encoder_from_config(cfg: PretrainConfig) -> nn.Module:
+    """The backbone of ``cfg``; image size and channels default to the data section's."""
+    settings = {k: v for k, v in cfg.backbone.items() if k != "name"}
+    settings.setdefault("img_size", cfg.data.img_size)
+    settings.setdefault("in_chans", cfg.data.channels)
+    return create_backbone(cfg.backbone["name"], **settings)
+
+
+def method_from_config(cfg: PretrainConfig) -> PretrainMethod:
+    """The pre-training method of ``cfg`` around a fresh encoder."""
+    return create_method(cfg.method, encoder_from_config(cfg))

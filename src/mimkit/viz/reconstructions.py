@@ -1,0 +1,64 @@
+"""PNG grids of masked-autoencoder reconstructions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from mimkit.data.transforms import Normalize  # noqa: E402
+from mimkit.methods import PretrainMethod  # noqa: E402
+
+ROWS = ("original", "masked input", "reconstruction", "reconstruction + visible")
+
+
+@torch.no_grad()
+def reconstruction_panels(method: PretrainMethod, images: torch.Tensor, normalize: Normalize) -> list[torch.Tensor]:
+    """The four rows of the figure as ``[N, C, H, W]`` tensors in [0, 1].
+
+    Args:
+        method: A method with :meth:`~mimkit.methods.PretrainMethod.reconstruct`.
+        images: Normalised images ``[N, C, H, W]``.
+        normalize: The normalisation the images went through (to map back to pixels).
+
+    Returns:
+        ``[original, masked input, reconstruction, reconstruction pasted into the visible pixels]``.
+
+    """
+    method.eval()
+    out = method(images)
+    recon, mask = method.reconstruct(images, out)  # both in normalised space; mask 1 = hidden
+    original = normalize.denormalize(images)
+    shown = normalize.denormalize(recon)
+    masked = original * (1 - mask) + 0.5 * mask  # grey where hidden
+    pasted = original * (1 - mask) + shown * mask
+    return [original, masked, shown, pasted]
+
+
+def save_reconstructions(method: PretrainMethod, images: torch.Tensor, normalize: Normalize, path: Path,
+                         title: str = "") -> Path:
+    """Write the reconstruction grid (rows: original, masked, reconstruction, pasted) to ``path``."""
+    panels = reconstruction_panels(method, images, normalize)
+    n = images.shape[0]
+    fig, axes = plt.subplots(len(panels), n, figsize=(1.3 * n, 1.4 * len(panels)), squeeze=False)
+    for r, (panel, name) in enumerate(zip(panels, ROWS, strict=True)):
+        for c in range(n):
+            ax = axes[r][c]
+            img = panel[c].permute(1, 2, 0).cpu().numpy()
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                      vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
