@@ -8,6 +8,7 @@ each method owns its settings; they are validated against the registries in :fun
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,6 +108,12 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; as a float setting it is meant as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ in (int, float, str, bool):
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
@@ -257,6 +264,10 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"optim.betas must have two values, got {o.betas}")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.log_every < 1:
+        raise ConfigError(f"train.log_every must be at least 1, got {t.log_every}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     if t.epochs <= 0:
         raise ConfigError(f"train.epochs must be positive, got {t.epochs}")
 

@@ -101,7 +101,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep_last > 0:
-        for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        # The checkpoint just written always survives, even beside stale higher-numbered ones.
+        others = [p for p in list_checkpoints(ckpt_dir) if p != final]
+        for old in others[: max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

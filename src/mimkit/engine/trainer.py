@@ -122,87 +122,97 @@ def _pretrain(cfg: PretrainConfig, resume: str | None, info: DistInfo) -> Path:
                  cfg.optim.batch_size * accum * info.world_size, peak_lr, precision, device)
     bar = tqdm(total=total_steps, initial=step, disable=not (tc.progress and info.is_main),
                dynamic_ncols=True, desc=cfg.method["name"])
-    method.train()
-    t_start = time.perf_counter()
-    t_log, seen, loss_sum, loss_n = t_start, 0, torch.zeros((), device=device), 0
-    stop = step >= total_steps
-    while not stop:
-        loader.set_epoch(epoch, start_batch)
-        micro = 0
-        for batch_idx, (images, _) in enumerate(loader, start=start_batch):
-            images = images.to(device, non_blocking=True)
-            last_micro = micro == accum - 1
-            sync = contextlib.nullcontext() if last_micro or not info.distributed else model.no_sync()
-            with sync:
-                with autocast(device, precision):
-                    out = forward(images)
-                (out.loss / accum).backward()
-            loss_sum += out.loss.detach().float()
-            loss_n += 1
-            seen += images.shape[0]
-            micro += 1
-            if not last_micro:
-                continue
+    try:
+        method.train()
+        t_start = time.perf_counter()
+        t_log, seen, loss_sum, loss_n = t_start, 0, torch.zeros((), device=device), 0
+        step_loss, step_finite = torch.zeros((), device=device), torch.ones((), dtype=torch.bool, device=device)
+        stop = step >= total_steps
+        while not stop:
+            loader.set_epoch(epoch, start_batch)
             micro = 0
-            lr = cosine_lr(step, total_steps, warmup, peak_lr, cfg.optim.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            grad_norm = (torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
-                         if cfg.optim.clip_grad > 0 else None)
-            finite = torch.isfinite(out.loss.detach().float())
-            if grad_norm is not None:
-                finite &= torch.isfinite(grad_norm)
-            # Every rank must take the same decision, or DDP would deadlock on the next step.
-            if not bool(all_reduce_mean(finite.float(), info) == 1.0):
-                bad_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step, bad_steps)
-                if info.is_main:
-                    logger.log(step, {"skipped_nonfinite": bad_steps})
-                if bad_steps >= tc.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"{bad_steps} consecutive non-finite steps at step {step}; stopping. "
-                        f"The last good checkpoint in {ckpt_dir} is intact; lower optim.base_lr, "
-                        "set optim.clip_grad, or use train.precision=fp32."
-                    )
-                continue
-            bad_steps = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            method.after_step(step)
-            step += 1
-            bar.update(1)
-
-            if step % tc.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                loss = all_reduce_mean(loss_sum / max(1, loss_n), info).item()
-                ips = seen * info.world_size / max(now - t_log, 1e-9)
-                row = {"loss": loss, "lr": lr, "img_per_s": ips, "epoch": epoch + (batch_idx + 1) / len(loader),
-                       "elapsed_min": (now - t_start) / 60, "skipped_images": loader.skipped}
-                row.update({k: float(v) for k, v in out.logs.items()})
+            for batch_idx, (images, _) in enumerate(loader, start=start_batch):
+                images = images.to(device, non_blocking=True)
+                last_micro = micro == accum - 1
+                sync = contextlib.nullcontext() if last_micro or not info.distributed else model.no_sync()
+                with sync:
+                    with autocast(device, precision):
+                        out = forward(images)
+                    (out.loss / accum).backward()
+                # Every micro-batch must be finite: one NaN would poison the accumulated gradient.
+                step_finite &= torch.isfinite(out.loss.detach().float())
+                step_loss += out.loss.detach().float() / accum
+                seen += images.shape[0]
+                micro += 1
+                if not last_micro:
+                    continue
+                micro = 0
+                lr = cosine_lr(step, total_steps, warmup, peak_lr, cfg.optim.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                grad_norm = (torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
+                             if cfg.optim.clip_grad > 0 else None)
+                finite, step_finite = step_finite, torch.ones_like(step_finite)
                 if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
-                logger.log(step, row)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
-                t_log, seen, loss_sum, loss_n = now, 0, torch.zeros((), device=device), 0
+                    finite = finite & torch.isfinite(grad_norm)
+                # Every rank must take the same decision, or DDP would deadlock on the next step.
+                if not bool(all_reduce_mean(finite.float(), info) == 1.0):
+                    bad_steps += 1
+                    step_loss.zero_()
+                    optimizer.zero_grad(set_to_none=True)
+                    log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step, bad_steps)
+                    if info.is_main:
+                        logger.log(step, {"skipped_nonfinite": bad_steps})
+                    if bad_steps >= tc.max_bad_steps:
+                        raise NonFiniteLossError(
+                            f"{bad_steps} consecutive non-finite steps at step {step}; stopping. "
+                            f"The last good checkpoint in {ckpt_dir} is intact; lower optim.base_lr, "
+                            "set optim.clip_grad, or use train.precision=fp32."
+                        )
+                    continue
+                bad_steps = 0
+                loss_sum += step_loss
+                loss_n += 1
+                step_loss = torch.zeros((), device=device)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                method.after_step(step)
+                step += 1
+                bar.update(1)
 
-            out_of_time = tc.max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= tc.max_minutes
-            if step >= total_steps or out_of_time:
-                stop = True
-                checkpoint(batch_idx + 1)
-                if out_of_time and info.is_main:
-                    log.info("train.max_minutes=%g reached at step %d; checkpoint saved", tc.max_minutes, step)
-                break
-            if tc.ckpt_every_steps and step % tc.ckpt_every_steps == 0:
-                checkpoint(batch_idx + 1)
-        else:
-            epoch += 1
-            start_batch = 0
-            checkpoint(0)
-            if loader.skipped and info.is_main:
-                log.warning("%d unreadable images skipped so far", loader.skipped)
-    bar.close()
-    logger.close()
+                if step % tc.log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    loss = all_reduce_mean(loss_sum / max(1, loss_n), info).item()
+                    ips = seen * info.world_size / max(now - t_log, 1e-9)
+                    row = {"loss": loss, "lr": lr, "img_per_s": ips, "epoch": epoch + (batch_idx + 1) / len(loader),
+                           "elapsed_min": (now - t_start) / 60, "skipped_images": loader.skipped}
+                    row.update({k: float(v) for k, v in out.logs.items()})
+                    if grad_norm is not None:
+                        row["grad_norm"] = float(grad_norm)
+                    logger.log(step, row)
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
+                    t_log, seen, loss_sum, loss_n = now, 0, torch.zeros((), device=device), 0
+
+                out_of_time = tc.max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= tc.max_minutes
+                if step >= total_steps or out_of_time:
+                    stop = True
+                    checkpoint(batch_idx + 1)
+                    if out_of_time and info.is_main:
+                        log.info("train.max_minutes=%g reached at step %d; checkpoint saved", tc.max_minutes, step)
+                    break
+                if tc.ckpt_every_steps and step % tc.ckpt_every_steps == 0:
+                    checkpoint(batch_idx + 1)
+            else:
+                # Micro-batches left over when an epoch is not a multiple of accum_steps are dropped.
+                optimizer.zero_grad(set_to_none=True)
+                epoch += 1
+                start_batch = 0
+                checkpoint(0)
+                if loader.skipped and info.is_main:
+                    log.warning("%d unreadable images skipped so far", loader.skipped)
+    finally:
+        bar.close()
+        logger.close()
     if info.is_main:
         log.info("done: %d steps in %.1f min; run folder %s", step, (time.perf_counter() - t_start) / 60, run_dir)
     return run_dir

@@ -1,0 +1,334 @@
+"""Image sources: Fashion-MNIST, CIFAR, STL-10, image folders (labelled or not), Tiny-ImageNet.
+
+Small datasets are decoded once into a ``uint8`` tensor so that, on a CPU, the time goes to the
+model rather than to PIL; large ones are streamed from disk. Either way a corrupt or unreadable
+file is skipped, warned about and counted (``ImageSet.skipped``), never a crash mid-epoch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from mimkit.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+# Decode into memory when the decoded tensor stays below this many bytes (cache=auto).
+CACHE_LIMIT_BYTES = 4 * 1024**3
+
+
+@dataclass
+class ImageSet:
+    """A split of a dataset, either decoded in memory or streamed from files.
+
+    Attributes:
+        name: Dataset name.
+        labels: ``[N]`` int64 class indices, -1 where there is no label.
+        classes: Class names (empty when unlabelled).
+        images: ``[N, C, H, W]`` uint8 when decoded in memory, else None.
+        files: Image paths when streamed, else None.
+        skipped: Files that could not be decoded (counted, warned about, left out).
+
+    """
+
+    name: str
+    labels: torch.Tensor
+    classes: list[str] = field(default_factory=list)
+    images: torch.Tensor | None = None
+    files: list[Path] | None = None
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every sample has a class label."""
+        return bool(self.classes) and bool((self.labels >= 0).all())
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem, folder / "raw" / f"{stem}.gz", folder / "raw" / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_fashion_mnist(cfg: DataConfig, split: str) -> ImageSet:
+    """Fashion-MNIST (Xiao et al., 2017): the Debian package's files, ``data.root``, or a download.
+
+    Looks in ``data.root`` (also its ``FashionMNIST/raw`` sub-folder, torchvision's layout), then in
+    ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``), then downloads with
+    torchvision when ``data.download`` is true.
+    """
+    prefix = "train" if split == "train" else "t10k"
+    folders = []
+    if cfg.root:
+        folders += [Path(cfg.root), Path(cfg.root) / "FashionMNIST"]
+    folders.append(DEBIAN_FASHION_MNIST)
+    for folder in folders:
+        images = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
+        labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+        if images and labels:
+            x = torch.from_numpy(_read_idx(images).copy()).unsqueeze(1)  # [N, 1, 28, 28]
+            y = torch.from_numpy(_read_idx(labels).astype(np.int64))
+            return ImageSet("fashion_mnist", y, list(FASHION_MNIST_CLASSES), images=x)
+    if cfg.download:
+        from torchvision.datasets import FashionMNIST
+
+        ds = FashionMNIST(cfg.root or "data", train=split == "train", download=True)
+        return ImageSet("fashion_mnist", ds.targets.long(), list(FASHION_MNIST_CLASSES), images=ds.data.unsqueeze(1))
+    searched = ", ".join(str(f) for f in folders)
+    raise ConfigError(
+        f"Fashion-MNIST not found (searched {searched}); install the Debian package "
+        "dataset-fashion-mnist, point data.root at the IDX files, or set data.download=true"
+    )
+
+
+def _torchvision_set(cfg: DataConfig, split: str) -> ImageSet:
+    from torchvision import datasets
+
+    root = cfg.root or "data"
+    try:
+        if cfg.name in ("cifar10", "cifar100"):
+            cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
+            ds = cls(root, train=split == "train", download=cfg.download)
+            x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+            return ImageSet(cfg.name, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes), images=x)
+        stl_split = {"train": "train", "test": "test", "unlabelled": "unlabeled"}[split]
+        ds = datasets.STL10(root, split=stl_split, download=cfg.download)
+        y = torch.as_tensor(ds.labels, dtype=torch.long)
+        return ImageSet("stl10", y, list(ds.classes), images=torch.from_numpy(ds.data))
+    except RuntimeError as err:
+        raise ConfigError(
+            f"{cfg.name} not found under {root!r} ({err}); set data.root or data.download=true"
+        ) from err
+
+
+def list_images(folder: Path) -> list[Path]:
+    """All image files below ``folder``, recursively, in a stable sorted order."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise ConfigError(f"{what}: folder not found: {path}")
+    return path
+
+
+def _image_folder(cfg: DataConfig, split: str) -> tuple[list[Path], list[int], list[str]]:
+    root = _require_dir(Path(cfg.root), "data.root")
+    split_dir = root / split if (root / split).is_dir() else root
+    if split != "train" and split_dir == root:
+        for alt in ("val", "test"):
+            if (root / alt).is_dir():
+                split_dir = root / alt
+                break
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise ConfigError(f"data.root {split_dir}: no class sub-folders (use data.name=unlabelled for a flat folder)")
+    files, labels = [], []
+    for idx, name in enumerate(classes):
+        found = list_images(split_dir / name)
+        files += found
+        labels += [idx] * len(found)
+    return files, labels, classes
+
+
+def _tiny_imagenet(cfg: DataConfig, split: str) -> tuple[list[Path], list[int], list[str]]:
+    root = _require_dir(Path(cfg.root), "data.root")
+    wnids_file = root / "wnids.txt"
+    train_dir = _require_dir(root / "train", "Tiny-ImageNet")
+    classes = (
+        wnids_file.read_text().split() if wnids_file.is_file()
+        else sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    )
+    index = {w: i for i, w in enumerate(classes)}
+    if split == "train":
+        files, labels = [], []
+        for wnid in classes:
+            found = list_images(train_dir / wnid)
+            files += found
+            labels += [index[wnid]] * len(found)
+        return files, labels, classes
+    ann = root / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise ConfigError(f"Tiny-ImageNet: {ann} not found (needed for the validation labels)")
+    files, labels = [], []
+    for line_no, line in enumerate(ann.read_text().splitlines(), 1):
+        parts = line.split("\t")
+        if len(parts) < 2 or parts[1] not in index:
+            raise ConfigError(f"{ann}:{line_no}: expected 'file<TAB>wnid' with a wnid from wnids.txt")
+        files.append(root / "val" / "images" / parts[0])
+        labels.append(index[parts[1]])
+    return files, labels, classes
+
+
+def _unlabelled(cfg: DataConfig, split: str) -> tuple[list[Path], list[int], list[str]]:
+    root = _require_dir(Path(cfg.root), "data.root")
+    files = list_images(root)
+    return files, [-1] * len(files), []
+
+
+def open_image(path: Path, channels: int) -> Image.Image | None:
+    """Decode one image file to RGB or L; None (with a warning) if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("L" if channels == 1 else "RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        log.warning("skipping unreadable image %s: %s", path, err)
+        return None
+
+
+def _resize_center(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def decode_files(
+    files: list[Path], labels: list[int], size: int, channels: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Decode image files into one uint8 tensor, resized (shorter side) and centre-cropped to ``size``.
+
+    Returns:
+        ``(images [M, C, size, size] uint8, labels [M], skipped)`` with unreadable files left out.
+
+    """
+    out = torch.empty(len(files), channels, size, size, dtype=torch.uint8)
+    keep: list[int] = []
+    for i, path in enumerate(files):
+        img = open_image(path, channels)
+        if img is None:
+            continue
+        arr = np.array(_resize_center(img, size), dtype=np.uint8)  # a writable copy for torch
+        out[len(keep)] = torch.from_numpy(arr.reshape(size, size, channels)).permute(2, 0, 1)
+        keep.append(i)
+    y = torch.as_tensor([labels[i] for i in keep], dtype=torch.long)
+    return out[: len(keep)], y, len(files) - len(keep)
+
+
+def per_class_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Deterministic subset: ``ceil(fraction * n_c)`` samples of each class ``c`` (or of all, if unlabelled).
+
+    Returns:
+        Sorted int64 indices into ``labels``.
+
+    """
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for cls in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == cls).squeeze(1)
+        take = max(1, math.ceil(fraction * idx.numel()))
+        picked.append(idx[torch.randperm(idx.numel(), generator=gen)[:take]])
+    return torch.cat(picked).sort().values
+
+
+def _match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    if images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    # ITU-R BT.601 luma, as PIL's convert("L").
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+FILE_SOURCES = {"imagefolder": _image_folder, "tiny_imagenet": _tiny_imagenet, "unlabelled": _unlabelled}
+DATASETS = ["fashion_mnist", "cifar10", "cifar100", "stl10", *FILE_SOURCES]
+
+
+def build_dataset(cfg: DataConfig, split: str = "train") -> ImageSet:
+    """Load one split of the configured dataset.
+
+    Args:
+        cfg: The data section of the config.
+        split: ``train`` or ``test`` (``val`` for folders that have one); ``unlabelled`` for STL-10.
+
+    Returns:
+        An :class:`ImageSet`, in memory when small enough (``data.cache``), else streamed.
+
+    Raises:
+        ConfigError: Unknown dataset, missing folder or file, or an empty dataset.
+
+    """
+    if cfg.name not in DATASETS:
+        raise ConfigError(f"data.name {cfg.name!r} is unknown; valid: {', '.join(DATASETS)}")
+    if cfg.name in FILE_SOURCES and not cfg.root:
+        raise ConfigError(f"data.name={cfg.name} needs data.root (the dataset folder)")
+    if cfg.name == "fashion_mnist":
+        data = load_fashion_mnist(cfg, split)
+    elif cfg.name in ("cifar10", "cifar100", "stl10"):
+        data = _torchvision_set(cfg, split)
+    else:
+        files, labels, classes = FILE_SOURCES[cfg.name](cfg, split)
+        if not files:
+            raise ConfigError(f"no images found for data.name={cfg.name} split={split} under {cfg.root}")
+        approx = len(files) * cfg.channels * cfg.img_size**2
+        if cfg.cache == "yes" or (cfg.cache == "auto" and approx < CACHE_LIMIT_BYTES):
+            x, y, skipped = decode_files(files, labels, cfg.img_size, cfg.channels)
+            if skipped:
+                log.warning("%d of %d images in %s could not be decoded and were skipped",
+                            skipped, len(files), cfg.root)
+            data = ImageSet(cfg.name, y, classes, images=x, skipped=skipped)
+        else:
+            data = ImageSet(cfg.name, torch.as_tensor(labels, dtype=torch.long), classes, files=files)
+    if data.images is not None:
+        data.images = _match_channels(data.images, cfg.channels)
+    if split == "train" and cfg.subset_fraction < 1.0:
+        keep = per_class_subset(data.labels, cfg.subset_fraction, cfg.subset_seed)
+        data.labels = data.labels[keep]
+        if data.images is not None:
+            data.images = data.images[keep]
+        if data.files is not None:
+            data.files = [data.files[i] for i in keep.tolist()]
+    if len(data) == 0:
+        raise ConfigError(f"dataset {cfg.name} split {split} is empty (root {cfg.root or 'default'})")
+    return data
+
+
+class FileDataset(Dataset):
+    """Streams an :class:`ImageSet` from its files; unreadable ones yield None (dropped in collate)."""
+
+    def __init__(self, data: ImageSet, transform: object, channels: int) -> None:
+        """Wrap ``data.files`` with a PIL -> uint8 tensor ``transform``."""
+        assert data.files is not None
+        self.files, self.labels, self.transform, self.channels = data.files, data.labels, transform, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        img = open_image(self.files[i], self.channels)
+        if img is None:
+            return None
+        return self.transform(img), int(self.labels[i])

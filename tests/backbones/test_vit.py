@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mimkit.backbones import VisionTransformer, create_backbone
+from mimkit.backbones.layers.pos_embed import sincos_2d
+from mimkit.config import ConfigError
+
+TINY = dict(img_size=28, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+
+
+def test_forward_features_shape(tiny_encoder):
+    tokens = tiny_encoder.forward_features(torch.randn(3, 1, 28, 28))
+    assert tokens.shape == (3, 1 + 49, 32)
+    assert torch.isfinite(tokens).all()
+
+
+def test_keep_idx_drops_tokens(tiny_encoder):
+    x = torch.randn(2, 1, 28, 28)
+    keep_idx = torch.stack([torch.randperm(49)[:10] for _ in range(2)])
+    tokens = tiny_encoder.forward_features(x, keep_idx)
+    assert tokens.shape == (2, 1 + 10, 32)
+
+
+def test_keep_idx_gathers_after_position_embedding(tiny_encoder):
+    """Keeping every token in a permuted order must permute the patch outputs exactly.
+
+    A transformer without position information is permutation-equivariant, so this holds only if
+    each kept token carries its own position embedding (gathered after it was added).
+    """
+    tiny_encoder.eval()
+    x = torch.randn(2, 1, 28, 28)
+    perm = torch.stack([torch.randperm(49) for _ in range(2)])
+    full = tiny_encoder.forward_features(x)
+    permuted = tiny_encoder.forward_features(x, perm)
+    expected = torch.gather(full[:, 1:], 1, perm.unsqueeze(-1).expand(-1, -1, 32))
+    torch.testing.assert_close(permuted[:, 1:], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(permuted[:, 0], full[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_other_resolution_recomputes_position_embedding(tiny_encoder):
+    x = torch.randn(2, 1, 36, 20)
+    tokens = tiny_encoder.forward_features(x)
+    assert tokens.shape == (2, 1 + 9 * 5, 32)
+    # embed() adds the sin-cos table of the new 9 x 5 grid to the patch projections.
+    emb = tiny_encoder.embed(x) - tiny_encoder.patch_embed(x)
+    torch.testing.assert_close(emb, sincos_2d(9, 5, 32).expand(2, -1, -1), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(sincos_2d(9, 5, 32), sincos_2d(5, 9, 32))
+
+
+def test_input_not_divisible_by_patch_raises(tiny_encoder):
+    with pytest.raises(ValueError, match="not divisible"):
+        tiny_encoder.forward_features(torch.randn(1, 1, 30, 28))
+
+
+def test_img_size_not_divisible_raises():
+    with pytest.raises(ValueError, match="not divisible"):
+        create_backbone("vit_tiny_p4", **{**TINY, "img_size": 30})
+
+
+def test_bad_global_pool_raises():
+    with pytest.raises(ValueError, match="global_pool"):
+        VisionTransformer(**TINY, patch_size=4, global_pool="max")
+
+
+def test_global_pool_avg_vs_token():
+    torch.manual_seed(0)
+    avg = create_backbone("vit_tiny_p4", **TINY, global_pool="avg")
+    token = create_backbone("vit_tiny_p4", **TINY, global_pool="token")
+    token.load_state_dict(avg.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    tokens = avg.forward_features(x)
+    torch.testing.assert_close(avg.forward_head(tokens, pre_logits=True), tokens[:, 1:].mean(1))
+    torch.testing.assert_close(token.forward_head(tokens, pre_logits=True), tokens[:, 0])
+    assert not torch.allclose(avg.forward_head(tokens, pre_logits=True), token.forward_head(tokens, pre_logits=True))
+
+
+def test_classification_head():
+    vit = create_backbone("vit_tiny_p4", **TINY, num_classes=7)
+    assert vit(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+    no_head = create_backbone("vit_tiny_p4", **TINY)
+    assert no_head(torch.randn(2, 1, 28, 28)).shape == (2, 32)
+
+
+def test_unknown_backbone_setting_refused():
+    with pytest.raises(ConfigError, match=r"backbone\.widht.*valid keys:.*embed_dim"):
+        create_backbone("vit_tiny_p4", widht=3)
+
+
+def test_sincos_needs_width_divisible_by_four():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(2, 2, 30)
+
+
+def test_sincos_shape_and_rows_differ():
+    pe = sincos_2d(4, 6, 16)
+    assert pe.shape == (1, 24, 16) and pe.dtype == torch.float32
+    assert torch.unique(pe[0], dim=0).shape[0] == 24  # every position has its own embedding

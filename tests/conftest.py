@@ -1,0 +1,145 @@
+"""Shared fixtures: tiny models, tiny configs, synthetic image folders, Fashion-MNIST."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimkit.backbones import create_backbone
+from mimkit.config import DataConfig, PretrainConfig, load_config
+from mimkit.data.datasets import DEBIAN_FASHION_MNIST
+from mimkit.methods import create_method
+
+# The machine is shared and has 2 cores: OpenMP threads spinning against other processes made a
+# tiny forward/backward ~20x slower than with one thread. One thread keeps the suite fast and
+# deterministic; MIMKIT_TEST_THREADS overrides it.
+torch.set_num_threads(int(os.environ.get("MIMKIT_TEST_THREADS", "1")))
+
+TINY_VIT = dict(img_size=28, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+TINY_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
+
+# Overrides that make a pre-training run take seconds: a 1%-per-class Fashion-MNIST subset
+# (600 images), a one-block 32-wide encoder and decoder, fp32 on the CPU, no progress bar.
+TINY_RUN_OVERRIDES = [
+    "data.subset_fraction=0.01",
+    "optim.batch_size=32",
+    "optim.base_lr=8e-3",
+    "optim.warmup_epochs=0.25",
+    "backbone.embed_dim=32",
+    "backbone.depth=1",
+    "backbone.num_heads=2",
+    "method.decoder_dim=32",
+    "method.decoder_depth=1",
+    "method.decoder_heads=2",
+    "train.precision=fp32",
+    "train.device=cpu",
+    "train.progress=false",
+    "train.log_every=3",
+]
+
+HAVE_FMNIST = (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fmnist: needs the Debian Fashion-MNIST files (skipped without them)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAVE_FMNIST:
+        return
+    skip = pytest.mark.skip(reason="Fashion-MNIST (Debian dataset-fashion-mnist) is not installed")
+    for item in items:
+        if "fmnist" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Undo logging set-up done by a test (the CLI's basicConfig, a run's file handler)."""
+    loggers = [logging.getLogger(), logging.getLogger("mimkit")]
+    saved = [(lg, list(lg.handlers), lg.level) for lg in loggers]
+    yield
+    for lg, handlers, level in saved:
+        for h in list(lg.handlers):
+            # exact types only: pytest's own capture handlers subclass StreamHandler
+            if h not in handlers and type(h) in (logging.StreamHandler, logging.FileHandler):
+                lg.removeHandler(h)
+                h.close()
+        lg.setLevel(level)
+
+
+@pytest.fixture
+def tiny_encoder() -> torch.nn.Module:
+    """A one-block, 32-wide ViT for 28x28 grey images (patch 4, 49 tokens)."""
+    torch.manual_seed(0)
+    return create_backbone("vit_tiny_p4", **TINY_VIT)
+
+
+@pytest.fixture
+def tiny_mae(tiny_encoder: torch.nn.Module) -> torch.nn.Module:
+    """MAE with a one-block 32-wide decoder around :func:`tiny_encoder`."""
+    torch.manual_seed(0)
+    return create_method({"name": "mae", **TINY_DECODER}, tiny_encoder)
+
+
+@pytest.fixture
+def tiny_run_overrides() -> list[str]:
+    """``key=value`` strings for a seconds-long pre-training run (see ``TINY_RUN_OVERRIDES``)."""
+    return list(TINY_RUN_OVERRIDES)
+
+
+@pytest.fixture
+def tiny_run_config(tmp_path: Path) -> Callable[..., PretrainConfig]:
+    """Factory: a validated tiny pre-training config writing to ``tmp_path/run`` plus extra overrides."""
+
+    def make(*extra: str, run_dir: Path | None = None) -> PretrainConfig:
+        run = run_dir or tmp_path / "run"
+        return load_config(None, [f"run_dir={run}", *TINY_RUN_OVERRIDES, *extra])
+
+    return make
+
+
+@pytest.fixture
+def write_image() -> Callable[..., Path]:
+    """Factory: write a small image file (PNG unless the suffix says otherwise) and return its path."""
+
+    def write(path: Path, value: int = 128, size: tuple[int, int] = (12, 10), mode: str = "RGB",
+              fmt: str | None = None) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(value)
+        channels = 3 if mode == "RGB" else 1
+        arr = np.clip(rng.normal(value, 10, size=(size[1], size[0], channels)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=mode)
+        img.save(path, format=fmt)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def data_cfg() -> Callable[..., DataConfig]:
+    """Factory: a ``DataConfig`` with the given fields (small images, no augmentation by default)."""
+
+    def make(**kw: object) -> DataConfig:
+        base = dict(img_size=8, channels=3, crop_scale=[1.0, 1.0], hflip=False)
+        base.update(kw)
+        return DataConfig(**base)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def fmnist_train():
+    """The Fashion-MNIST train split, loaded once per session."""
+    if not HAVE_FMNIST:
+        pytest.skip("Fashion-MNIST is not installed")
+    from mimkit.data import build_dataset
+
+    return build_dataset(DataConfig(), "train")

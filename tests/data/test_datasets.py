@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimkit.config import ConfigError, DataConfig
+from mimkit.data import BatchLoader, build_dataset, normalizer_for, per_class_subset
+from mimkit.data.datasets import list_images
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+
+@pytest.mark.fmnist
+def test_fashion_mnist_from_debian_files(fmnist_train):
+    test = build_dataset(DataConfig(), "test")
+    for data, n in ((fmnist_train, 60000), (test, 10000)):
+        assert len(data) == n
+        assert data.images.shape == (n, 1, 28, 28) and data.images.dtype == torch.uint8
+        assert data.labels.dtype == torch.int64
+        assert data.files is None and data.skipped == 0
+        assert len(data.classes) == 10 and data.labelled
+    assert torch.equal(torch.bincount(fmnist_train.labels), torch.full((10,), 6000))
+    assert torch.equal(torch.bincount(test.labels), torch.full((10,), 1000))
+    assert fmnist_train.images.float().mean() > 50  # real images, not zeros
+    assert not torch.equal(fmnist_train.images[:10], test.images[:10])
+
+
+@pytest.mark.fmnist
+def test_fashion_mnist_three_channels_repeat_grey():
+    grey = build_dataset(DataConfig(), "test")
+    rgb = build_dataset(DataConfig(channels=3), "test")
+    assert rgb.images.shape == (10000, 3, 28, 28) and rgb.images.dtype == torch.uint8
+    for c in range(3):
+        assert torch.equal(rgb.images[:, c], grey.images[:, 0])
+
+
+@pytest.mark.fmnist
+def test_fashion_mnist_subset(fmnist_train):
+    sub = build_dataset(DataConfig(subset_fraction=0.01, subset_seed=3), "train")
+    assert len(sub) == 600
+    assert torch.equal(torch.bincount(sub.labels), torch.full((10,), 60))
+    keep = per_class_subset(fmnist_train.labels, 0.01, 3)
+    assert torch.equal(sub.images, fmnist_train.images[keep])
+    # the test split is never subset
+    assert len(build_dataset(DataConfig(subset_fraction=0.01), "test")) == 10000
+
+
+def test_fashion_mnist_missing_root_without_download(tmp_path, monkeypatch):
+    from mimkit.data import datasets
+
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "none")
+    with pytest.raises(ConfigError, match="Fashion-MNIST not found"):
+        build_dataset(DataConfig(root=str(tmp_path)), "train")
+
+
+# ----------------------------------------------------------------------------- per_class_subset
+
+
+def test_per_class_subset_counts_and_determinism():
+    labels = torch.cat([torch.full((7,), 0), torch.full((13,), 1), torch.full((20,), 2)])
+    labels = labels[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
+    idx = per_class_subset(labels, 0.3, seed=0)
+    counts = torch.bincount(labels[idx], minlength=3).tolist()
+    assert counts == [math.ceil(0.3 * 7), math.ceil(0.3 * 13), math.ceil(0.3 * 20)]  # 3, 4, 6
+    assert idx.dtype == torch.int64
+    assert torch.equal(idx, idx.sort().values) and idx.unique().numel() == idx.numel()
+    assert torch.equal(per_class_subset(labels, 0.3, seed=0), idx)
+    assert not torch.equal(per_class_subset(labels, 0.3, seed=1), idx)
+
+
+def test_per_class_subset_at_least_one_and_unlabelled():
+    labels = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2])
+    counts = torch.bincount(labels[per_class_subset(labels, 0.01, 0)]).tolist()
+    assert counts == [1, 1, 1]
+    unlabelled = torch.full((50,), -1)
+    assert per_class_subset(unlabelled, 0.1, 0).numel() == 5
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _image_folder(root: Path, write_image, counts=None) -> Path:
+    counts = counts or {"train": {"cat": 3, "dog": 4}, "val": {"cat": 2, "dog": 1}}
+    for split, classes in counts.items():
+        for cls, n in classes.items():
+            for i in range(n):
+                write_image(root / split / cls / f"{i}.png", value=40 if cls == "cat" else 210)
+    return root
+
+
+def test_image_folder_labels(tmp_path, write_image, data_cfg):
+    root = _image_folder(tmp_path / "folder", write_image)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    train = build_dataset(data_cfg(name="imagefolder", root=str(root)), "train")
+    assert train.classes == ["cat", "dog"]
+    assert train.images.shape == (7, 3, 8, 8) and train.images.dtype == torch.uint8
+    assert sorted(train.labels.tolist()) == [0, 0, 0, 1, 1, 1, 1]
+    means = train.images.float().mean(dim=(1, 2, 3))
+    # each label sits with its own images: dark cats, bright dogs
+    assert (means[train.labels == 0] < 80).all() and (means[train.labels == 1] > 170).all()
+    test = build_dataset(data_cfg(name="imagefolder", root=str(root)), "test")  # falls back to val/
+    assert sorted(test.labels.tolist()) == [0, 0, 1]
+    assert train.labelled and train.skipped == 0
+
+
+def test_image_folder_grey_conversion(tmp_path, write_image, data_cfg):
+    root = _image_folder(tmp_path / "folder", write_image)
+    grey = build_dataset(data_cfg(name="imagefolder", root=str(root), channels=1, img_size=6), "train")
+    assert grey.images.shape == (7, 1, 6, 6)
+
+
+def test_image_folder_flat_has_no_classes(tmp_path, write_image, data_cfg):
+    write_image(tmp_path / "flat" / "a.png")
+    with pytest.raises(ConfigError, match="no class sub-folders"):
+        build_dataset(data_cfg(name="imagefolder", root=str(tmp_path / "flat")), "train")
+
+
+def test_unlabelled_nested_folder(tmp_path, write_image, data_cfg):
+    root = tmp_path / "unl"
+    write_image(root / "a" / "b" / "x.png")
+    write_image(root / "c.jpg", fmt="JPEG")
+    write_image(root / "d" / "e.PNG", fmt="PNG")
+    (root / "d" / "readme.md").write_text("hi")
+    assert len(list_images(root)) == 3
+    data = build_dataset(data_cfg(name="unlabelled", root=str(root)), "train")
+    assert len(data) == 3 and data.images.shape == (3, 3, 8, 8)
+    assert data.labels.tolist() == [-1, -1, -1]
+    assert data.classes == [] and not data.labelled
+
+
+def _tiny_imagenet(root: Path, write_image) -> Path:
+    wnids = ["n09999999", "n01111111"]  # not sorted: the file's order defines the label
+    (root).mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for k, wnid in enumerate(wnids):
+        for i in range(2 + k):
+            write_image(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", value=30 + 180 * k, fmt="JPEG")
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+    lines = []
+    for i, wnid in enumerate(["n01111111", "n09999999", "n01111111"]):
+        write_image(root / "val" / "images" / f"val_{i}.JPEG", value=30 + 180 * wnids.index(wnid), fmt="JPEG")
+        lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t10\t10")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_tiny_imagenet_layout(tmp_path, write_image, data_cfg):
+    root = _tiny_imagenet(tmp_path / "tiny-imagenet-200", write_image)
+    cfg = data_cfg(name="tiny_imagenet", root=str(root))
+    train = build_dataset(cfg, "train")
+    assert train.classes == ["n09999999", "n01111111"]
+    assert train.labels.tolist() == [0, 0, 1, 1, 1]
+    means = train.images.float().mean(dim=(1, 2, 3))
+    assert (means[train.labels == 0] < 90).all() and (means[train.labels == 1] > 150).all()
+    val = build_dataset(cfg, "test")
+    assert val.labels.tolist() == [1, 0, 1]
+    assert val.images.shape == (3, 3, 8, 8)
+
+
+def test_tiny_imagenet_bad_annotation(tmp_path, write_image, data_cfg):
+    root = _tiny_imagenet(tmp_path / "tin", write_image)
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn00000000\n")
+    with pytest.raises(ConfigError, match="val_annotations.txt:1"):
+        build_dataset(data_cfg(name="tiny_imagenet", root=str(root)), "test")
+
+
+# ----------------------------------------------------------------------------- damaged and missing data
+
+
+def _folder_with_corrupt(root: Path, write_image) -> Path:
+    for i in range(5):
+        write_image(root / "train" / "a" / f"{i}.png", value=50)
+    for i in range(4):
+        write_image(root / "train" / "b" / f"{i}.png", value=200)
+    (root / "train" / "b" / "broken.png").write_bytes(torch.randint(0, 256, (300,), dtype=torch.uint8,
+                                                                     generator=torch.Generator().manual_seed(0))
+                                                       .numpy().tobytes())
+    return root
+
+
+def test_corrupt_image_skipped_cached(tmp_path, write_image, data_cfg):
+    root = _folder_with_corrupt(tmp_path / "f", write_image)
+    data = build_dataset(data_cfg(name="imagefolder", root=str(root), cache="yes"), "train")
+    assert data.skipped == 1
+    assert len(data) == 9 and data.images.shape[0] == 9
+    assert torch.bincount(data.labels).tolist() == [5, 4]
+    loader = BatchLoader(data, data_cfg(), 4, train=False, normalize=normalizer_for(data, 3))
+    assert loader.skipped == 1
+
+
+def test_corrupt_image_skipped_streamed(tmp_path, write_image, data_cfg):
+    root = _folder_with_corrupt(tmp_path / "f", write_image)
+    cfg = data_cfg(name="imagefolder", root=str(root), cache="no")
+    data = build_dataset(cfg, "train")
+    assert data.images is None and len(data.files) == 10
+    loader = BatchLoader(data, cfg, 4, train=False, normalize=normalizer_for(data, 3))
+    batches = list(loader)
+    assert loader.skipped == 1
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    assert images.shape == (9, 3, 8, 8) and images.dtype == torch.float32
+    assert torch.bincount(labels).tolist() == [5, 4]
+    # the dark class stays dark after normalisation, the bright one bright
+    means = images.mean(dim=(1, 2, 3))
+    assert (means[labels == 0] < means[labels == 1].min()).all()
+
+
+def test_empty_folder_names_path(tmp_path, data_cfg):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=re.escape(str(empty))):
+        build_dataset(data_cfg(name="unlabelled", root=str(empty)), "train")
+    with pytest.raises(ConfigError, match=re.escape(str(empty))):
+        build_dataset(data_cfg(name="imagefolder", root=str(empty)), "train")
+    (empty / "cls").mkdir()
+    with pytest.raises(ConfigError, match=f"no images.*{re.escape(str(empty))}"):
+        build_dataset(data_cfg(name="imagefolder", root=str(empty)), "train")
+
+
+@pytest.mark.parametrize("name", ["imagefolder", "unlabelled", "tiny_imagenet"])
+def test_missing_folder_names_path(tmp_path, data_cfg, name):
+    missing = tmp_path / "does-not-exist"
+    with pytest.raises(ConfigError, match=f"not found.*{re.escape(str(missing))}"):
+        build_dataset(data_cfg(name=name, root=str(missing)), "train")
+
+
+@pytest.mark.parametrize("name", ["imagefolder", "unlabelled", "tiny_imagenet"])
+def test_folder_sources_need_root(data_cfg, name):
+    with pytest.raises(ConfigError, match="data.root"):
+        build_dataset(data_cfg(name=name), "train")
+
+
+def test_unknown_dataset(data_cfg):
+    with pytest.raises(ConfigError, match="mnist_digits.*valid"):
+        build_dataset(data_cfg(name="mnist_digits"), "train")
+
+
+def test_cifar10_missing_without_download(tmp_path, data_cfg):
+    with pytest.raises(ConfigError, match=f"cifar10.*{re.escape(str(tmp_path))}"):
+        build_dataset(data_cfg(name="cifar10", root=str(tmp_path), download=False), "train")
+    assert list(tmp_path.iterdir()) == []  # nothing was downloaded

@@ -1,0 +1,207 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+import mimkit
+from mimkit.config import (
+    ConfigError,
+    DataConfig,
+    OptimConfig,
+    PretrainConfig,
+    TrainConfig,
+    load_config,
+    parse_overrides,
+    to_yaml,
+)
+
+PACKAGED = Path(mimkit.__file__).parent / "configs" / "pretrain" / "mae_fmnist.yaml"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load():
+    cfg = load_config()
+    assert isinstance(cfg, PretrainConfig)
+    assert cfg.data == DataConfig()
+    assert cfg.optim == OptimConfig()
+    assert cfg.train == TrainConfig()
+    assert cfg.backbone == {"name": "vit_tiny_p4"}
+    assert cfg.method == {"name": "mae"}
+
+
+def test_parse_overrides_types():
+    tree = parse_overrides([
+        "optim.base_lr=1e-3", "data.hflip=true", "data.crop_scale=[0.5, 1]", "seed=3",
+        "run_dir=runs/a.b", "method.mask_ratio=0.6", "data.root=",
+    ])
+    assert tree["optim"]["base_lr"] == pytest.approx(1e-3) and isinstance(tree["optim"]["base_lr"], float)
+    assert tree["data"]["hflip"] is True
+    assert tree["data"]["crop_scale"] == [0.5, 1]
+    assert tree["seed"] == 3 and isinstance(tree["seed"], int)
+    assert tree["run_dir"] == "runs/a.b"
+    assert tree["method"]["mask_ratio"] == 0.6
+    assert tree["data"]["root"] == ""
+
+
+def test_override_without_equals_refused():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["optim.base_lr"])
+
+
+def test_yaml_then_overrides_layer(tmp_path):
+    path = _write(tmp_path / "c.yaml", """
+seed: 5
+data:
+  img_size: 32
+  hflip: false
+optim:
+  base_lr: 2.0e-4
+  batch_size: 64
+method:
+  name: mae
+  mask_ratio: 0.6
+""")
+    cfg = load_config(path, ["optim.base_lr=1e-3", "data.crop_scale=[0.5, 1]", "train.compile=true",
+                             "method.decoder_dim=64"])
+    # YAML over defaults
+    assert cfg.seed == 5 and cfg.data.img_size == 32 and cfg.data.hflip is False
+    assert cfg.optim.batch_size == 64
+    assert cfg.method["mask_ratio"] == 0.6
+    # overrides over YAML, with YAML scalar typing
+    assert cfg.optim.base_lr == pytest.approx(1e-3) and isinstance(cfg.optim.base_lr, float)
+    assert cfg.data.crop_scale == [0.5, 1.0] and all(isinstance(v, float) for v in cfg.data.crop_scale)
+    assert cfg.train.compile is True
+    assert cfg.method["decoder_dim"] == 64
+    # untouched defaults survive the merge
+    assert cfg.data.name == "fashion_mnist" and cfg.optim.weight_decay == 0.05
+    assert cfg.backbone == {"name": "vit_tiny_p4"}
+
+
+def test_int_written_for_float_field_is_coerced():
+    cfg = load_config(None, ["train.epochs=3", "optim.base_lr=1"])
+    assert isinstance(cfg.train.epochs, float) and cfg.train.epochs == 3.0
+    assert isinstance(cfg.optim.base_lr, float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.img_size=abc", "data.img_size"),
+    ("train.compile=3", "train.compile"),
+    ("optim.batch_size=true", "optim.batch_size"),
+    ("optim.betas=0.9", "optim.betas"),
+])
+def test_wrong_type_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, bad, some_valid", [
+    ("bogus=1", "bogus", ["run_dir", "seed", "data", "optim", "train"]),
+    ("data.bogus=1", "data.bogus", ["img_size", "subset_fraction", "crop_scale"]),
+    ("optim.bogus=1", "optim.bogus", ["base_lr", "batch_size", "warmup_epochs"]),
+    ("train.bogus=1", "train.bogus", ["epochs", "precision", "max_bad_steps"]),
+    ("method.bogus=1", "method.bogus", ["name", "mask_ratio", "decoder_dim", "norm_pix_loss"]),
+    ("backbone.bogus=1", "backbone.bogus", ["name", "embed_dim", "depth", "patch_size"]),
+])
+def test_unknown_keys_refused_with_valid_list(override, bad, some_valid):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    msg = str(info.value)
+    assert bad in msg
+    assert "valid keys" in msg
+    listed = msg.split("valid keys:")[1]
+    for key in some_valid:
+        assert key in listed, f"{key} not listed in {msg!r}"
+
+
+def test_unknown_key_in_yaml_refused(tmp_path):
+    path = _write(tmp_path / "c.yaml", "optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate.*valid keys:.*base_lr"):
+        load_config(path)
+
+
+def test_unknown_backbone_and_method_names_refused():
+    with pytest.raises(ConfigError, match="vit_nonexistent.*valid:.*vit_tiny_p4"):
+        load_config(None, ["backbone.name=vit_nonexistent"])
+    with pytest.raises(ConfigError, match="nomethod.*valid:.*mae"):
+        load_config(None, ["method.name=nomethod"])
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_mask_ratio_outside_open_interval_refused(ratio):
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        load_config(None, [f"method.mask_ratio={ratio}"])
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.5, 0.95])
+def test_mask_ratio_inside_interval_accepted(ratio):
+    assert load_config(None, [f"method.mask_ratio={ratio}"]).method["mask_ratio"] == ratio
+
+
+def test_bad_precision_refused():
+    with pytest.raises(ConfigError, match="precision.*fp16"):
+        load_config(None, ["train.precision=fp16"])
+    for ok in ("auto", "fp32", "bf16"):
+        assert load_config(None, [f"train.precision={ok}"]).train.precision == ok
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.channels=2", "data.channels"),
+    ("data.subset_fraction=0", "data.subset_fraction"),
+    ("data.subset_fraction=1.5", "data.subset_fraction"),
+    ("data.crop_scale=[0.9, 0.5]", "data.crop_scale"),
+    ("data.cache=maybe", "data.cache"),
+    ("data.img_size=0", "data.img_size"),
+    ("optim.batch_size=0", "batch_size"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("train.epochs=0", "train.epochs"),
+])
+def test_out_of_range_values_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_packaged_config_loads():
+    assert PACKAGED.is_file()
+    cfg = load_config(PACKAGED)
+    raw = yaml.safe_load(PACKAGED.read_text())
+    assert cfg.run_dir == raw["run_dir"]
+    assert cfg.method == raw["method"]
+    assert cfg.backbone == raw["backbone"]
+    assert cfg.optim.base_lr == pytest.approx(raw["optim"]["base_lr"])
+    assert cfg.train.epochs == float(raw["train"]["epochs"])
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(_write(tmp_path / "bad.yaml", "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(_write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+
+
+def test_to_yaml_round_trip(tmp_path):
+    cfg = load_config(PACKAGED, ["optim.min_lr=1e-6", "data.crop_scale=[0.2, 0.9]", "method.mask_ratio=0.6",
+                                 "backbone.embed_dim=64", "train.max_minutes=1.5", "run_dir=" + str(tmp_path)])
+    path = _write(tmp_path / "round.yaml", to_yaml(cfg))
+    again = load_config(path)
+    assert again == cfg
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_yaml_file_exponent_without_dot_is_float(tmp_path):
+    path = _write(tmp_path / "c.yaml", "optim:\n  base_lr: 1e-3\n")
+    assert load_config(path).optim.base_lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("override", ["train.log_every=0", "train.device=gpu"])
+def test_engine_settings_validated_up_front(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(None, [override])
