@@ -4,7 +4,8 @@ Both models get the identical configuration (ViT 192-d, depth 6, 3 heads, MLP 76
 4 heads, MLP 512; 32 px RGB, patch 4, mask 0.75, per-patch normalised target) and the same AdamW
 step. Timing alternates between the two in one process, round after round, so machine noise hits
 both alike; the reported figure is the median over rounds and the ratio mimkit / HF. Peak memory
-is the peak resident set of a separate child process per model (CPU) or the CUDA allocator's peak.
+is the peak resident set (VmHWM) of a fresh child process per model (CPU; it includes the ~500 MiB
+of the torch runtime that both share) or the CUDA allocator's peak.
 
 Usage:
     python benchmarks/bench_throughput.py --precision fp32 bf16 --rounds 5 --steps 5
@@ -74,16 +75,27 @@ def time_steps(step, x: torch.Tensor, steps: int, device: torch.device) -> float
     return steps * x.shape[0] / (time.perf_counter() - t)
 
 
+def vm_hwm_mib() -> float:
+    """Peak resident set of this process in MiB (Linux ``VmHWM``).
+
+    ``ru_maxrss`` would be wrong here: Linux carries it over from the parent across fork + exec,
+    so every child would report the (larger) benchmark parent's peak.
+    """
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def peak_memory_child(which: str, precision: str, batch: int, device: str) -> float:
     """Run a few steps of one model in a fresh process and return its peak memory in MiB."""
     code = (
-        "import sys, json, resource, torch; sys.path.insert(0, 'benchmarks');"
+        "import sys, json, torch; sys.path.insert(0, 'benchmarks');"
         "import bench_throughput as b;"
         f"dev = torch.device('{device}'); m = b.build('{which}').to(dev); m.train();"
         f"s = b.make_step('{which}', m, '{precision}', dev);"
         f"x = torch.randn({batch}, 3, 32, 32, device=dev); s(x); s(x);"
-        "peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == 'cuda' else "
-        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024;"
+        "peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == 'cuda' else b.vm_hwm_mib();"
         "print(json.dumps(peak))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
