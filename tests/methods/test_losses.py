@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mimkit.methods.losses import masked_mse, patch_norm_stats, patchify, unpatchify
+from mimkit.masking import pixel_block_mask
+from mimkit.methods.losses import (
+    hole_total_variation,
+    inpainting_loss,
+    masked_mse,
+    patch_norm_stats,
+    patchify,
+    unpatchify,
+)
 
 
 @pytest.mark.parametrize("n, c, h, w, p", [(2, 1, 28, 28, 4), (3, 3, 16, 8, 4), (1, 3, 32, 32, 16)])
@@ -72,3 +80,39 @@ def test_masked_mse_float32_from_bf16():
     pred = torch.randn(2, 4, 8).bfloat16()
     loss = masked_mse(pred, torch.randn(2, 4, 8), torch.ones(2, 4))
     assert loss.dtype == torch.float32 and loss.ndim == 0
+
+
+def test_inpainting_loss_of_a_perfect_prediction_is_its_smoothness_term():
+    x = torch.randn(2, 3, 8, 8)
+    hole = pixel_block_mask(2, 8, 8, 2, 0.5)
+    loss, logs = inpainting_loss(x, x, hole)
+    assert float(logs["l1_hole"]) == 0.0 and float(logs["l1_valid"]) == 0.0
+    torch.testing.assert_close(loss, 0.1 * hole_total_variation(x, hole))
+    flat = torch.ones(2, 3, 8, 8)
+    assert float(inpainting_loss(flat, flat, hole)[0]) == 0.0
+
+
+def test_inpainting_loss_terms_are_normalised_by_their_pixel_counts():
+    target = torch.zeros(1, 1, 4, 4)
+    hole = torch.zeros(1, 1, 4, 4)
+    hole[..., :2, :] = 1.0  # top half is the hole
+    pred = torch.zeros(1, 1, 4, 4)
+    pred[..., :2, :] = 2.0  # error 2 on every hole pixel
+    pred[..., 3, 0] = 1.0  # error 1 on one of 8 visible pixels
+    loss, logs = inpainting_loss(pred, target, hole, hole_weight=6.0, tv_weight=0.0)
+    assert float(logs["l1_hole"]) == pytest.approx(2.0)
+    assert float(logs["l1_valid"]) == pytest.approx(1.0 / 8)
+    assert float(loss) == pytest.approx(1.0 / 8 + 6 * 2.0)
+
+
+def test_total_variation_uses_adjacent_pixels_inside_the_dilated_hole():
+    hole = torch.zeros(1, 1, 5, 5)
+    hole[..., 2, 2] = 1.0  # dilation gives the 3x3 block rows/cols 1..3
+    img = torch.zeros(1, 1, 5, 5)
+    img[..., 2, 2] = 1.0
+    # pairs inside the 3x3 block: 6 horizontal + 6 vertical; 4 of them touch the centre pixel
+    assert float(hole_total_variation(img, hole)) == pytest.approx(4.0 / 12)
+    # a step between the last and the first row is not a neighbour pair (the source's bug)
+    img2 = torch.zeros(1, 1, 5, 5)
+    img2[..., 0, :] = 5.0
+    assert float(hole_total_variation(img2, hole)) == 0.0

@@ -13,11 +13,13 @@ from typing import Any
 
 from torch import nn
 
+from mimkit.backbones.cvt import CVT_PRESETS, ConvVisionTransformer
 from mimkit.backbones.vit import VIT_PRESETS, VisionTransformer
 from mimkit.config import ConfigError
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    name: functools.partial(VisionTransformer, **preset) for name, preset in VIT_PRESETS.items()
+    **{name: functools.partial(VisionTransformer, **preset) for name, preset in VIT_PRESETS.items()},
+    **{name: functools.partial(ConvVisionTransformer, **preset) for name, preset in CVT_PRESETS.items()},
 }
 
 
@@ -25,6 +27,12 @@ def _valid_keys(name: str) -> list[str]:
     builder = BACKBONES[name]
     target = builder.func if isinstance(builder, functools.partial) else builder
     return sorted(inspect.signature(target).parameters)
+
+
+def backbones_taking(mask_input: str) -> list[str]:
+    """Names of the registered backbones whose ``mask_input`` is ``keep_idx`` or ``pixels``."""
+    return sorted(name for name, b in BACKBONES.items()
+                  if getattr(getattr(b, "func", b), "mask_input", None) == mask_input)
 
 
 def check_backbone_cfg(cfg: dict[str, Any]) -> None:
@@ -57,4 +65,7 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     return BACKBONES[name](**kwargs)
 
 
-__all__ = ["BACKBONES", "VisionTransformer", "check_backbone_cfg", "create_backbone"]
+__all__ = [
+    "BACKBONES", "ConvVisionTransformer", "VisionTransformer", "backbones_taking", "check_backbone_cfg",
+    "create_backbone",
+]

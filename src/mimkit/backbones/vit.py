@@ -28,6 +28,8 @@ class VisionTransformer(nn.Module):
 
     """
 
+    mask_input = "keep_idx"
+
     def __init__(
         self,
         img_size: int = 224,

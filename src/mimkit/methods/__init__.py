@@ -9,9 +9,10 @@ from torch import nn
 
 from mimkit.config import ConfigError, from_dict
 from mimkit.methods.base import PretrainMethod, PretrainOutput
+from mimkit.methods.cvt_mae import CvTMAE
 from mimkit.methods.mae import MAE
 
-METHODS: dict[str, type[PretrainMethod]] = {"mae": MAE}
+METHODS: dict[str, type[PretrainMethod]] = {"mae": MAE, "cvt_mae": CvTMAE}
 
 
 def check_method_cfg(cfg: dict[str, Any]) -> Any:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mimkit.config import ConfigError
+
 
 @dataclass
 class PretrainOutput:
@@ -40,6 +42,21 @@ class PretrainMethod(nn.Module):
     """
 
     encoder: nn.Module
+    #: How the encoder must take the mask: ``keep_idx`` (drops tokens, ViT) or ``pixels`` (a dense
+    #: visible-pixel mask, CvT). Backbones declare the same attribute.
+    mask_input: str = "keep_idx"
+
+    def check_encoder(self, encoder: nn.Module) -> None:
+        """Refuse an encoder that cannot take this method's kind of mask, naming the ones that can."""
+        kind = getattr(encoder, "mask_input", None)
+        if kind != self.mask_input:
+            from mimkit.backbones import backbones_taking
+
+            raise ConfigError(
+                f"{type(self).__name__} needs a backbone taking mask_input={self.mask_input!r}; "
+                f"{type(encoder).__name__} takes {kind!r}. Valid backbones: "
+                f"{', '.join(backbones_taking(self.mask_input))}"
+            )
 
     def forward(self, images: torch.Tensor) -> PretrainOutput:  # pragma: no cover - abstract
         """Compute the pre-training loss on a batch of normalised images ``[N, C, H, W]``."""

@@ -64,3 +64,64 @@ def masked_mse(
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # [N, L]
     mask = mask.float()
     return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _masked_l1(diff: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Mean of ``|diff|`` over ``region`` (``[N, 1, H, W]``, 0/1) and all channels."""
+    count = region.sum() * diff.shape[1]
+    return (diff.abs() * region).sum() / count.clamp_min(1.0)
+
+
+def hole_total_variation(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """Total variation of ``image`` between adjacent pixels inside the 1-pixel dilation of the holes.
+
+    Liu et al., "Image Inpainting for Irregular Holes Using Partial Convolutions", ECCV 2018: the
+    smoothing term over the region P around the holes. A pixel pair counts when both of its pixels
+    lie in P; the sum is divided by the number of such pairs (times channels).
+
+    Args:
+        image: ``[N, C, H, W]``, the composited output (visible pixels from the input, holes predicted).
+        hole: ``[N, 1, H, W]`` float, 1 = hole.
+
+    Returns:
+        Scalar float32.
+
+    """
+    region = torch.nn.functional.max_pool2d(hole.float(), 3, stride=1, padding=1)  # dilate by 1 px
+    image = image.float()
+    pair_h = region[..., :, 1:] * region[..., :, :-1]  # horizontal neighbours both in P
+    pair_v = region[..., 1:, :] * region[..., :-1, :]  # vertical neighbours both in P
+    tv_h = ((image[..., :, 1:] - image[..., :, :-1]).abs() * pair_h).sum()
+    tv_v = ((image[..., 1:, :] - image[..., :-1, :]).abs() * pair_v).sum()
+    pairs = (pair_h.sum() + pair_v.sum()) * image.shape[1]
+    return (tv_h + tv_v) / pairs.clamp_min(1.0)
+
+
+def inpainting_loss(
+    pred: torch.Tensor, target: torch.Tensor, hole: torch.Tensor, hole_weight: float = 6.0,
+    tv_weight: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The hybrid CvT-MAE's inpainting loss: L1 on visible + 6 x L1 on holes + 0.1 x TV near holes.
+
+    Liu et al., ECCV 2018 (without the perceptual and style terms), as used by source document 000.
+    Each term is normalised by its own pixel count.
+
+    Args:
+        pred: ``[N, C, H, W]`` predicted image.
+        target: ``[N, C, H, W]`` true image.
+        hole: ``[N, 1, H, W]``, 1 = masked.
+        hole_weight: Weight of the hole term.
+        tv_weight: Weight of the total-variation term.
+
+    Returns:
+        ``(scalar float32 loss, {"l1_valid", "l1_hole", "tv"} detached terms)``.
+
+    """
+    pred, target, hole = pred.float(), target.float(), hole.float()
+    diff = pred - target
+    valid_term = _masked_l1(diff, 1.0 - hole)
+    hole_term = _masked_l1(diff, hole)
+    composite = hole * pred + (1.0 - hole) * target
+    tv_term = hole_total_variation(composite, hole)
+    loss = valid_term + hole_weight * hole_term + tv_weight * tv_term
+    return loss, {"l1_valid": valid_term.detach(), "l1_hole": hole_term.detach(), "tv": tv_term.detach()}

@@ -45,6 +45,7 @@ class MAE(PretrainMethod):
     def __init__(self, encoder: torch.nn.Module, cfg: Config) -> None:
         """Wrap a token-dropping encoder (``forward_features(x, keep_idx)``) with a decoder."""
         super().__init__()
+        self.check_encoder(encoder)
         self.encoder = encoder
         self.cfg = cfg
         p, c = encoder.patch_size, encoder.in_chans

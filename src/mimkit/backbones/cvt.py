@@ -1,0 +1,197 @@
+"""Convolutional vision transformer (CvT) encoder that accepts a dense pixel mask.
+
+Wu et al., "CvT: Introducing Convolutions to Vision Transformers", ICCV 2021. The per-stage
+update mask is the hybrid CvT-MAE's (source document 000): a partial convolution at each stage's
+token embedding. There is no positional embedding and no class token, so any input size works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mimkit.backbones.layers.conv_attention import ConvBlock
+from mimkit.backbones.layers.norm import layer_norm
+from mimkit.backbones.layers.partial_conv import ConvEmbed
+
+
+class CvTStage(nn.Module):
+    """A convolutional token embedding followed by ``depth`` convolutional-attention blocks."""
+
+    def __init__(self, in_chans: int, dim: int, depth: int, num_heads: int, kernel: int, stride: int,
+                 padding: int, mlp_ratio: float, kv_stride: int, drop_path: Sequence[float]) -> None:
+        super().__init__()
+        self.embed = ConvEmbed(in_chans, dim, kernel, stride, padding)
+        self.blocks = nn.ModuleList(
+            ConvBlock(dim, num_heads, mlp_ratio, kv_stride, drop_path[i]) for i in range(depth)
+        )
+
+    def forward(
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Map ``[N, C, H, W]`` (and mask ``[N, 1, H, W]``) to ``[N, D, H', W']`` (and its mask)."""
+        x, visible = self.embed(x, visible, update_mask)
+        n, d, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # [N, H'W', D]
+        for block in self.blocks:
+            tokens = block(tokens, h, w)
+        return tokens.transpose(1, 2).reshape(n, d, h, w), visible
+
+
+class ConvVisionTransformer(nn.Module):
+    """Hierarchical CvT encoder with the timm backbone interface.
+
+    ``forward_features`` returns the normalised last-stage tokens, ``forward_head`` their mean;
+    ``forward_stages`` returns every stage's map for a U-Net decoder. A ``visible`` pixel mask
+    (1 = visible) zeroes the masked pixels and, with ``update_mask``, re-weights every stage's
+    convolutional embedding like a partial convolution.
+
+    Example:
+        >>> cvt = ConvVisionTransformer(in_chans=1, dims=(16, 32, 64), num_heads=(1, 2, 2),
+        ...                             depths=(1, 1, 1), kernels=(3, 3, 3), strides=(2, 2, 2),
+        ...                             paddings=(1, 1, 1))
+        >>> [m.shape[-1] for m in cvt.forward_stages(torch.randn(2, 1, 28, 28))]
+        [14, 7, 4]
+        >>> cvt.forward_head(cvt.forward_features(torch.randn(2, 1, 28, 28)), pre_logits=True).shape
+        torch.Size([2, 64])
+
+    """
+
+    mask_input = "pixels"
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        dims: Sequence[int] = (64, 192, 384),
+        num_heads: Sequence[int] = (1, 3, 6),
+        depths: Sequence[int] = (1, 2, 10),
+        kernels: Sequence[int] = (7, 3, 3),
+        strides: Sequence[int] = (4, 2, 2),
+        paddings: Sequence[int] = (2, 1, 1),
+        mlp_ratio: float = 4.0,
+        kv_stride: int = 2,
+        drop_path_rate: float = 0.0,
+        num_classes: int = 0,
+    ) -> None:
+        """Build the encoder.
+
+        Args:
+            img_size: Nominal input size (kept for the config; any size works at run time).
+            in_chans: Input channels.
+            dims: Token width per stage.
+            num_heads: Attention heads per stage.
+            depths: Blocks per stage.
+            kernels: Kernel of each stage's convolutional embedding.
+            strides: Stride of each stage's embedding (the stage's downsampling).
+            paddings: Zero padding of each stage's embedding.
+            mlp_ratio: MLP hidden width / D.
+            kv_stride: Stride of the key/value conv projections.
+            drop_path_rate: Stochastic depth, linearly increasing over all blocks.
+            num_classes: Size of the classification head; 0 = no head.
+
+        """
+        super().__init__()
+        lengths = {len(dims), len(num_heads), len(depths), len(kernels), len(strides), len(paddings)}
+        if len(lengths) != 1:
+            raise ValueError(
+                "dims, num_heads, depths, kernels, strides and paddings need one entry per stage; got "
+                f"{list(dims)}, {list(num_heads)}, {list(depths)}, {list(kernels)}, {list(strides)}, "
+                f"{list(paddings)}"
+            )
+        self.img_size = img_size
+        self.in_chans = in_chans
+        self.dims = tuple(dims)
+        self.strides = tuple(strides)
+        self.embed_dim = self.num_features = dims[-1]
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        start, prev = 0, in_chans
+        for i, dim in enumerate(dims):
+            self.stages.append(CvTStage(prev, dim, depths[i], num_heads[i], kernels[i], strides[i],
+                                        paddings[i], mlp_ratio, kv_stride, dpr[start:start + depths[i]]))
+            start, prev = start + depths[i], dim
+        self.norm = layer_norm(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward_stages(
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: bool = True
+    ) -> list[torch.Tensor]:
+        """Every stage's output map.
+
+        Args:
+            x: Images ``[N, C, H, W]``.
+            visible: Optional pixel mask ``[N, 1, H, W]``, 1 = visible (float, any dtype).
+            update_mask: Re-weight the convolutional embeddings by the visible count (partial conv).
+
+        Returns:
+            ``[N, D_i, H_i, W_i]`` for each stage ``i``; the last one passed through the final norm, so
+            the decoder and the evaluation see the same features.
+
+        """
+        maps = []
+        for stage in self.stages:
+            x, visible = stage(x, visible, update_mask)
+            maps.append(x)
+        maps[-1] = self.norm(maps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return maps
+
+    def forward_features(
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: bool = True
+    ) -> torch.Tensor:
+        """Normalised last-stage tokens ``[N, H_last * W_last, D]`` of images ``[N, C, H, W]``."""
+        return self.forward_stages(x, visible, update_mask)[-1].flatten(2).transpose(1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Mean-pool tokens ``[N, L, D]`` to ``[N, D]`` (``pre_logits``) or to class logits."""
+        pooled = x.mean(dim=1)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[N, C, H, W]`` to logits (or pooled features when there is no head)."""
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """No extra exemptions: there is no position embedding or class token."""
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, object]:
+        """Regexes grouping parameters by depth, as timm uses for layer-wise lr decay."""
+        return {
+            "stem": r"^stages\.0\.embed",
+            "blocks": r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^stages\.(\d+)\.embed", None),
+                (r"^norm", (99999,)),
+            ],
+        }
+
+
+CVT_PRESETS: dict[str, dict[str, object]] = {
+    # Small-image presets (28-64 px inputs): every stage halves the map, 28 px -> 14, 7, 4.
+    "cvt_micro_s2": dict(dims=(32, 64, 128), num_heads=(1, 2, 4), depths=(1, 1, 2), kernels=(3, 3, 3),
+                         strides=(2, 2, 2), paddings=(1, 1, 1), img_size=28),
+    "cvt_tiny_s2": dict(dims=(32, 96, 192), num_heads=(1, 2, 3), depths=(1, 2, 4), kernels=(3, 3, 3),
+                        strides=(2, 2, 2), paddings=(1, 1, 1), img_size=28),
+    "cvt_small_s2": dict(dims=(64, 192, 384), num_heads=(1, 3, 6), depths=(1, 2, 6), kernels=(3, 3, 3),
+                         strides=(2, 2, 2), paddings=(1, 1, 1), img_size=64),
+    # The published ImageNet models.
+    "cvt_13": dict(dims=(64, 192, 384), num_heads=(1, 3, 6), depths=(1, 2, 10), kernels=(7, 3, 3),
+                   strides=(4, 2, 2), paddings=(2, 1, 1), img_size=224),
+    "cvt_21": dict(dims=(64, 192, 384), num_heads=(1, 3, 6), depths=(1, 4, 16), kernels=(7, 3, 3),
+                   strides=(4, 2, 2), paddings=(2, 1, 1), img_size=224),
+}

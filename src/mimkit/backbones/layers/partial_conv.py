@@ -1,0 +1,115 @@
+"""Convolutional token embedding with an inpainting-style update mask.
+
+Liu et al., "Image Inpainting for Irregular Holes Using Partial Convolutions", ECCV 2018; used at
+every CvT stage by the hybrid CvT-MAE (source document 000).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimkit.backbones.layers.norm import layer_norm
+
+
+def window_count(visible: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    """Number of visible image pixels under each conv window, in float32 whatever the autocast state.
+
+    Args:
+        visible: ``[N, 1, H, W]`` with 1 = visible, 0 = masked.
+        kernel: Conv kernel side k.
+        stride: Conv stride.
+        padding: Conv zero padding (padding pixels are not image pixels and never count).
+
+    Returns:
+        ``[N, 1, H', W']`` float32 counts in ``[0, k * k]``.
+
+    """
+    with torch.autocast(visible.device.type, enabled=False):
+        ones = torch.ones(1, 1, kernel, kernel, device=visible.device, dtype=torch.float32)
+        return F.conv2d(visible.float(), ones, stride=stride, padding=padding)
+
+
+def update_ratio(visible: torch.Tensor, kernel: int, stride: int, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial-convolution re-weighting and the next mask, in float32.
+
+    The ratio is (image pixels in the window) / (visible image pixels in the window), so zero padding
+    keeps its plain-convolution meaning: with nothing masked the ratio is exactly 1 everywhere,
+    borders included (the source code divided by k*k and so rescaled every border token). A window
+    with no visible pixel gets ratio 0 and is masked in the next stage; the denominator is clamped,
+    so there is no inf or NaN under autocast.
+
+    Args:
+        visible: ``[N, 1, H, W]`` with 1 = visible.
+        kernel: Conv kernel side.
+        stride: Conv stride.
+        padding: Conv zero padding.
+
+    Returns:
+        ``(ratio [N, 1, H', W'], next visible mask [N, 1, H', W'])``, both float32.
+
+    """
+    cnt = window_count(visible, kernel, stride, padding)
+    inside = window_count(torch.ones_like(visible[:1], dtype=torch.float32), kernel, stride, padding)
+    next_visible = (cnt > 0).float()
+    return inside / cnt.clamp(min=1.0) * next_visible, next_visible
+
+
+class ConvEmbed(nn.Module):
+    """Conv2d + LayerNorm over channels; with a mask, a partial convolution that re-weights windows.
+
+    With ``visible`` given: ``y = conv(x * M) * (n / max(cnt, 1)) * [cnt > 0] + bias``, where ``cnt``
+    counts the visible and ``n`` all image pixels in the window (see :func:`update_ratio`), and the
+    next mask is ``[cnt > 0]``. Without a mask it is a plain conv.
+
+    Example:
+        >>> emb = ConvEmbed(3, 32, kernel=3, stride=2, padding=1)
+        >>> y, m = emb(torch.randn(2, 3, 28, 28), torch.ones(2, 1, 28, 28))
+        >>> y.shape, m.shape
+        (torch.Size([2, 32, 14, 14]), torch.Size([2, 1, 14, 14]))
+
+    """
+
+    def __init__(self, in_chans: int, dim: int, kernel: int, stride: int, padding: int) -> None:
+        """Build the embedding.
+
+        Args:
+            in_chans: Input channels.
+            dim: Output channels (token width).
+            kernel: Conv kernel side.
+            stride: Conv stride (the stage's downsampling).
+            padding: Conv zero padding.
+
+        """
+        super().__init__()
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.proj = nn.Conv2d(in_chans, dim, kernel, stride, padding)
+        self.norm = layer_norm(dim)
+
+    def forward(
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embed ``x [N, C, H, W]`` under an optional mask ``visible [N, 1, H, W]`` (1 = visible).
+
+        Args:
+            x: Input map.
+            visible: Optional mask; masked pixels of ``x`` are zeroed before the convolution.
+            update_mask: Re-weight partially visible windows (the update mask). When False the
+                masked input is convolved as is; the next mask is returned either way.
+
+        Returns:
+            ``(tokens as a map [N, D, H', W'], next visible mask [N, 1, H', W'] float32 or None)``.
+
+        """
+        if visible is not None:
+            x = x * visible.to(x.dtype)
+        # The bias is added after the re-weighting, so it is kept out of the convolution.
+        y = F.conv2d(x, self.proj.weight, None, self.stride, self.padding)
+        next_visible = None
+        if visible is not None:
+            ratio, next_visible = update_ratio(visible, self.kernel, self.stride, self.padding)
+            if update_mask:
+                y = (y.float() * ratio).to(y.dtype)
+        y = y + self.proj.bias.view(1, -1, 1, 1).to(y.dtype)
+        return self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), next_visible

@@ -1,0 +1,112 @@
+"""The hybrid convolutional-ViT masked autoencoder (source document 000).
+
+A CvT encoder sees the whole image with square pixel blocks blanked out, re-weights every stage's
+convolutional embedding by the visible count (the inpainting update mask), and a U-Net decoder with
+skip connections from the encoder stages predicts the image. The loss is the inpainting loss of Liu
+et al. (ECCV 2018) or MAE's masked MSE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mimkit.config import ConfigError
+from mimkit.masking import pixel_block_mask
+from mimkit.methods.base import PretrainMethod, PretrainOutput
+from mimkit.methods.losses import inpainting_loss, masked_mse, patch_norm_stats, patchify, unpatchify
+from mimkit.methods.unet_decoder import UNetDecoder
+
+LOSSES = ("inpainting", "mae")
+
+
+class CvTMAE(PretrainMethod):
+    """Masked image modelling with a CvT encoder, per-stage update mask and a U-Net decoder.
+
+    Example:
+        >>> from mimkit.backbones import create_backbone
+        >>> m = CvTMAE(create_backbone("cvt_micro_s2", in_chans=1), CvTMAE.Config(mask_size=4))
+        >>> out = m(torch.randn(2, 1, 28, 28))
+        >>> out.pred.shape, out.mask.shape  # predicted image, pixel mask (1 = masked)
+        (torch.Size([2, 1, 28, 28]), torch.Size([2, 1, 28, 28]))
+
+    """
+
+    mask_input = "pixels"
+
+    @dataclass
+    class Config:
+        """CvT-MAE's own settings (``method:`` in a config)."""
+
+        mask_ratio: float = 0.5
+        mask_size: int = 4
+        mask_mode: str = "random"
+        skip: bool = True
+        update_mask: bool = True
+        decoder_depth: int = 2
+        decoder_head_dim: int = 32
+        loss: str = "inpainting"
+        hole_weight: float = 6.0
+        tv_weight: float = 0.1
+        norm_pix_loss: bool = False
+
+        def __post_init__(self) -> None:
+            if not 0.0 < self.mask_ratio < 1.0:
+                raise ConfigError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+            if self.mask_size < 1:
+                raise ConfigError(f"method.mask_size must be a positive number of pixels, got {self.mask_size}")
+            if self.mask_mode not in ("random", "block"):
+                raise ConfigError(f"method.mask_mode must be 'random' or 'block', got {self.mask_mode!r}")
+            if self.loss not in LOSSES:
+                raise ConfigError(f"method.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+            if self.decoder_depth < 0:
+                raise ConfigError(f"method.decoder_depth must be >= 0, got {self.decoder_depth}")
+            if self.norm_pix_loss and self.loss != "mae":
+                raise ConfigError("method.norm_pix_loss applies to loss 'mae' only; set method.loss=mae")
+
+    def __init__(self, encoder: torch.nn.Module, cfg: Config) -> None:
+        """Wrap a hierarchical encoder with ``forward_stages(x, visible, update_mask)``."""
+        super().__init__()
+        self.check_encoder(encoder)
+        self.encoder = encoder
+        self.cfg = cfg
+        self.decoder = UNetDecoder(encoder.dims, encoder.strides, encoder.in_chans, cfg.decoder_depth,
+                                   cfg.decoder_head_dim, cfg.skip)
+
+    def forward(self, images: torch.Tensor) -> PretrainOutput:
+        """Blank pixel blocks, encode the whole image, decode through the skips, score.
+
+        Args:
+            images: Normalised images ``[N, C, H, W]`` (H, W divisible by ``mask_size``).
+
+        Returns:
+            ``PretrainOutput`` with ``pred [N, C, H, W]`` and ``mask [N, 1, H, W]`` (1 = masked).
+
+        """
+        n, _, h, w = images.shape
+        hole = pixel_block_mask(n, h, w, self.cfg.mask_size, self.cfg.mask_ratio, self.cfg.mask_mode,
+                                images.device)  # [N, 1, H, W] float32, 1 = masked
+        visible = 1.0 - hole
+        maps = self.encoder.forward_stages(images, visible, self.cfg.update_mask)  # [N, D_i, H_i, W_i]
+        pred = self.decoder(maps, (h, w))  # [N, C, H, W]
+        if self.cfg.loss == "inpainting":
+            loss, logs = inpainting_loss(pred, images, hole, self.cfg.hole_weight, self.cfg.tv_weight)
+        else:
+            b = self.cfg.mask_size
+            block_mask = patchify(hole, b).amax(dim=-1)  # [N, L]
+            loss = masked_mse(patchify(pred, b), patchify(images, b), block_mask, self.cfg.norm_pix_loss)
+            logs = {}
+        return PretrainOutput(loss=loss, logs=logs, pred=pred, mask=hole)
+
+    def reconstruct(
+        self, images: torch.Tensor, out: PretrainOutput
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The predicted image; with a per-block normalised target, mapped back by the true block stats."""
+        pred = out.pred.float()
+        if self.cfg.norm_pix_loss:
+            b = self.cfg.mask_size
+            grid = (images.shape[-2] // b, images.shape[-1] // b)
+            mean, std = patch_norm_stats(patchify(images, b))
+            pred = unpatchify(patchify(pred, b) * std + mean, b, images.shape[1], grid)
+        return pred, out.mask.float()

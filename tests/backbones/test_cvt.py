@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mimkit.backbones import ConvVisionTransformer, create_backbone
+from mimkit.backbones.layers.partial_conv import ConvEmbed, update_ratio, window_count
+from mimkit.masking import pixel_block_mask
+
+TINY = dict(in_chans=1, dims=(16, 32, 64), num_heads=(1, 2, 2), depths=(1, 1, 1))
+
+
+@pytest.fixture
+def tiny_cvt() -> ConvVisionTransformer:
+    torch.manual_seed(0)
+    return create_backbone("cvt_micro_s2", **TINY).eval()
+
+
+def test_stage_shapes_at_28px(tiny_cvt):
+    maps = tiny_cvt.forward_stages(torch.randn(2, 1, 28, 28))
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 14, 14), (2, 32, 7, 7), (2, 64, 4, 4)]
+    tokens = tiny_cvt.forward_features(torch.randn(2, 1, 28, 28))
+    assert tokens.shape == (2, 16, 64)
+
+
+def test_cvt13_shapes_at_64px_and_size():
+    """The published CvT-13 layout: 64x16x16 -> 192x8x8 -> 384x4x4 at 64 px, ~19.6M parameters
+    without the 1000-class head (the paper's 20.0M includes it)."""
+    enc = create_backbone("cvt_13").eval()
+    with torch.no_grad():
+        maps = enc.forward_stages(torch.randn(1, 3, 64, 64))
+    assert [tuple(m.shape[1:]) for m in maps] == [(64, 16, 16), (192, 8, 8), (384, 4, 4)]
+    params = sum(p.numel() for p in enc.parameters())
+    assert 19.0e6 < params < 20.0e6, params
+
+
+def test_runs_at_other_sizes_without_position_embedding(tiny_cvt):
+    for size in (20, 28, 33, 64):
+        pooled = tiny_cvt(torch.randn(2, 1, size, size))
+        assert pooled.shape == (2, 64) and torch.isfinite(pooled).all()
+
+
+def test_window_count_ignores_padding_and_ratio_is_one_when_all_visible():
+    cnt = window_count(torch.ones(1, 1, 6, 6), kernel=3, stride=2, padding=1)
+    assert cnt[0, 0, 0, 0] == 4 and cnt[0, 0, 0, 1] == 6 and cnt[0, 0, 1, 1] == 9
+    ratio, nxt = update_ratio(torch.ones(2, 1, 6, 6), kernel=3, stride=2, padding=1)
+    assert torch.equal(ratio, torch.ones(2, 1, 3, 3)) and torch.equal(nxt, torch.ones(2, 1, 3, 3))
+
+
+def test_update_ratio_rescales_by_the_visible_share_of_image_pixels():
+    m = torch.ones(1, 1, 6, 6)
+    m[..., :2, :2] = 0  # the first window (rows/cols 0..1 inside the image) is fully masked
+    ratio, nxt = update_ratio(m, kernel=3, stride=2, padding=1)
+    assert ratio[0, 0, 0, 0] == 0 and nxt[0, 0, 0, 0] == 0
+    assert ratio[0, 0, 0, 1] == pytest.approx(6 / 4)  # window rows 0..1, cols 1..3: 2 of 6 masked
+    assert ratio[0, 0, 1, 1] == pytest.approx(9 / 8) and ratio[0, 0, 2, 2] == 1.0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_all_visible_mask_equals_plain_path_exactly(tiny_cvt, precision):
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        plain = tiny_cvt.forward_stages(x)
+        masked = tiny_cvt.forward_stages(x, torch.ones(3, 1, 28, 28), update_mask=True)
+    for a, b in zip(plain, masked, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_update_mask_rescales_partial_windows_and_propagates():
+    torch.manual_seed(0)
+    emb = ConvEmbed(1, 8, kernel=3, stride=2, padding=1)
+    x = torch.randn(2, 1, 8, 8)
+    visible = torch.ones(2, 1, 8, 8)
+    visible[:, :, :4, :4] = 0
+    y_upd, nxt = emb(x, visible, update_mask=True)
+    y_raw, nxt_raw = emb(x, visible, update_mask=False)
+    assert torch.equal(nxt, nxt_raw)
+    expected = torch.ones(2, 1, 4, 4)
+    expected[..., :2, :2] = 0  # windows whose image pixels all lie in rows/cols 0..3
+    expected[..., 0, 1] = expected[..., 1, 0] = 1  # ... minus those reaching row/col 4
+    assert torch.equal(nxt, (window_count(visible, 3, 2, 1) > 0).float())
+    assert not torch.allclose(y_upd, y_raw)
+    # windows wholly in the visible region are untouched by the update mask
+    torch.testing.assert_close(y_upd[..., 3, 3], y_raw[..., 3, 3])
+
+
+def test_fully_masked_window_gives_zero_next_mask_and_no_nan():
+    emb = ConvEmbed(1, 8, kernel=3, stride=2, padding=1)
+    visible = torch.ones(1, 1, 16, 16)
+    visible[..., 4:12, 4:12] = 0
+    y, nxt = emb(torch.randn(1, 1, 16, 16), visible)
+    assert nxt[0, 0, 3, 3] == 0.0 and nxt[0, 0, 0, 0] == 1.0
+    assert torch.isfinite(y).all()
+
+
+def test_fully_masked_windows_under_bf16_autocast_stay_finite(tiny_cvt):
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28) * 1e3
+    hole = pixel_block_mask(4, 28, 28, 14, 0.75)  # big holes: whole windows masked at every stage
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = tiny_cvt.forward_stages(x, 1.0 - hole)
+    assert all(torch.isfinite(m.float()).all() for m in maps)
+    all_masked = torch.zeros(4, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = tiny_cvt.forward_stages(x, all_masked)
+    assert all(torch.isfinite(m.float()).all() for m in maps)
+
+
+def test_masked_pixels_do_not_reach_the_encoder(tiny_cvt):
+    x = torch.randn(2, 1, 28, 28)
+    hole = pixel_block_mask(2, 28, 28, 4, 0.5)
+    noisy = x + hole * torch.randn_like(x) * 100
+    with torch.no_grad():
+        a = tiny_cvt.forward_stages(x, 1 - hole)[-1]
+        b = tiny_cvt.forward_stages(noisy, 1 - hole)[-1]
+    torch.testing.assert_close(a, b)
+
+
+def test_stage_lists_must_agree():
+    with pytest.raises(ValueError, match="one entry per stage"):
+        ConvVisionTransformer(dims=(8, 16), num_heads=(1, 2, 2))
+
+
+def test_gradients_reach_every_parameter(tiny_cvt):
+    tiny_cvt.train()
+    hole = pixel_block_mask(2, 28, 28, 4, 0.5)
+    tiny_cvt.forward_features(torch.randn(2, 1, 28, 28), 1 - hole).sum().backward()
+    missing = [n for n, p in tiny_cvt.named_parameters() if p.grad is None]
+    assert not missing, missing
