@@ -29,6 +29,7 @@ from mimkit.engine.distributed import DistInfo, all_reduce_mean, cleanup, init_d
 from mimkit.engine.logging import RunLogger
 from mimkit.engine.optim import build_optimizer, cosine_lr, scaled_lr
 from mimkit.engine.precision import autocast, resolve_precision
+from mimkit.methods import PretrainOutput
 from mimkit.models import method_from_config
 
 log = logging.getLogger(__name__)
@@ -60,159 +61,202 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Path:
     """
     info = init_distributed(cfg.train.device)
     try:
-        return _pretrain(cfg, resume, info)
+        return Trainer(cfg, info).fit(resume)
     finally:
         cleanup(info)
 
 
-def _pretrain(cfg: PretrainConfig, resume: str | None, info: DistInfo) -> Path:
-    device, tc = info.device, cfg.train
-    precision = resolve_precision(tc.precision, device)
-    seed_everything(cfg.seed + info.rank)
-    if tc.deterministic:
-        torch.use_deterministic_algorithms(True)
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    logger = RunLogger(run_dir, enabled=info.is_main)
-    if info.is_main:
-        (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+class Trainer:
+    """Everything one pre-training run holds; :meth:`fit` is the loop, the other methods its steps."""
 
-    data = build_dataset(cfg.data, "train")
-    loader = build_loader(data, cfg.data, cfg.optim.batch_size, train=True, seed=cfg.seed,
-                          rank=info.rank, world_size=info.world_size)
-    method = method_from_config(cfg).to(device)
-    model = DistributedDataParallel(method) if info.distributed else method
-    forward = torch.compile(model) if tc.compile else model
+    def __init__(self, cfg: PretrainConfig, info: DistInfo) -> None:
+        """Build data, method, optimizer and schedule for ``cfg`` on this process's device."""
+        self.cfg, self.info, tc = cfg, info, cfg.train
+        self.device = info.device
+        self.precision = resolve_precision(tc.precision, self.device)
+        seed_everything(cfg.seed + info.rank)
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.logger = RunLogger(self.run_dir, enabled=info.is_main)
+        if info.is_main:
+            (self.run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
 
-    peak_lr = scaled_lr(cfg.optim, info.world_size)
-    optimizer = build_optimizer(method, cfg.optim, peak_lr)
-    accum = cfg.optim.accum_steps
-    steps_per_epoch = len(loader) // accum
-    total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
-    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    step, epoch, start_batch, bad_steps = 0, 0, 0, 0
+        self.data = build_dataset(cfg.data, "train")
+        self.loader = build_loader(self.data, cfg.data, cfg.optim.batch_size, train=True, seed=cfg.seed,
+                                   rank=info.rank, world_size=info.world_size)
+        self.method = method_from_config(cfg).to(self.device)
+        self.model = DistributedDataParallel(self.method) if info.distributed else self.method
+        self.forward = torch.compile(self.model) if tc.compile else self.model
 
-    ckpt = None
-    if resume == "auto":
-        ckpt = latest_checkpoint(ckpt_dir)
-    elif resume:
-        ckpt = resolve_checkpoint(resume)
-    if ckpt is not None:
-        load_weights(method, ckpt)
+        self.peak_lr = scaled_lr(cfg.optim, info.world_size)
+        self.optimizer = build_optimizer(self.method, cfg.optim, self.peak_lr)
+        self.accum = cfg.optim.accum_steps
+        steps_per_epoch = len(self.loader) // self.accum
+        self.total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
+        self.warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+        self.step, self.epoch, self.start_batch, self.bad_steps = 0, 0, 0, 0
+        self.grad_norm: torch.Tensor | None = None
+        self.t_start = time.perf_counter()
+        self._reset_window()
+        self._reset_accumulation()
+
+    def _reset_window(self) -> None:
+        """Start a new logging window (images seen and losses since the last log line)."""
+        self.t_log, self.seen, self.loss_n = time.perf_counter(), 0, 0
+        self.loss_sum = torch.zeros((), device=self.device)
+
+    def _reset_accumulation(self) -> None:
+        self.step_loss = torch.zeros((), device=self.device)
+        self.step_finite = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def resume(self, resume: str | None) -> None:
+        """Load weights, optimizer, position and RNG state from a checkpoint (``auto`` = newest complete)."""
+        ckpt = latest_checkpoint(self.ckpt_dir) if resume == "auto" else resolve_checkpoint(resume) if resume else None
+        if ckpt is None:
+            return
+        load_weights(self.method, ckpt)
         state = load_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, step, epoch, start_batch)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        set_rng_state(state["rng"][min(self.info.rank, len(state["rng"]) - 1)])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch, self.start_batch)
 
-    def checkpoint(batch_in_epoch: int) -> None:
+    def checkpoint(self, batch_in_epoch: int) -> None:
+        """Save the complete training state; ``batch_in_epoch`` is where a resumed run restarts."""
         # Every rank's RNG state is gathered so that a resumed DDP run replays each shard exactly.
         states = [rng_state()]
-        if info.distributed:
-            states = [None] * info.world_size
+        if self.info.distributed:
+            states = [None] * self.info.world_size
             torch.distributed.all_gather_object(states, rng_state())
+        if self.info.is_main:
+            state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
+                     "batch_in_epoch": batch_in_epoch, "rng": states, "total_steps": self.total_steps}
+            save_checkpoint(self.ckpt_dir, self.step, self.method, state, self.cfg.train.keep_last)
+
+    def accumulate(self, images: torch.Tensor, last_micro: bool) -> PretrainOutput:
+        """Forward and backward one micro-batch, adding its share to the step's gradient."""
+        images = images.to(self.device, non_blocking=True)
+        # DDP all-reduces gradients only on the last micro-batch of a step.
+        sync = contextlib.nullcontext() if last_micro or not self.info.distributed else self.model.no_sync()
+        with sync:
+            with autocast(self.device, self.precision):
+                out = self.forward(images)
+            (out.loss / self.accum).backward()
+        # Every micro-batch must be finite: one NaN would poison the accumulated gradient.
+        self.step_finite &= torch.isfinite(out.loss.detach().float())
+        self.step_loss += out.loss.detach().float() / self.accum
+        self.seen += images.shape[0]
+        return out
+
+    def optimizer_step(self, lr: float) -> bool:
+        """Clip, check, and apply the accumulated gradient at ``lr`` (the norm goes to ``self.grad_norm``).
+
+        Returns:
+            Whether the step was taken (False: skipped as non-finite).
+
+        Raises:
+            NonFiniteLossError: After ``train.max_bad_steps`` skipped steps in a row.
+
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        clip = self.cfg.optim.clip_grad
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip) if clip > 0 else None
+        finite = self.step_finite if self.grad_norm is None else self.step_finite & torch.isfinite(self.grad_norm)
+        step_loss = self.step_loss
+        self._reset_accumulation()
+        # Every rank must take the same decision, or DDP would deadlock on the next step.
+        if not bool(all_reduce_mean(finite.float(), self.info) == 1.0):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip_nonfinite()
+            return False
+        self.bad_steps = 0
+        self.loss_sum += step_loss
+        self.loss_n += 1
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step(self.step)
+        self.step += 1
+        return True
+
+    def _skip_nonfinite(self) -> None:
+        self.bad_steps += 1
+        log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", self.step, self.bad_steps)
+        if self.info.is_main:
+            self.logger.log(self.step, {"skipped_nonfinite": self.bad_steps})
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopping. "
+                f"The last good checkpoint in {self.ckpt_dir} is intact; lower optim.base_lr, "
+                "set optim.clip_grad, or use train.precision=fp32."
+            )
+
+    def log_step(self, out: PretrainOutput, lr: float, epoch_pos: float) -> str:
+        """Write the window's mean loss, lr and throughput to the run log; returns the bar's summary."""
+        now = time.perf_counter()
+        loss = all_reduce_mean(self.loss_sum / max(1, self.loss_n), self.info).item()
+        ips = self.seen * self.info.world_size / max(now - self.t_log, 1e-9)
+        row = {"loss": loss, "lr": lr, "img_per_s": ips, "epoch": epoch_pos,
+               "elapsed_min": (now - self.t_start) / 60, "skipped_images": self.loader.skipped}
+        row.update({k: float(v) for k, v in out.logs.items()})
+        if self.grad_norm is not None:
+            row["grad_norm"] = float(self.grad_norm)
+        self.logger.log(self.step, row)
+        self._reset_window()
+        return f"loss={loss:.4f} img/s={ips:.0f} lr={lr:.2e}"
+
+    def fit(self, resume: str | None = None) -> Path:
+        """Run (or resume) the schedule to its end or to ``train.max_minutes``; returns the run folder."""
+        cfg, tc, info = self.cfg, self.cfg.train, self.info
+        self.resume(resume)
         if info.is_main:
-            state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                     "batch_in_epoch": batch_in_epoch, "rng": states, "total_steps": total_steps}
-            save_checkpoint(ckpt_dir, step, method, state, tc.keep_last)
-
-    if info.is_main:
-        log.info("%s: %d images, %d steps of %d images, peak lr %.3g, %s on %s",
-                 cfg.method["name"], len(data), total_steps,
-                 cfg.optim.batch_size * accum * info.world_size, peak_lr, precision, device)
-    bar = tqdm(total=total_steps, initial=step, disable=not (tc.progress and info.is_main),
-               dynamic_ncols=True, desc=cfg.method["name"])
-    try:
-        method.train()
-        t_start = time.perf_counter()
-        t_log, seen, loss_sum, loss_n = t_start, 0, torch.zeros((), device=device), 0
-        step_loss, step_finite = torch.zeros((), device=device), torch.ones((), dtype=torch.bool, device=device)
-        stop = step >= total_steps
-        while not stop:
-            loader.set_epoch(epoch, start_batch)
-            micro = 0
-            for batch_idx, (images, _) in enumerate(loader, start=start_batch):
-                images = images.to(device, non_blocking=True)
-                last_micro = micro == accum - 1
-                sync = contextlib.nullcontext() if last_micro or not info.distributed else model.no_sync()
-                with sync:
-                    with autocast(device, precision):
-                        out = forward(images)
-                    (out.loss / accum).backward()
-                # Every micro-batch must be finite: one NaN would poison the accumulated gradient.
-                step_finite &= torch.isfinite(out.loss.detach().float())
-                step_loss += out.loss.detach().float() / accum
-                seen += images.shape[0]
-                micro += 1
-                if not last_micro:
-                    continue
-                micro = 0
-                lr = cosine_lr(step, total_steps, warmup, peak_lr, cfg.optim.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                grad_norm = (torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
-                             if cfg.optim.clip_grad > 0 else None)
-                finite, step_finite = step_finite, torch.ones_like(step_finite)
-                if grad_norm is not None:
-                    finite = finite & torch.isfinite(grad_norm)
-                # Every rank must take the same decision, or DDP would deadlock on the next step.
-                if not bool(all_reduce_mean(finite.float(), info) == 1.0):
-                    bad_steps += 1
-                    step_loss.zero_()
-                    optimizer.zero_grad(set_to_none=True)
-                    log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step, bad_steps)
-                    if info.is_main:
-                        logger.log(step, {"skipped_nonfinite": bad_steps})
-                    if bad_steps >= tc.max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"{bad_steps} consecutive non-finite steps at step {step}; stopping. "
-                            f"The last good checkpoint in {ckpt_dir} is intact; lower optim.base_lr, "
-                            "set optim.clip_grad, or use train.precision=fp32."
-                        )
-                    continue
-                bad_steps = 0
-                loss_sum += step_loss
-                loss_n += 1
-                step_loss = torch.zeros((), device=device)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                method.after_step(step)
-                step += 1
-                bar.update(1)
-
-                if step % tc.log_every == 0 or step == total_steps:
-                    now = time.perf_counter()
-                    loss = all_reduce_mean(loss_sum / max(1, loss_n), info).item()
-                    ips = seen * info.world_size / max(now - t_log, 1e-9)
-                    row = {"loss": loss, "lr": lr, "img_per_s": ips, "epoch": epoch + (batch_idx + 1) / len(loader),
-                           "elapsed_min": (now - t_start) / 60, "skipped_images": loader.skipped}
-                    row.update({k: float(v) for k, v in out.logs.items()})
-                    if grad_norm is not None:
-                        row["grad_norm"] = float(grad_norm)
-                    logger.log(step, row)
-                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
-                    t_log, seen, loss_sum, loss_n = now, 0, torch.zeros((), device=device), 0
-
-                out_of_time = tc.max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= tc.max_minutes
-                if step >= total_steps or out_of_time:
-                    stop = True
-                    checkpoint(batch_idx + 1)
-                    if out_of_time and info.is_main:
-                        log.info("train.max_minutes=%g reached at step %d; checkpoint saved", tc.max_minutes, step)
-                    break
-                if tc.ckpt_every_steps and step % tc.ckpt_every_steps == 0:
-                    checkpoint(batch_idx + 1)
-            else:
-                # Micro-batches left over when an epoch is not a multiple of accum_steps are dropped.
-                optimizer.zero_grad(set_to_none=True)
-                epoch += 1
-                start_batch = 0
-                checkpoint(0)
-                if loader.skipped and info.is_main:
-                    log.warning("%d unreadable images skipped so far", loader.skipped)
-    finally:
-        bar.close()
-        logger.close()
-    if info.is_main:
-        log.info("done: %d steps in %.1f min; run folder %s", step, (time.perf_counter() - t_start) / 60, run_dir)
-    return run_dir
+            log.info("%s: %d images, %d steps of %d images, peak lr %.3g, %s on %s", cfg.method["name"],
+                     len(self.data), self.total_steps, cfg.optim.batch_size * self.accum * info.world_size,
+                     self.peak_lr, self.precision, self.device)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (tc.progress and info.is_main),
+                   dynamic_ncols=True, desc=cfg.method["name"])
+        self.method.train()
+        self.t_start = time.perf_counter()
+        self._reset_window()
+        stop = self.step >= self.total_steps
+        try:
+            while not stop:
+                self.loader.set_epoch(self.epoch, self.start_batch)
+                for i, (batch_idx, (images, _)) in enumerate(enumerate(self.loader, start=self.start_batch)):
+                    out = self.accumulate(images, last_micro=(i + 1) % self.accum == 0)
+                    if (i + 1) % self.accum:
+                        continue
+                    lr = cosine_lr(self.step, self.total_steps, self.warmup, self.peak_lr, cfg.optim.min_lr)
+                    if not self.optimizer_step(lr):
+                        continue
+                    bar.update(1)
+                    if self.step % tc.log_every == 0 or self.step == self.total_steps:
+                        epoch_pos = self.epoch + (batch_idx + 1) / len(self.loader)
+                        bar.set_postfix_str(self.log_step(out, lr, epoch_pos))
+                    out_of_time = tc.max_minutes > 0 and (time.perf_counter() - self.t_start) / 60 >= tc.max_minutes
+                    if self.step >= self.total_steps or out_of_time:
+                        stop = True
+                        self.checkpoint(batch_idx + 1)
+                        if out_of_time and info.is_main:
+                            log.info("train.max_minutes=%g reached at step %d; checkpoint saved",
+                                     tc.max_minutes, self.step)
+                        break
+                    if tc.ckpt_every_steps and self.step % tc.ckpt_every_steps == 0:
+                        self.checkpoint(batch_idx + 1)
+                else:
+                    # Micro-batches left over when an epoch is not a multiple of accum_steps are dropped.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._reset_accumulation()
+                    self.epoch, self.start_batch = self.epoch + 1, 0
+                    self.checkpoint(0)
+                    if self.loader.skipped and info.is_main:
+                        log.warning("%d unreadable images skipped so far", self.loader.skipped)
+        finally:
+            bar.close()
+            self.logger.close()
+        if info.is_main:
+            log.info("done: %d steps in %.1f min; run folder %s", self.step,
+                     (time.perf_counter() - self.t_start) / 60, self.run_dir)
+        return self.run_dir
