@@ -70,6 +70,10 @@ class TrainConfig:
     epochs: float = 10.0
     max_minutes: float = 0.0
     """Stop (with a checkpoint) after this many minutes of training; 0 = no limit."""
+    budget_minutes: float = 0.0
+    """Fit the warmup + cosine schedule to this many minutes of training: the total step count is
+    re-estimated from the measured step rate as the run goes, and the run stops at the budget
+    (``epochs`` is then an upper bound). For equal-compute comparisons; 0 = schedule by epochs."""
     precision: str = "auto"
     """auto | fp32 | bf16 (autocast); auto = bf16 on CUDA and on CPUs with native bf16, else fp32."""
     device: str = "auto"
@@ -270,6 +274,9 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     if t.epochs <= 0:
         raise ConfigError(f"train.epochs must be positive, got {t.epochs}")
+    if t.budget_minutes < 0 or t.max_minutes < 0:
+        raise ConfigError(f"train.budget_minutes and train.max_minutes must be >= 0, got "
+                          f"{t.budget_minutes} and {t.max_minutes}")
 
 
 def to_yaml(cfg: Any) -> str:

@@ -96,9 +96,10 @@ class Trainer:
         steps_per_epoch = len(self.loader) // self.accum
         self.total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
         self.warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+        self.max_steps = self.total_steps
         self.step, self.epoch, self.start_batch, self.bad_steps = 0, 0, 0, 0
         self.grad_norm: torch.Tensor | None = None
-        self.t_start = time.perf_counter()
+        self.t_start, self.step_at_start, self.minutes_before = time.perf_counter(), 0, 0.0
         self._reset_window()
         self._reset_accumulation()
 
@@ -120,6 +121,7 @@ class Trainer:
         state = load_state(ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.minutes_before = state.get("train_minutes", 0.0)
         set_rng_state(state["rng"][min(self.info.rank, len(state["rng"]) - 1)])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch, self.start_batch)
 
@@ -132,8 +134,27 @@ class Trainer:
             torch.distributed.all_gather_object(states, rng_state())
         if self.info.is_main:
             state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
-                     "batch_in_epoch": batch_in_epoch, "rng": states, "total_steps": self.total_steps}
+                     "batch_in_epoch": batch_in_epoch, "rng": states, "total_steps": self.total_steps,
+                     "train_minutes": self.minutes()}
             save_checkpoint(self.ckpt_dir, self.step, self.method, state, self.cfg.train.keep_last)
+
+    def minutes(self) -> float:
+        """Training minutes so far, including those before a resume."""
+        return self.minutes_before + (time.perf_counter() - self.t_start) / 60
+
+    def fit_schedule_to_budget(self) -> None:
+        """Re-estimate ``total_steps`` so that the cosine ends when ``train.budget_minutes`` runs out."""
+        budget, done = self.cfg.train.budget_minutes, self.step - self.step_at_start
+        if budget <= 0 or done < 5:  # a few steps first: the first ones include warm-up costs
+            return
+        rate = done / max(time.perf_counter() - self.t_start, 1e-9) * 60  # steps per minute
+        remaining = max(0.0, budget - self.minutes())
+        self.total_steps = min(self.max_steps, max(self.step + 1, round(self.step + rate * remaining)))
+
+    def out_of_time(self) -> bool:
+        """Whether ``train.max_minutes`` or ``train.budget_minutes`` is spent."""
+        limits = [m for m in (self.cfg.train.max_minutes, self.cfg.train.budget_minutes) if m > 0]
+        return bool(limits) and self.minutes() >= min(limits)
 
     def accumulate(self, images: torch.Tensor, last_micro: bool) -> PretrainOutput:
         """Forward and backward one micro-batch, adding its share to the step's gradient."""
@@ -198,8 +219,8 @@ class Trainer:
         now = time.perf_counter()
         loss = all_reduce_mean(self.loss_sum / max(1, self.loss_n), self.info).item()
         ips = self.seen * self.info.world_size / max(now - self.t_log, 1e-9)
-        row = {"loss": loss, "lr": lr, "img_per_s": ips, "epoch": epoch_pos,
-               "elapsed_min": (now - self.t_start) / 60, "skipped_images": self.loader.skipped}
+        row = {"loss": loss, "lr": lr, "img_per_s": ips, "epoch": epoch_pos, "elapsed_min": self.minutes(),
+               "planned_steps": self.total_steps, "skipped_images": self.loader.skipped}
         row.update({k: float(v) for k, v in out.logs.items()})
         if self.grad_norm is not None:
             row["grad_norm"] = float(self.grad_norm)
@@ -212,13 +233,15 @@ class Trainer:
         cfg, tc, info = self.cfg, self.cfg.train, self.info
         self.resume(resume)
         if info.is_main:
-            log.info("%s: %d images, %d steps of %d images, peak lr %.3g, %s on %s", cfg.method["name"],
-                     len(self.data), self.total_steps, cfg.optim.batch_size * self.accum * info.world_size,
+            plan = (f"schedule fitted to {tc.budget_minutes:g} min (at most {self.total_steps} steps)"
+                    if tc.budget_minutes > 0 else f"{self.total_steps} steps")
+            log.info("%s: %d images, %s of %d images, peak lr %.3g, %s on %s", cfg.method["name"],
+                     len(self.data), plan, cfg.optim.batch_size * self.accum * info.world_size,
                      self.peak_lr, self.precision, self.device)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (tc.progress and info.is_main),
                    dynamic_ncols=True, desc=cfg.method["name"])
         self.method.train()
-        self.t_start = time.perf_counter()
+        self.t_start, self.step_at_start = time.perf_counter(), self.step
         self._reset_window()
         stop = self.step >= self.total_steps
         try:
@@ -228,6 +251,8 @@ class Trainer:
                     out = self.accumulate(images, last_micro=(i + 1) % self.accum == 0)
                     if (i + 1) % self.accum:
                         continue
+                    self.fit_schedule_to_budget()
+                    bar.total = self.total_steps
                     lr = cosine_lr(self.step, self.total_steps, self.warmup, self.peak_lr, cfg.optim.min_lr)
                     if not self.optimizer_step(lr):
                         continue
@@ -235,13 +260,13 @@ class Trainer:
                     if self.step % tc.log_every == 0 or self.step == self.total_steps:
                         epoch_pos = self.epoch + (batch_idx + 1) / len(self.loader)
                         bar.set_postfix_str(self.log_step(out, lr, epoch_pos))
-                    out_of_time = tc.max_minutes > 0 and (time.perf_counter() - self.t_start) / 60 >= tc.max_minutes
+                    out_of_time = self.out_of_time()
                     if self.step >= self.total_steps or out_of_time:
                         stop = True
                         self.checkpoint(batch_idx + 1)
                         if out_of_time and info.is_main:
-                            log.info("train.max_minutes=%g reached at step %d; checkpoint saved",
-                                     tc.max_minutes, self.step)
+                            log.info("time limit reached after %.1f min at step %d; checkpoint saved",
+                                     self.minutes(), self.step)
                         break
                     if tc.ckpt_every_steps and self.step % tc.ckpt_every_steps == 0:
                         self.checkpoint(batch_idx + 1)
@@ -257,6 +282,5 @@ class Trainer:
             bar.close()
             self.logger.close()
         if info.is_main:
-            log.info("done: %d steps in %.1f min; run folder %s", self.step,
-                     (time.perf_counter() - self.t_start) / 60, self.run_dir)
+            log.info("done: %d steps in %.1f min; run folder %s", self.step, self.minutes(), self.run_dir)
         return self.run_dir
