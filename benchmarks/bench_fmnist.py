@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import evaluate_subject, markdown_table
 
 from mimkit.cli import resolve_config_path
 from mimkit.config import load_config
@@ -28,7 +29,7 @@ from mimkit.engine.checkpoint import list_checkpoints, load_state
 from mimkit.engine.distributed import resolve_device
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.precision import autocast, resolve_precision
-from mimkit.evaluation.runner import features_for, resolve_subject, run_knn, run_linprobe, write_result
+from mimkit.evaluation.runner import resolve_subject
 from mimkit.models import method_from_config
 
 
@@ -57,13 +58,7 @@ def measure_img_per_s(cfg, steps: int = 8) -> float:
 
 
 def evaluate(run: str | None, baseline: str | None, config: str | None, overrides: list[str]) -> dict:
-    subject = resolve_subject(run, baseline, config, overrides)
-    feats = features_for(subject, "auto", "auto", 512, progress=False)
-    knn = run_knn(subject, (20, 200), 0.07, feats)
-    lin = run_linprobe(feats, 100, 0.1, 1024, 0)
-    write_result(subject, "knn", knn)
-    write_result(subject, "linprobe", lin)
-    return {"knn20": knn["top1_k20"], "knn200": knn["top1_k200"], "linprobe": lin["top1"]}
+    return evaluate_subject(resolve_subject(run, baseline, config, overrides))
 
 
 def main() -> None:
@@ -122,10 +117,9 @@ def main() -> None:
             rows.append({"checkpoint": f"baseline: {baseline}", **res})
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n# pre-training wall time {train_min:.1f} min; {time.strftime('%Y-%m-%d')}")
-    print("| encoder | pre-train min | kNN k=20 | kNN k=200 | linear probe |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['checkpoint']} | {r.get('minutes', '-')} | {r['knn20']:.2f} | {r['knn200']:.2f} | "
-              f"{r['linprobe']:.2f} |")
+    print(markdown_table(["encoder", "pre-train min", "kNN k=20", "kNN k=200", "linear probe"],
+                         [[r["checkpoint"], r.get("minutes", "-"), r["knn20"], r["knn200"], r["linprobe"]]
+                          for r in rows]))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import mimkit
@@ -17,6 +18,7 @@ from mimkit.config import (
     parse_overrides,
     to_yaml,
 )
+from mimkit.models import method_from_config
 
 PACKAGED = Path(mimkit.__file__).parent / "configs" / "pretrain" / "mae_fmnist.yaml"
 
@@ -167,15 +169,19 @@ def test_out_of_range_values_refused(override, message):
         load_config(None, [override])
 
 
-def test_packaged_config_loads():
+@pytest.mark.parametrize("path", sorted((PACKAGED.parent).glob("*.yaml")), ids=lambda p: p.stem)
+def test_packaged_config_loads_and_builds(path):
     assert PACKAGED.is_file()
-    cfg = load_config(PACKAGED)
-    raw = yaml.safe_load(PACKAGED.read_text())
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
     assert cfg.run_dir == raw["run_dir"]
     assert cfg.method == raw["method"]
     assert cfg.backbone == raw["backbone"]
     assert cfg.optim.base_lr == pytest.approx(raw["optim"]["base_lr"])
     assert cfg.train.epochs == float(raw["train"]["epochs"])
+    method = method_from_config(cfg)
+    out = method(torch.randn(2, cfg.data.channels, cfg.data.img_size, cfg.data.img_size))
+    assert torch.isfinite(out.loss)
 
 
 def test_missing_and_invalid_yaml(tmp_path):

@@ -68,3 +68,24 @@ def test_pretrain_evaluate_visualize(tmp_path, capsys, tiny_run_overrides):
         assert main(["report", str(run)]) == 0
         table = capsys.readouterr().out
         assert f"| mae step_00000036 | {knn['top1_k20']:.2f} | {knn['top1_k200']:.2f} | {lin['top1']:.2f} |" in table
+
+
+def test_cvt_mae_pretrain_evaluate_visualize(tmp_path, capsys):
+    """The hybrid CvT-MAE through the same CLI: loss falls, kNN on the frozen CvT, reconstructions."""
+    run = tmp_path / "cvt_tiny"
+    tiny = ["--config", "cvt_mae_fmnist", f"run_dir={run}", "data.subset_fraction=0.01", "optim.batch_size=32",
+            "optim.base_lr=4e-3", "optim.warmup_epochs=0.25", "backbone.dims=[8,16,32]", "backbone.depths=[1,1,1]",
+            "backbone.num_heads=[1,1,2]", "train.precision=fp32", "train.device=cpu", "train.progress=false",
+            "train.log_every=3", "train.epochs=2"]
+    assert main(["pretrain", *tiny]) == 0
+    losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert ckpt.name == "step_00000036"
+    assert main(["knn", str(run), *EVAL, "--train-fraction", "0.1", "--k", "20"]) == 0
+    knn = json.loads((ckpt / "knn-frac0.1.json").read_text())
+    assert knn["subject"] == "cvt_mae step_00000036" and knn["feature_dim"] == 32
+    assert knn["top1_k20"] > 30.0
+    assert main(["visualize", str(run), "--num", "4"]) == 0
+    assert (run / "reconstructions.png").stat().st_size > 5000
+    capsys.readouterr()

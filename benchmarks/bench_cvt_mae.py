@@ -1,0 +1,186 @@
+"""The hybrid CvT-MAE's experiments (source document 000) on Fashion-MNIST at an equal CPU budget.
+
+Each experiment is a list of cells; every cell pre-trains for the same ``--budget-min`` minutes
+(``train.budget_minutes``: the cosine schedule is fitted to the time) and is then evaluated with
+the frozen-feature protocol of ``mimkit knn`` / ``mimkit linprobe``. Cells whose results exist are
+not re-run, so an interrupted experiment continues where it stopped.
+
+    ablation     skip x update mask (2 x 2)
+    sensitivity  patch size x mask size, ViT-MAE against CvT-MAE
+    small_crop   pre-train on random crops at half resolution, evaluate at full resolution
+    resources    parameters, FLOPs, peak memory and images/s of CvT-MAE against ViT-MAE
+
+Usage:
+    python benchmarks/bench_cvt_mae.py ablation --budget-min 8 --out runs/exp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from common import evaluate_subject, markdown_table
+
+from mimkit.cli import resolve_config_path
+from mimkit.config import load_config
+from mimkit.engine import pretrain
+from mimkit.engine.logging import read_metrics
+from mimkit.evaluation.runner import resolve_subject
+
+
+@dataclass
+class Cell:
+    """One pre-training run of an experiment and how it is evaluated."""
+
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    eval_overrides: list[str] = field(default_factory=list)
+
+
+CVT, VIT = "cvt_mae_fmnist", "mae_fmnist"
+# CvT stage-1 embeddings giving token strides 2 and 4 (the CvT counterpart of a ViT patch size).
+CVT_STRIDE = {
+    2: ["backbone.kernels=[3,3,3]", "backbone.strides=[2,2,2]", "backbone.paddings=[1,1,1]"],
+    4: ["backbone.kernels=[7,3,3]", "backbone.strides=[4,2,2]", "backbone.paddings=[2,1,1]"],
+}
+
+EXPERIMENTS: dict[str, list[Cell]] = {
+    "ablation": [
+        Cell(f"cvt skip={s} update_mask={u}", CVT, [f"method.skip={s}", f"method.update_mask={u}"])
+        for s in ("true", "false") for u in ("true", "false")
+    ],
+    "sensitivity": [
+        *[Cell(f"vit patch={p} (mask {p}x{p})", VIT, [f"backbone.patch_size={p}"]) for p in (2, 4, 7)],
+        *[Cell(f"cvt stride={s} mask={m}x{m}", CVT, [*CVT_STRIDE[s], f"method.mask_size={m}"])
+          for s in (2, 4) for m in (2, 4, 7)],
+    ],
+    "small_crop": [
+        Cell("cvt pre-train 28 px, eval 28 px", CVT),
+        Cell("cvt pre-train 14 px crops, eval 28 px", CVT, ["data.img_size=14", "method.mask_size=2"],
+             ["data.img_size=28"]),
+        Cell("vit pre-train 28 px, eval 28 px", VIT),
+        Cell("vit pre-train 16 px crops, eval 28 px", VIT, ["data.img_size=16"], ["data.img_size=28"]),
+    ],
+}
+
+
+def cell_dir(out: Path, cell: Cell) -> Path:
+    """A file-system-safe folder name for a cell."""
+    safe = "".join(c if c.isalnum() or c in "=." else "_" for c in cell.name)
+    return out / safe
+
+
+def run_cell(cell: Cell, out: Path, budget: float, train_fraction: float, extra: list[str]) -> dict:
+    """Pre-train (unless done) and evaluate one cell; returns its result row."""
+    run_dir = cell_dir(out, cell)
+    result_file = run_dir / "cell.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    config = str(resolve_config_path(cell.config))
+    over = [f"run_dir={run_dir}", *cell.overrides, "train.epochs=1000", f"train.budget_minutes={budget}",
+            "train.progress=false", *extra]
+    cfg = load_config(config, over)
+    t0 = time.perf_counter()
+    pretrain(cfg, resume="auto")
+    wall = (time.perf_counter() - t0) / 60
+    rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    subject = resolve_subject(str(run_dir), None, None, cell.eval_overrides)
+    acc = evaluate_subject(subject, train_fraction)
+    row = {"cell": cell.name, "steps": rows[-1]["step"] if rows else 0,
+           "epochs": round(rows[-1]["epoch"], 2) if rows else 0, "train_min": round(wall, 1),
+           "img_per_s": round(sum(r["img_per_s"] for r in rows[1:]) / max(1, len(rows) - 1), 1),
+           "final_loss": rows[-1]["loss"] if rows else None,
+           **acc, "params": sum(p.numel() for p in subject.encoder.parameters())}
+    result_file.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def resources(out: Path, batch: int = 64) -> list[dict]:
+    """Encoder parameters, training FLOPs per image, img/s and peak memory of each packaged method."""
+    rows = []
+    for name in (VIT, CVT):
+        # A child process per model, so that the resident-set high-water mark is this model's alone.
+        code = (f"import sys; sys.argv=['x']; from bench_cvt_mae import _measure; "
+                f"_measure({name!r}, {batch})")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent)
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _measure(config: str, batch: int, steps: int = 6) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mimkit.engine.optim import build_optimizer
+    from mimkit.models import method_from_config
+
+    cfg = load_config(str(resolve_config_path(config)), ["train.device=cpu"])
+    method = method_from_config(cfg).train()
+    opt = build_optimizer(method, cfg.optim, 1e-4)
+    x = torch.randn(batch, cfg.data.channels, cfg.data.img_size, cfg.data.img_size)
+    with FlopCounterMode(display=False) as fc:
+        method(x).loss.backward()
+    opt.zero_grad(set_to_none=True)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        method(x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[1:])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as f:
+        peak = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM")), peak)
+    print(json.dumps({
+        "config": config, "method": cfg.method["name"], "backbone": cfg.backbone["name"],
+        "encoder_params": sum(p.numel() for p in method.encoder.parameters()),
+        "total_params": sum(p.numel() for p in method.parameters()),
+        "train_gflop_per_img": fc.get_total_flops() / batch / 1e9,
+        "img_per_s": batch / times[len(times) // 2], "peak_rss_mib": round(peak),
+    }))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("experiment", choices=[*EXPERIMENTS, "resources"])
+    ap.add_argument("overrides", nargs="*", help="key=value applied to every cell")
+    ap.add_argument("--budget-min", type=float, default=8.0, help="pre-training minutes per cell")
+    ap.add_argument("--train-fraction", type=float, default=0.2,
+                    help="per-class fraction of the train split used as kNN bank / probe training set")
+    ap.add_argument("--out", default="runs/cvt_experiments")
+    args = ap.parse_args()
+    out = Path(args.out) / args.experiment
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"# {args.experiment}: {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{time.strftime('%Y-%m-%d')}", flush=True)
+    if args.experiment == "resources":
+        rows = resources(out)
+        print("\n" + markdown_table(
+            ["config", "encoder params", "total params", "train GFLOP/img", "img/s", "peak RSS MiB"],
+            [[r["config"], f"{r['encoder_params']:,}", f"{r['total_params']:,}", f"{r['train_gflop_per_img']:.3f}",
+              round(r["img_per_s"]), r["peak_rss_mib"]] for r in rows]))
+        return
+    rows = []
+    for cell in EXPERIMENTS[args.experiment]:
+        rows.append(run_cell(cell, out, args.budget_min, args.train_fraction, args.overrides))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n# budget {args.budget_min} min per cell; kNN bank / probe set: {args.train_fraction:.0%} per class")
+    print(markdown_table(
+        ["cell", "encoder params", "epochs", "img/s", "kNN k=20", "kNN k=200", "linear probe"],
+        [[r["cell"], f"{r['params']:,}", r["epochs"], round(r["img_per_s"]), r["knn20"], r["knn200"], r["linprobe"]]
+         for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
