@@ -1,0 +1,58 @@
+"""Kill a real training process with SIGKILL mid-run, resume it, and get the uninterrupted weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mimkit.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state
+
+pytestmark = [pytest.mark.fmnist, pytest.mark.slow]
+
+
+def _cmd(run: Path, overrides: list[str], resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "mimkit", "pretrain", f"run_dir={run}", *overrides, "train.epochs=3",
+           "train.ckpt_every_steps=4", "train.keep_last=0", "train.deterministic=true"]
+    return cmd + (["--resume", "auto"] if resume else [])
+
+
+def _env() -> dict[str, str]:
+    # The same thread count in every process: float reductions must happen in the same order.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_run_overrides):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cmd(full, tiny_run_overrides, False), env=_env(), check=True, capture_output=True)
+
+    proc = subprocess.Popen(_cmd(killed, tiny_run_overrides, False), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    # Wait for the third periodic checkpoint, then kill at once, wherever the process is: between
+    # steps, inside a step, or writing the next checkpoint.
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpts = list_checkpoints(killed / "checkpoints") if (killed / "checkpoints").is_dir() else []
+        if len(ckpts) >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    last = latest_checkpoint(killed / "checkpoints")
+    stopped_at = load_state(last)["step"]
+    assert 0 < stopped_at < 54
+
+    subprocess.run(_cmd(killed, tiny_run_overrides, True), env=_env(), check=True, capture_output=True)
+    a = load_file(str(latest_checkpoint(full / "checkpoints") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(killed / "checkpoints") / "model.safetensors"))
+    assert latest_checkpoint(killed / "checkpoints").name == "step_00000054"
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"resumed from step {stopped_at}; these weights differ: {differ}"
