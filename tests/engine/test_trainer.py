@@ -283,3 +283,27 @@ def test_accumulation_does_not_leak_across_epochs(tiny_run_config, monkeypatch):
     # the first micro-batch of every optimizer step must start from zeroed gradients
     assert grads_before_forward[:15] == [False, True] * 7 + [False]
     assert grads_before_forward[15] is False, "epoch 2 started with the left-over gradients of epoch 1"
+
+
+def test_accumulation_gives_the_large_batch_gradient_and_lr(tiny_run_config):
+    """Two micro-batches of 16 accumulate to the gradient of the 32-image batch mean, and the lr is
+    scaled by the effective batch of 32 either way."""
+    from mimkit.engine.distributed import DistInfo
+    from mimkit.engine.trainer import Trainer
+
+    small = Trainer(tiny_run_config("optim.batch_size=16", "optim.accum_steps=2"), DistInfo())
+    large = Trainer(tiny_run_config("optim.batch_size=32"), DistInfo())
+    assert small.peak_lr == large.peak_lr == pytest.approx(8e-3 * 32 / 256)
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+
+    torch.manual_seed(11)
+    small.accumulate(x[:16], last_micro=False)
+    small.accumulate(x[16:], last_micro=True)
+    # the large-batch loss with the very same masks: the mean over both halves
+    large.method.load_state_dict(small.method.state_dict())
+    torch.manual_seed(11)
+    loss = sum(large.method(x[i:i + 16]).loss for i in (0, 16)) / 2
+    loss.backward()
+    for (name, p), q in zip(small.method.named_parameters(), large.method.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert small.step_loss == pytest.approx(float(loss.detach()), rel=1e-5)
