@@ -101,6 +101,31 @@ def test_pretrain_bad_override_exits_2(capsys, tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--config", "mae_fmnist", "data.img_size=30"], "data.img_size 30 is not divisible by backbone.patch_size 4"),
+    (["--config", "mae_fmnist", "method.mask_ratio=1.2"], "method.mask_ratio must be in (0, 1), got 1.2"),
+    (["--config", "cvt_mae_fmnist", "method.mask_size=8"], "method.mask_size 8 does not tile 28x28"),
+    (["--config", "cvt_mae_fmnist", "method.mask_ratio=0"], "method.mask_ratio must be in (0, 1)"),
+    (["data.name=imagefolder", "data.root=/nonexistent/x"], "data.root: folder not found: /nonexistent/x"),
+    (["backbone.name=cvt_tiny_s2"], "Valid backbones"),
+])
+def test_pretrain_bad_input_is_one_line_before_training(capsys, tmp_path, args, message):
+    run = tmp_path / "run"
+    assert main(["pretrain", *args, f"run_dir={run}", "train.progress=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert not run.exists()
+
+
+def test_pretrain_empty_folder_is_refused(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    run = tmp_path / "run"
+    assert main(["pretrain", "data.name=unlabelled", f"data.root={tmp_path / 'empty'}", f"run_dir={run}"]) == 2
+    assert f"no images found for data.name=unlabelled split=train under {tmp_path / 'empty'}" in capsys.readouterr().err
+    assert not run.exists()
+
+
 def test_eval_errors(capsys, tmp_path):
     assert main(["knn", "--no-progress"]) == 2
     assert "--baseline" in capsys.readouterr().err

@@ -246,7 +246,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: PretrainConfig) -> None:
     """Check values against what the registries and the engine accept, before any work starts."""
-    from mimkit.backbones import check_backbone_cfg
+    from mimkit.backbones import check_backbone_cfg, check_backbone_input
     from mimkit.methods import check_method_cfg
 
     check_backbone_cfg(cfg.backbone)
@@ -254,6 +254,7 @@ def validate(cfg: PretrainConfig) -> None:
     d, o, t = cfg.data, cfg.optim, cfg.train
     if d.img_size <= 0:
         raise ConfigError(f"data.img_size must be positive, got {d.img_size}")
+    check_backbone_input(cfg.backbone, d.img_size)
     if d.channels not in (1, 3):
         raise ConfigError(f"data.channels must be 1 or 3, got {d.channels}")
     if not 0.0 < d.subset_fraction <= 1.0:

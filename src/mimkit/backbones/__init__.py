@@ -54,6 +54,25 @@ def check_backbone_cfg(cfg: dict[str, Any]) -> None:
         )
 
 
+def check_backbone_input(cfg: dict[str, Any], img_size: int) -> None:
+    """Refuse an image size the backbone's patch size does not divide, naming the nearest valid ones.
+
+    Args:
+        cfg: ``{"name": ..., **settings}`` as written under ``backbone:``.
+        img_size: ``data.img_size``.
+
+    """
+    builder = BACKBONES[cfg["name"]]
+    settings = {**getattr(builder, "keywords", {}), **cfg}
+    patch = settings.get("patch_size")
+    if patch and img_size % patch:
+        lower, upper = img_size - img_size % patch, img_size - img_size % patch + patch
+        raise ConfigError(
+            f"data.img_size {img_size} is not divisible by backbone.patch_size {patch} ({cfg['name']}); "
+            f"use a multiple of {patch} such as {', '.join(str(v) for v in (lower, upper) if v > 0)}"
+        )
+
+
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered backbone, overriding its preset with ``kwargs``.
 
@@ -67,5 +86,6 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
 
 __all__ = [
     "BACKBONES", "ConvVisionTransformer", "VisionTransformer", "backbones_taking", "check_backbone_cfg",
+    "check_backbone_input",
     "create_backbone",
 ]

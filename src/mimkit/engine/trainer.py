@@ -77,16 +77,18 @@ class Trainer:
         seed_everything(cfg.seed + info.rank)
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
+        # Model and data are checked before the run folder is touched: a bad setting leaves nothing behind.
+        self.method = method_from_config(cfg).to(self.device)
+        self.method.check_image_size(cfg.data.img_size, cfg.data.img_size)
+        self.data = build_dataset(cfg.data, "train")
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.logger = RunLogger(self.run_dir, enabled=info.is_main)
         if info.is_main:
             (self.run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
 
-        self.data = build_dataset(cfg.data, "train")
         self.loader = build_loader(self.data, cfg.data, cfg.optim.batch_size, train=True, seed=cfg.seed,
                                    rank=info.rank, world_size=info.world_size)
-        self.method = method_from_config(cfg).to(self.device)
         self.model = DistributedDataParallel(self.method) if info.distributed else self.method
         self.forward = torch.compile(self.model) if tc.compile else self.model
 

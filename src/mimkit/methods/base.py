@@ -58,6 +58,9 @@ class PretrainMethod(nn.Module):
                 f"{', '.join(backbones_taking(self.mask_input))}"
             )
 
+    def check_image_size(self, height: int, width: int) -> None:
+        """Refuse (with a :class:`ConfigError`) training images this method cannot mask; all sizes by default."""
+
     def forward(self, images: torch.Tensor) -> PretrainOutput:  # pragma: no cover - abstract
         """Compute the pre-training loss on a batch of normalised images ``[N, C, H, W]``."""
         raise NotImplementedError

@@ -74,6 +74,15 @@ class CvTMAE(PretrainMethod):
         self.decoder = UNetDecoder(encoder.dims, encoder.strides, encoder.in_chans, cfg.decoder_depth,
                                    cfg.decoder_head_dim, cfg.skip)
 
+    def check_image_size(self, height: int, width: int) -> None:
+        """The mask is a grid of ``mask_size`` blocks, so it must tile the image."""
+        b = self.cfg.mask_size
+        if height % b or width % b:
+            side = min(height, width)
+            valid = [s for s in range(2, side + 1) if height % s == 0 and width % s == 0]
+            raise ConfigError(f"method.mask_size {b} does not tile {height}x{width} training images; "
+                              f"valid mask sizes: {', '.join(map(str, valid)) or 'none (change data.img_size)'}")
+
     def forward(self, images: torch.Tensor) -> PretrainOutput:
         """Blank pixel blocks, encode the whole image, decode through the skips, score.
 
