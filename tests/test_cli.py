@@ -186,3 +186,13 @@ def test_python_dash_m(monkeypatch, capsys):
         runpy.run_module("mimkit", run_name="__main__")
     assert info.value.code == 0
     assert yaml.safe_load(capsys.readouterr().out)["seed"] == 7
+
+
+@pytest.mark.fmnist
+def test_profile_prints_phases_and_operators(capsys, tiny_run_overrides):
+    assert main(["profile", *tiny_run_overrides, "--steps", "2", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    for phase in ("| data |", "| forward |", "| backward |", "| optimizer |"):
+        assert phase in out
+    ops = [line for line in out.splitlines() if line.startswith("| aten::") or "Optimizer" in line]
+    assert 1 <= len(ops) <= 5 and "img/s" in out.splitlines()[0]

@@ -1,4 +1,4 @@
-"""``mimkit`` command line: pretrain, knn, linprobe, visualize, config."""
+"""``mimkit`` command line: pretrain, config, knn, linprobe, report, profile, visualize."""
 
 from __future__ import annotations
 
@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="table of a run's kNN / linear-probe results beside its baselines",
                        description="Print the kNN and linear-probe results of a run and its baselines as a table.")
     p.add_argument("run", help="run folder")
+
+    p = sub.add_parser("profile", help="where a training step spends its time",
+                       description="Profile a few training steps (torch.profiler): data, forward, backward, "
+                       "optimizer, and the most expensive operators.")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--config")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--top", type=int, default=15, help="operators to list")
 
     p = sub.add_parser("visualize", help="reconstruction grid and loss curve PNGs",
                        description="Write reconstructions (original, masked, reconstruction, pasted) "
@@ -199,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "profile":
+            from mimkit.engine.profiler import profile_steps
+
+            cfg = load_config(resolve_config_path(args.config), args.overrides)
+            print(profile_steps(cfg, steps=args.steps, top=args.top).table())
+            return 0
         return _cmd_visualize(args)
     except (ConfigError, CheckpointError) as err:
         print(f"mimkit {args.command}: error: {err}", file=sys.stderr)
