@@ -7,8 +7,10 @@ both alike; the reported figure is the median over rounds and the ratio mimkit /
 is the peak resident set (VmHWM) of a fresh child process per model (CPU; it includes the ~500 MiB
 of the torch runtime that both share) or the CUDA allocator's peak.
 
+``--compile`` adds mimkit's model under ``torch.compile`` as a third contender in the same rounds.
+
 Usage:
-    python benchmarks/bench_throughput.py --precision fp32 bf16 --rounds 5 --steps 5
+    python benchmarks/bench_throughput.py --precision fp32 bf16 --rounds 5 --steps 5 [--compile]
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ CFG = dict(img=32, chans=3, patch=4, dim=192, depth=6, heads=3, dec_dim=128, dec
 
 
 def build(which: str) -> torch.nn.Module:
+    if which == "mimkit_compiled":
+        return torch.compile(build("mimkit"))
     if which == "mimkit":
         from mimkit.backbones import create_backbone
         from mimkit.methods import create_method
@@ -53,7 +57,7 @@ def make_step(which: str, model: torch.nn.Module, precision: str, device: torch.
 
     def step(x: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(x).loss if which == "mimkit" else model(pixel_values=x).loss
+            loss = model(pixel_values=x).loss if which == "hf" else model(x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -110,10 +114,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per model per round")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time mimkit under torch.compile")
     args = ap.parse_args()
+    names = ["mimkit", "hf"] + (["mimkit_compiled"] if args.compile else [])
     device = torch.device(args.device)
     torch.manual_seed(0)
-    models = {w: build(w).to(device).train() for w in ("mimkit", "hf")}
+    models = {w: build(w).to(device).train() for w in names}
     params = {w: sum(p.numel() for p in m.parameters()) for w, m in models.items()}
     x = torch.randn(args.batch, CFG["chans"], CFG["img"], CFG["img"], device=device)
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -122,15 +128,18 @@ def main() -> None:
     results = []
     for precision in args.precision:
         steps = {w: make_step(w, m, precision, device) for w, m in models.items()}
-        for w in steps:  # warm-up: allocator, kernels, autocast caches
+        for w in steps:  # warm-up: allocator, kernels, autocast caches, compilation (twice: recompiles)
+            steps[w](x)
             steps[w](x)
         rates: dict[str, list[float]] = {w: [] for w in steps}
         for _ in range(args.rounds):
-            for w in ("mimkit", "hf"):
+            for w in names:
                 rates[w].append(time_steps(steps[w], x, args.steps, device))
         med = {w: statistics.median(r) for w, r in rates.items()}
         row = {"precision": precision, "mimkit_img_s": med["mimkit"], "hf_img_s": med["hf"],
                "ratio": med["mimkit"] / med["hf"], "rounds": args.rounds, "steps": args.steps}
+        if args.compile:
+            row |= {"compiled_img_s": med["mimkit_compiled"], "compiled_ratio": med["mimkit_compiled"] / med["hf"]}
         if not args.no_memory:
             for w in ("mimkit", "hf"):
                 row[f"{w}_peak_mib"] = peak_memory_child(w, precision, args.batch, args.device)
@@ -141,6 +150,11 @@ def main() -> None:
     for r in results:
         print(f"| {r['precision']} | {r['mimkit_img_s']:.0f} | {r['hf_img_s']:.0f} | {r['ratio']:.2f}x | "
               f"{r.get('mimkit_peak_mib', float('nan')):.0f} | {r.get('hf_peak_mib', float('nan')):.0f} |")
+    if args.compile:
+        print("\n| precision | mimkit compiled img/s | HF img/s | ratio |\n|---|---|---|---|")
+        for r in results:
+            print(f"| {r['precision']} | {r['compiled_img_s']:.0f} | {r['hf_img_s']:.0f} | "
+                  f"{r['compiled_ratio']:.2f}x |")
 
 
 if __name__ == "__main__":
