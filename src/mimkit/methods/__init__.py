@@ -22,11 +22,11 @@ def check_method_cfg(cfg: dict[str, Any]) -> Any:
         raise ConfigError(f"method.name {name!r} is unknown; valid: {', '.join(sorted(METHODS))}")
     settings = {k: v for k, v in cfg.items() if k != "name"}
     try:
-        return from_dict(METHODS[name].Config, settings, prefix="method.")
+        return from_dict(METHODS[name].Config, settings, prefix="method.", also_valid=("name",))
     except ConfigError as err:
-        valid = [f.name for f in dataclasses.fields(METHODS[name].Config)]
         if "valid keys" in str(err):
-            raise ConfigError(str(err).replace("valid keys:", "valid keys: name,")) from None
+            raise
+        valid = [f.name for f in dataclasses.fields(METHODS[name].Config)]
         raise ConfigError(f"{err} (method {name} settings: {', '.join(valid)})") from None
 
 
