@@ -63,6 +63,9 @@ def test_pretrain_evaluate_visualize(tmp_path, capsys, tiny_run_overrides):
     small = json.loads((ckpt / "knn-frac0.1.json").read_text())
     assert small["img_size"] == 32 and small["top1_k20"] > 20.0
     capsys.readouterr()
+    # the tiny encoder has one block: asking for two is refused before any extraction
+    assert main(["knn", str(run), *EVAL, "--blocks", "2"]) == 2
+    assert "--blocks 2: indices must be in [1, 1]" in capsys.readouterr().err
 
     if "report" in _subcommands():
         assert main(["report", str(run)]) == 0

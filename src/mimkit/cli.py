@@ -48,6 +48,8 @@ def _eval_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> 
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-fraction", type=float, default=1.0,
                    help="per-class fraction of the labelled train split to use (kNN bank / probe training set)")
+    p.add_argument("--blocks", type=int, default=1,
+                   help="concatenate the pooled outputs of the last N blocks (default 1: the final features)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -117,8 +119,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                               overrides, args.seed)
     if not 0.0 < args.train_fraction <= 1.0:
         raise ConfigError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    if args.blocks < 1:
+        raise ConfigError(f"--blocks must be >= 1, got {args.blocks}")
+    if args.blocks > 1 and subject.encoder is not None:
+        import torch
+
+        d = subject.cfg.data
+        try:  # refuse before extracting 70k images, not after
+            with torch.no_grad():
+                subject.encoder.eval().forward_intermediates(torch.zeros(1, d.channels, d.img_size, d.img_size),
+                                                             args.blocks)
+        except ValueError as err:
+            raise ConfigError(f"--blocks {args.blocks}: {err}") from None
     feats = features_for(subject, args.device, args.precision, args.batch_size, not args.no_progress,
-                         args.train_fraction)
+                         args.train_fraction, args.blocks)
     if args.command == "knn":
         result = run_knn(subject, tuple(args.k), args.temperature, feats)
         summary = "  ".join(f"k={k}: {result[f'top1_k{k}']:.2f}%" for k in args.k)
@@ -126,7 +140,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result = run_linprobe(feats, args.epochs, args.lr, args.probe_batch_size, args.seed)
         summary = f"top-1 {result['top1']:.2f}% (train {result['train_top1']:.2f}%)"
     result["train_fraction"] = args.train_fraction
+    result["blocks"] = args.blocks
     kind = args.command if args.train_fraction == 1.0 else f"{args.command}-frac{args.train_fraction:g}"
+    kind += f"-blocks{args.blocks}" if args.blocks > 1 else ""
     path = write_result(subject, kind, result)
     print(f"{args.command} [{subject.label}] {subject.cfg.data.name}: {summary}  -> {path}")
     return 0

@@ -127,3 +127,15 @@ def test_gradients_reach_every_parameter(tiny_cvt):
     tiny_cvt.forward_features(torch.randn(2, 1, 28, 28), 1 - hole).sum().backward()
     missing = [n for n, p in tiny_cvt.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+def test_forward_intermediates_last_one_is_forward_features():
+    torch.manual_seed(0)
+    enc = create_backbone("cvt_micro_s2", in_chans=1, dims=(8, 16, 32), num_heads=(1, 1, 2), depths=(1, 1, 3)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        outs = enc.forward_intermediates(x, 3)
+        assert len(outs) == 3 and all(o.shape == (2, 16, 32) for o in outs)
+        torch.testing.assert_close(outs[-1], enc.forward_features(x))
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        enc.forward_intermediates(x, 4)

@@ -97,3 +97,16 @@ def test_sincos_shape_and_rows_differ():
     pe = sincos_2d(4, 6, 16)
     assert pe.shape == (1, 24, 16) and pe.dtype == torch.float32
     assert torch.unique(pe[0], dim=0).shape[0] == 24  # every position has its own embedding
+
+
+def test_forward_intermediates_last_one_is_forward_features():
+    torch.manual_seed(0)
+    enc = create_backbone("vit_tiny_p4", img_size=28, in_chans=1, embed_dim=32, depth=3, num_heads=2).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        outs = enc.forward_intermediates(x, 2)
+        assert len(outs) == 2 and all(o.shape == (2, 50, 32) for o in outs)
+        torch.testing.assert_close(outs[-1], enc.forward_features(x))
+        assert not torch.allclose(outs[0], outs[1])
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        enc.forward_intermediates(x, 0)

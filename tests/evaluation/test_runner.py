@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from mimkit.backbones import create_backbone
 from mimkit.config import ConfigError, load_config, to_yaml
 from mimkit.data.datasets import FILE_SOURCES
 from mimkit.engine import CONFIG_FILE
@@ -88,6 +89,16 @@ def test_extract_features_pixels_and_encoder(tiny_encoder):
     x, y = extract_features(tiny_encoder, batches, torch.device("cpu"), "fp32", progress=False)
     assert x.shape == (6, 32) and x.dtype == torch.float32
     assert not tiny_encoder.training  # frozen encoders are evaluated in eval mode
+
+
+def test_extract_features_of_the_last_blocks():
+    torch.manual_seed(0)
+    enc = create_backbone("vit_tiny_p4", img_size=28, in_chans=1, embed_dim=32, depth=3, num_heads=2)
+    batches = [(torch.randn(4, 1, 28, 28), torch.arange(4))]
+    one, _ = extract_features(enc, batches, torch.device("cpu"), "fp32", progress=False)
+    three, _ = extract_features(enc, batches, torch.device("cpu"), "fp32", progress=False, blocks=3)
+    assert three.shape == (4, 96)
+    torch.testing.assert_close(three[:, 64:], one)  # the last block's pooled features come last
 
 
 def _labelled_folder(root, write_image):

@@ -155,6 +155,32 @@ class ConvVisionTransformer(nn.Module):
         """Normalised last-stage tokens ``[N, H_last * W_last, D]`` of images ``[N, C, H, W]``."""
         return self.forward_stages(x, visible, update_mask)[-1].flatten(2).transpose(1, 2)
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int = 1) -> list[torch.Tensor]:
+        """Outputs of the last ``indices`` blocks of the last stage, each through the final norm.
+
+        Args:
+            x: Images ``[N, C, H, W]``.
+            indices: How many of the last stage's blocks to return.
+
+        Returns:
+            ``indices`` token tensors ``[N, L, D]``, shallowest first; each can go to :meth:`forward_head`.
+
+        """
+        last = self.stages[-1]
+        if not 1 <= indices <= len(last.blocks):
+            raise ValueError(f"indices must be in [1, {len(last.blocks)}] (the last stage's depth), got {indices}")
+        for stage in self.stages[:-1]:
+            x, _ = stage(x)
+        x, _ = last.embed(x)
+        _, _, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        outs = []
+        for i, block in enumerate(last.blocks):
+            tokens = block(tokens, h, w)
+            if i >= len(last.blocks) - indices:
+                outs.append(self.norm(tokens))
+        return outs
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Mean-pool tokens ``[N, L, D]`` to ``[N, D]`` (``pre_logits``) or to class logits."""
         pooled = x.mean(dim=1)

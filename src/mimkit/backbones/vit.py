@@ -142,6 +142,28 @@ class VisionTransformer(nn.Module):
         tokens = torch.cat([cls, tokens], dim=1)
         return self.norm(self.blocks(tokens))
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int = 1) -> list[torch.Tensor]:
+        """Outputs of the last ``indices`` blocks, each through the final norm (timm's API, NLC format).
+
+        Args:
+            x: Images ``[N, C, H, W]``.
+            indices: How many of the last blocks to return.
+
+        Returns:
+            ``indices`` tensors ``[N, 1 + L, D]``, shallowest first; each can go to :meth:`forward_head`.
+
+        """
+        if not 1 <= indices <= len(self.blocks):
+            raise ValueError(f"indices must be in [1, {len(self.blocks)}] (the depth), got {indices}")
+        tokens = self.embed(x)
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        outs = []
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if i >= len(self.blocks) - indices:
+                outs.append(self.norm(tokens))
+        return outs
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool tokens ``[N, 1 + L, D]`` to ``[N, D]`` (``pre_logits``) or to class logits."""
         pooled = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]

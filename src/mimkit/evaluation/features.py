@@ -26,6 +26,7 @@ def extract_features(
     device: torch.device,
     precision: str = "auto",
     progress: bool = True,
+    blocks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features of a frozen encoder (in eval mode), or flattened pixels if ``encoder`` is None.
 
@@ -35,9 +36,11 @@ def extract_features(
         device: Where to run the encoder.
         precision: ``bf16`` or ``fp32`` autocast for the forward pass.
         progress: Show a progress bar.
+        blocks: 1 = the final pooled features; N > 1 = the pooled outputs of the last N blocks
+            concatenated (``forward_intermediates``), as DINO's linear evaluation of ViT-S does.
 
     Returns:
-        ``(features [N, D] float32 on CPU, labels [N] int64)``.
+        ``(features [N, D * blocks] float32 on CPU, labels [N] int64)``.
 
     """
     if encoder is not None:
@@ -49,8 +52,11 @@ def extract_features(
             f = images.flatten(1)
         else:
             with autocast(device, precision):
-                tokens = encoder.forward_features(images.to(device))
-                f = encoder.forward_head(tokens, pre_logits=True)
+                if blocks == 1:
+                    f = encoder.forward_head(encoder.forward_features(images.to(device)), pre_logits=True)
+                else:
+                    outs = encoder.forward_intermediates(images.to(device), blocks)
+                    f = torch.cat([encoder.forward_head(t, pre_logits=True) for t in outs], dim=-1)
         feats.append(f.float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -71,6 +77,7 @@ def dataset_features(
     batch_size: int = 512,
     progress: bool = True,
     train_fraction: float = 1.0,
+    blocks: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Train and test features of the labelled dataset in ``cfg``, cached per encoder and data.
 
@@ -88,6 +95,7 @@ def dataset_features(
         batch_size: Images per forward pass.
         progress: Show progress bars.
         train_fraction: Per-class fraction of the train split used as kNN bank / probe training set.
+        blocks: Concatenate the pooled outputs of the last ``blocks`` blocks (see :func:`extract_features`).
 
     Returns:
         ``{"train_x", "train_y", "test_x", "test_y"}`` plus ``num_classes`` as a 0-d tensor.
@@ -96,7 +104,8 @@ def dataset_features(
     cfg = dataclasses.replace(cfg, subset_fraction=1.0)
     path = None
     if cache_dir is not None:
-        path = cache_dir / f"features-{_cache_key(tag, cfg, f'train{train_fraction}+test', precision)}.pt"
+        what = f"train{train_fraction}+test" + (f"+blocks{blocks}" if blocks > 1 else "")
+        path = cache_dir / f"features-{_cache_key(tag, cfg, what, precision)}.pt"
         if path.is_file():
             log.info("using cached features %s", path)
             return torch.load(path, weights_only=True)
@@ -113,7 +122,8 @@ def dataset_features(
     out = {}
     for split, data in (("train", train), ("test", test)):
         loader = build_loader(data, cfg, batch_size, train=False, normalize=norm)
-        out[f"{split}_x"], out[f"{split}_y"] = extract_features(encoder, loader, device, precision, progress)
+        out[f"{split}_x"], out[f"{split}_y"] = extract_features(
+            encoder, loader, device, precision, progress, blocks if encoder is not None else 1)
     out["num_classes"] = torch.tensor(len(train.classes))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -92,10 +92,10 @@ def resolve_subject(
 
 
 def features_for(subject: Subject, device: str, precision: str, batch_size: int, progress: bool,
-                 train_fraction: float = 1.0) -> dict[str, Any]:
-    """Cached train/test features of ``subject`` on its labelled dataset."""
+                 train_fraction: float = 1.0, blocks: int = 1) -> dict[str, Any]:
+    """Cached train/test features of ``subject`` on its labelled dataset (last ``blocks`` blocks pooled)."""
     return dataset_features(subject.encoder, subject.cfg.data, subject.out_dir, subject.tag,
-                            resolve_device(device), precision, batch_size, progress, train_fraction)
+                            resolve_device(device), precision, batch_size, progress, train_fraction, blocks)
 
 
 def write_result(subject: Subject, kind: str, result: dict[str, Any]) -> Path:
