@@ -8,7 +8,8 @@ not re-run, so an interrupted experiment continues where it stopped.
     ablation     skip x update mask (2 x 2)
     sensitivity  patch size x mask size, ViT-MAE against CvT-MAE
     small_crop   pre-train on random crops at half resolution, evaluate at full resolution
-    resources    parameters, FLOPs, peak memory and images/s of CvT-MAE against ViT-MAE
+    resources    parameters, FLOPs, peak memory and images/s of CvT-MAE against ViT-MAE, and the kNN
+                 accuracy of each against pre-training minutes (which reaches a given accuracy first)
 
 Usage:
     python benchmarks/bench_cvt_mae.py ablation --budget-min 8 --out runs/exp
@@ -32,6 +33,7 @@ from common import evaluate_subject, markdown_table
 from mimkit.cli import resolve_config_path
 from mimkit.config import load_config
 from mimkit.engine import pretrain
+from mimkit.engine.checkpoint import list_checkpoints, load_state
 from mimkit.engine.logging import read_metrics
 from mimkit.evaluation.runner import resolve_subject
 
@@ -104,6 +106,51 @@ def run_cell(cell: Cell, out: Path, budget: float, train_fraction: float, extra:
     return row
 
 
+def knn_curve(cell: Cell, out: Path, budget: float, train_fraction: float, points: int, extra: list[str]) -> list[dict]:
+    """Pre-train one cell with ``points`` evenly spaced checkpoints; kNN accuracy of each against minutes."""
+    run_dir = cell_dir(out, cell)
+    result_file = run_dir / "curve.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    config = str(resolve_config_path(cell.config))
+    cfg = load_config(config, [f"run_dir={run_dir}", *cell.overrides, *extra])
+    # Checkpoint spacing only: the schedule itself is fitted to the budget as the run goes.
+    steps_est = budget * 60 * _quick_img_per_s(cfg) / cfg.optim.batch_size
+    every = max(1, int(steps_est / (points + 1)))
+    run_cell(cell, out, budget, train_fraction, [*extra, f"train.ckpt_every_steps={every}", "train.keep_last=0"])
+    minutes = {r["step"]: r["elapsed_min"] for r in read_metrics(run_dir) if "elapsed_min" in r}
+    rows = []
+    for ckpt in list_checkpoints(run_dir / "checkpoints"):
+        step = load_state(ckpt)["step"]
+        subject = resolve_subject(str(ckpt), None, None, cell.eval_overrides)
+        acc = evaluate_subject(subject, train_fraction)
+        near = min(minutes, key=lambda s: abs(s - step))
+        rows.append({"cell": cell.name, "step": step, "minutes": round(minutes[near] * step / max(near, 1), 2), **acc})
+        print(json.dumps(rows[-1]), flush=True)
+    result_file.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def _quick_img_per_s(cfg, steps: int = 6) -> float:
+    from mimkit.data import build_dataset, build_loader
+    from mimkit.engine.optim import build_optimizer
+    from mimkit.models import method_from_config
+
+    method = method_from_config(cfg).train()
+    opt = build_optimizer(method, cfg.optim, 1e-4)
+    batches = iter(build_loader(build_dataset(cfg.data, "train"), cfg.data, cfg.optim.batch_size, train=True))
+    t0, seen = 0.0, 0
+    for i in range(steps + 1):
+        if i == 1:  # the first step warms up the allocator
+            t0 = time.perf_counter()
+        x, _ = next(batches)
+        method(x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen += x.shape[0] if i else 0
+    return seen / (time.perf_counter() - t0)
+
+
 def resources(out: Path, batch: int = 64) -> list[dict]:
     """Encoder parameters, training FLOPs per image, img/s and peak memory of each packaged method."""
     rows = []
@@ -159,12 +206,18 @@ def main() -> None:
     ap.add_argument("--train-fraction", type=float, default=0.2,
                     help="per-class fraction of the train split used as kNN bank / probe training set")
     ap.add_argument("--out", default="runs/cvt_experiments")
+    ap.add_argument("--curve-points", type=int, default=3, help="resources: intermediate checkpoints per model")
     args = ap.parse_args()
     out = Path(args.out) / args.experiment
     out.mkdir(parents=True, exist_ok=True)
     print(f"# {args.experiment}: {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     if args.experiment == "resources":
+        curves = [knn_curve(Cell(name, config), out, args.budget_min, args.train_fraction, args.curve_points,
+                            args.overrides) for name, config in (("vit-mae", VIT), ("cvt-mae", CVT))]
+        print(markdown_table(["model", "step", "pre-train min", "kNN k=20", "kNN k=200", "linear probe"],
+                             [[r["cell"], r["step"], r["minutes"], r["knn20"], r["knn200"], r["linprobe"]]
+                              for rows in curves for r in rows]))
         rows = resources(out)
         print("\n" + markdown_table(
             ["config", "encoder params", "total params", "train GFLOP/img", "img/s", "peak RSS MiB"],
