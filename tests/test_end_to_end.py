@@ -71,6 +71,8 @@ def test_pretrain_evaluate_visualize(tmp_path, capsys, tiny_run_overrides):
         assert main(["report", str(run)]) == 0
         table = capsys.readouterr().out
         assert f"| mae step_00000036 | {knn['top1_k20']:.2f} | {knn['top1_k200']:.2f} | {lin['top1']:.2f} |" in table
+        # the 10 %-bank kNN at 32 px is its own row, with no linear probe
+        assert f"| mae step_00000036 (frac0.1) | {small['top1_k20']:.2f} | - | - |" in table
 
 
 def test_cvt_mae_pretrain_evaluate_visualize(tmp_path, capsys):

@@ -188,14 +188,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     folders = ([ckpt] if ckpt else []) + sorted(run_dir.glob("baseline-*"))
     for folder in folders:
-        res = {kind: json.loads((folder / f"{kind}.json").read_text())
-               for kind in ("knn", "linprobe") if (folder / f"{kind}.json").is_file()}
-        if not res:
-            continue
-        label = next(iter(res.values()))["subject"]
-        knn, lin = res.get("knn", {}), res.get("linprobe", {})
-        cell = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
-        rows.append(f"| {label} | {cell(knn, 'top1_k20')} | {cell(knn, 'top1_k200')} | {cell(lin, 'top1')} |")
+        # One row per evaluation protocol: knn.json, knn-frac0.2.json, knn-blocks3.json, ...
+        variants = sorted({p.stem.split("-", 1)[1] if "-" in p.stem else ""
+                           for p in (*folder.glob("knn*.json"), *folder.glob("linprobe*.json"))})
+        for variant in variants:
+            suffix = f"-{variant}" if variant else ""
+            res = {kind: json.loads((folder / f"{kind}{suffix}.json").read_text())
+                   for kind in ("knn", "linprobe") if (folder / f"{kind}{suffix}.json").is_file()}
+            label = next(iter(res.values()))["subject"] + (f" ({variant})" if variant else "")
+            knn, lin = res.get("knn", {}), res.get("linprobe", {})
+            cell = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
+            rows.append(f"| {label} | {cell(knn, 'top1_k20')} | {cell(knn, 'top1_k200')} | {cell(lin, 'top1')} |")
     if not rows:
         raise ConfigError(f"no knn.json or linprobe.json found for run {run_dir}")
     print("| encoder | kNN k=20 (%) | kNN k=200 (%) | linear probe (%) |\n|---|---|---|---|")
