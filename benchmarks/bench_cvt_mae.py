@@ -99,7 +99,8 @@ def run_cell(cell: Cell, out: Path, budget: float, train_fraction: float, extra:
     acc = evaluate_subject(subject, train_fraction)
     row = {"cell": cell.name, "steps": rows[-1]["step"] if rows else 0,
            "epochs": round(rows[-1]["epoch"], 2) if rows else 0, "train_min": round(wall, 1),
-           "img_per_s": round(sum(r["img_per_s"] for r in rows[1:]) / max(1, len(rows) - 1), 1),
+           # the first window includes start-up; it is left out when there are others
+           "img_per_s": round(sum(r["img_per_s"] for r in rows[1:] or rows) / max(1, len(rows[1:] or rows)), 1),
            "final_loss": rows[-1]["loss"] if rows else None,
            **acc, "params": sum(p.numel() for p in subject.encoder.parameters())}
     result_file.write_text(json.dumps(row, indent=2) + "\n")
@@ -207,7 +208,7 @@ def main() -> None:
                     help="per-class fraction of the train split used as kNN bank / probe training set")
     ap.add_argument("--out", default="runs/cvt_experiments")
     ap.add_argument("--curve-points", type=int, default=3, help="resources: intermediate checkpoints per model")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     out = Path(args.out) / args.experiment
     out.mkdir(parents=True, exist_ok=True)
     print(f"# {args.experiment}: {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
