@@ -73,7 +73,8 @@ class TrainConfig:
     budget_minutes: float = 0.0
     """Fit the warmup + cosine schedule to this many minutes of training: the total step count is
     re-estimated from the measured step rate as the run goes, and the run stops at the budget
-    (``epochs`` is then an upper bound). For equal-compute comparisons; 0 = schedule by epochs."""
+    (``epochs`` is then an upper bound; warmup is cut to at most a quarter of the estimated steps).
+    For equal-compute comparisons; 0 = schedule by epochs."""
     precision: str = "auto"
     """auto | fp32 | bf16 (autocast); auto = bf16 on CUDA and on CPUs with native bf16, else fp32."""
     device: str = "auto"
