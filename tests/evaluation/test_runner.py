@@ -156,3 +156,17 @@ def test_write_result(tmp_path):
     row = json.loads(path.read_text())
     assert path == tmp_path / "baseline-pixels" / "knn.json"
     assert row["top1_k20"] == 81.5 and row["evaluation"] == "knn" and row["dataset"] == "fashion_mnist"
+
+
+def test_extract_features_keeps_cvt_batchnorm_statistics_frozen():
+    """The source's probe ran the frozen encoder in train mode, so BatchNorm statistics kept moving."""
+    torch.manual_seed(0)
+    enc = create_backbone("cvt_micro_s2", in_chans=1, dims=(8, 16, 32), num_heads=(1, 1, 2), depths=(1, 1, 1))
+    enc.train()
+    before = {k: v.clone() for k, v in enc.state_dict().items() if "running" in k}
+    assert before
+    batches = [(torch.randn(4, 1, 28, 28) * 3 + 1, torch.arange(4)) for _ in range(3)]
+    first, _ = extract_features(enc, batches, torch.device("cpu"), "fp32", progress=False)
+    second, _ = extract_features(enc, batches, torch.device("cpu"), "fp32", progress=False)
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(first, second)
