@@ -97,3 +97,12 @@ def test_two_process_run_trains_and_checkpoints(tmp_path, tiny_run_overrides):
     assert [r["step"] for r in rows] == list(range(1, 10))  # one writer: each step logged once
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert rows[-1]["lr"] < rows[len(rows) // 2]["lr"]
+
+
+def test_two_process_time_budget_stops_every_rank_at_the_same_step(tmp_path, tiny_run_overrides):
+    """Each rank has its own clock; rank 0 decides the schedule and the stop, or the ranks would hang."""
+    run = tmp_path / "ddp_budget"
+    overrides = [f"run_dir={run}", *tiny_run_overrides, "train.epochs=1000", "train.budget_minutes=0.1"]
+    mp.spawn(_run_worker, args=(_free_port(), overrides), nprocs=WORLD, join=True)
+    state = load_state(latest_checkpoint(run / "checkpoints"))
+    assert 0.08 <= state["train_minutes"] < 0.3 and state["step"] < 1000 * 9

@@ -68,6 +68,19 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world_size
 
 
+def broadcast_from_main(values: list[int], info: DistInfo) -> list[int]:
+    """Rank 0's ``values`` on every rank (returned unchanged for a single process).
+
+    Decisions taken from a local clock (time budgets) must be taken once and shared, or the ranks
+    would stop at different steps and the collective calls of the next step would hang.
+    """
+    if not info.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=info.device if info.device.type == "cuda" else "cpu")
+    dist.broadcast(t, src=0)
+    return [int(v) for v in t.tolist()]
+
+
 def cleanup(info: DistInfo) -> None:
     """Leave the process group."""
     if info.distributed and dist.is_initialized():

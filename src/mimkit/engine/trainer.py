@@ -25,7 +25,7 @@ from mimkit.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mimkit.engine.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from mimkit.engine.distributed import DistInfo, all_reduce_mean, broadcast_from_main, cleanup, init_distributed
 from mimkit.engine.logging import RunLogger
 from mimkit.engine.optim import build_optimizer, cosine_lr, scaled_lr
 from mimkit.engine.precision import autocast, resolve_precision
@@ -152,7 +152,8 @@ class Trainer:
             return
         rate = done / max(time.perf_counter() - self.t_start, 1e-9) * 60  # steps per minute
         remaining = max(0.0, budget - self.minutes())
-        self.total_steps = min(self.max_steps, max(self.step + 1, round(self.step + rate * remaining)))
+        estimate = min(self.max_steps, max(self.step + 1, round(self.step + rate * remaining)))
+        self.total_steps = broadcast_from_main([estimate], self.info)[0]
         # A short budget may not even cover optim.warmup_epochs: warmup is then cut to a quarter of
         # the schedule, so that the run still reaches its peak lr and anneals.
         warmup = min(self.warmup, self.total_steps // 4)  # never lengthened: lr would dip back
@@ -163,9 +164,11 @@ class Trainer:
         self.warmup = warmup
 
     def out_of_time(self) -> bool:
-        """Whether ``train.max_minutes`` or ``train.budget_minutes`` is spent."""
+        """Whether ``train.max_minutes`` or ``train.budget_minutes`` is spent (rank 0's clock decides)."""
         limits = [m for m in (self.cfg.train.max_minutes, self.cfg.train.budget_minutes) if m > 0]
-        return bool(limits) and self.minutes() >= min(limits)
+        if not limits:
+            return False
+        return bool(broadcast_from_main([int(self.minutes() >= min(limits))], self.info)[0])
 
     def accumulate(self, images: torch.Tensor, last_micro: bool) -> PretrainOutput:
         """Forward and backward one micro-batch, adding its share to the step's gradient."""
