@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import evaluate_subject, markdown_table
+from common import checkpoint_minutes, evaluate_subject, markdown_table, measure_img_per_s, vm_hwm_mib
 
 from mimkit.cli import resolve_config_path
 from mimkit.config import load_config
@@ -95,12 +94,12 @@ def run_cell(cell: Cell, out: Path, budget: float, train_fraction: float, extra:
     pretrain(cfg, resume="auto")
     wall = (time.perf_counter() - t0) / 60
     rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    timed = rows[1:] or rows  # the first window includes start-up; left out when there are others
     subject = resolve_subject(str(run_dir), None, None, cell.eval_overrides)
     acc = evaluate_subject(subject, train_fraction)
     row = {"cell": cell.name, "steps": rows[-1]["step"] if rows else 0,
            "epochs": round(rows[-1]["epoch"], 2) if rows else 0, "train_min": round(wall, 1),
-           # the first window includes start-up; it is left out when there are others
-           "img_per_s": round(sum(r["img_per_s"] for r in rows[1:] or rows) / max(1, len(rows[1:] or rows)), 1),
+           "img_per_s": round(sum(r["img_per_s"] for r in timed) / max(1, len(timed)), 1),
            "final_loss": rows[-1]["loss"] if rows else None,
            **acc, "params": sum(p.numel() for p in subject.encoder.parameters())}
     result_file.write_text(json.dumps(row, indent=2) + "\n")
@@ -116,40 +115,18 @@ def knn_curve(cell: Cell, out: Path, budget: float, train_fraction: float, point
     config = str(resolve_config_path(cell.config))
     cfg = load_config(config, [f"run_dir={run_dir}", *cell.overrides, *extra])
     # Checkpoint spacing only: the schedule itself is fitted to the budget as the run goes.
-    steps_est = budget * 60 * _quick_img_per_s(cfg) / cfg.optim.batch_size
+    steps_est = budget * 60 * measure_img_per_s(cfg) / cfg.optim.batch_size
     every = max(1, int(steps_est / (points + 1)))
     run_cell(cell, out, budget, train_fraction, [*extra, f"train.ckpt_every_steps={every}", "train.keep_last=0"])
-    minutes = {r["step"]: r["elapsed_min"] for r in read_metrics(run_dir) if "elapsed_min" in r}
     rows = []
     for ckpt in list_checkpoints(run_dir / "checkpoints"):
-        step = load_state(ckpt)["step"]
         subject = resolve_subject(str(ckpt), None, None, cell.eval_overrides)
         acc = evaluate_subject(subject, train_fraction)
-        near = min(minutes, key=lambda s: abs(s - step))
-        rows.append({"cell": cell.name, "step": step, "minutes": round(minutes[near] * step / max(near, 1), 2), **acc})
+        rows.append({"cell": cell.name, "step": load_state(ckpt)["step"],
+                     "minutes": round(checkpoint_minutes(ckpt, run_dir), 2), **acc})
         print(json.dumps(rows[-1]), flush=True)
     result_file.write_text(json.dumps(rows, indent=2) + "\n")
     return rows
-
-
-def _quick_img_per_s(cfg, steps: int = 6) -> float:
-    from mimkit.data import build_dataset, build_loader
-    from mimkit.engine.optim import build_optimizer
-    from mimkit.models import method_from_config
-
-    method = method_from_config(cfg).train()
-    opt = build_optimizer(method, cfg.optim, 1e-4)
-    batches = iter(build_loader(build_dataset(cfg.data, "train"), cfg.data, cfg.optim.batch_size, train=True))
-    t0, seen = 0.0, 0
-    for i in range(steps + 1):
-        if i == 1:  # the first step warms up the allocator
-            t0 = time.perf_counter()
-        x, _ = next(batches)
-        method(x).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seen += x.shape[0] if i else 0
-    return seen / (time.perf_counter() - t0)
 
 
 def resources(out: Path, batch: int = 64) -> list[dict]:
@@ -187,9 +164,7 @@ def _measure(config: str, batch: int, steps: int = 6) -> None:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     times = sorted(times[1:])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with open("/proc/self/status") as f:
-        peak = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM")), peak)
+    peak = vm_hwm_mib()
     print(json.dumps({
         "config": config, "method": cfg.method["name"], "backbone": cfg.backbone["name"],
         "encoder_params": sum(p.numel() for p in method.encoder.parameters()),

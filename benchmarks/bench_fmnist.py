@@ -19,42 +19,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import evaluate_subject, markdown_table
+from common import checkpoint_minutes, evaluate_subject, markdown_table, measure_img_per_s
 
 from mimkit.cli import resolve_config_path
 from mimkit.config import load_config
-from mimkit.data import build_dataset, build_loader
+from mimkit.data import build_dataset
 from mimkit.engine import pretrain
 from mimkit.engine.checkpoint import list_checkpoints, load_state
-from mimkit.engine.distributed import resolve_device
-from mimkit.engine.optim import build_optimizer
-from mimkit.engine.precision import autocast, resolve_precision
 from mimkit.evaluation.runner import resolve_subject
-from mimkit.models import method_from_config
-
-
-def measure_img_per_s(cfg, steps: int = 8) -> float:
-    """Training images/s of the configured method (forward, backward, AdamW) on real batches."""
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    data = build_dataset(cfg.data, "train")
-    loader = build_loader(data, cfg.data, cfg.optim.batch_size, train=True)
-    method = method_from_config(cfg).to(device).train()
-    opt = build_optimizer(method, cfg.optim, 1e-4)
-    it = iter(loader)
-    t0, n = None, 0
-    for i in range(steps + 2):
-        x, _ = next(it)
-        if i == 2:  # the first steps warm up allocator and kernels
-            t0 = time.perf_counter()
-        with autocast(device, precision):
-            loss = method(x.to(device)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if t0 is not None:
-            n += x.shape[0]
-    return n / (time.perf_counter() - t0)
 
 
 def evaluate(run: str | None, baseline: str | None, config: str | None, overrides: list[str]) -> dict:
@@ -96,20 +68,12 @@ def main() -> None:
     # The curve: the evenly spaced checkpoints and the last one (not every epoch-end checkpoint).
     ckpts = list_checkpoints(run_dir / "checkpoints")
     ckpts = [c for c in ckpts[:-1] if ckpt_every and int(c.name[5:]) % ckpt_every == 0] + ckpts[-1:]
-    minutes = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "elapsed_min" in r:
-            minutes[r["step"]] = r["elapsed_min"]
-    if args.eval_only and minutes:
-        train_min = max(minutes.values())
+    if args.eval_only and ckpts:
+        train_min = checkpoint_minutes(ckpts[-1], run_dir)
     for ck in ckpts:
-        step = load_state(ck)["step"]
-        near = min(minutes, key=lambda s: abs(s - step)) if minutes else None
         res = evaluate(str(ck), None, None, [])
-        rows.append({"checkpoint": ck.name, "step": step,
-                     "minutes": round(minutes.get(near, float("nan")) * step / max(near, 1), 1) if near else None,
-                     **res})
+        rows.append({"checkpoint": ck.name, "step": load_state(ck)["step"],
+                     "minutes": round(checkpoint_minutes(ck, run_dir), 1), **res})
         print(json.dumps(rows[-1]), flush=True)
     if not args.skip_baselines:
         for baseline in ("pixels", "random"):

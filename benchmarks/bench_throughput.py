@@ -79,27 +79,15 @@ def time_steps(step, x: torch.Tensor, steps: int, device: torch.device) -> float
     return steps * x.shape[0] / (time.perf_counter() - t)
 
 
-def vm_hwm_mib() -> float:
-    """Peak resident set of this process in MiB (Linux ``VmHWM``).
-
-    ``ru_maxrss`` would be wrong here: Linux carries it over from the parent across fork + exec,
-    so every child would report the (larger) benchmark parent's peak.
-    """
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def peak_memory_child(which: str, precision: str, batch: int, device: str) -> float:
     """Run a few steps of one model in a fresh process and return its peak memory in MiB."""
     code = (
         "import sys, json, torch; sys.path.insert(0, 'benchmarks');"
-        "import bench_throughput as b;"
+        "import bench_throughput as b, common;"
         f"dev = torch.device('{device}'); m = b.build('{which}').to(dev); m.train();"
         f"s = b.make_step('{which}', m, '{precision}', dev);"
         f"x = torch.randn({batch}, 3, 32, 32, device=dev); s(x); s(x);"
-        "peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == 'cuda' else b.vm_hwm_mib();"
+        "peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == 'cuda' else common.vm_hwm_mib();"
         "print(json.dumps(peak))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

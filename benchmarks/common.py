@@ -2,9 +2,65 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
+from mimkit.config import PretrainConfig
+from mimkit.data import build_dataset, build_loader
+from mimkit.engine.checkpoint import load_state
+from mimkit.engine.distributed import resolve_device
+from mimkit.engine.logging import read_metrics
+from mimkit.engine.optim import build_optimizer
+from mimkit.engine.precision import autocast, resolve_precision
 from mimkit.evaluation.runner import Subject, features_for, run_knn, run_linprobe, write_result
+from mimkit.models import method_from_config
+
+
+def measure_img_per_s(cfg: PretrainConfig, steps: int = 8) -> float:
+    """Training images/s of the configured method (forward, backward, AdamW) on real batches."""
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    batches = iter(build_loader(build_dataset(cfg.data, "train"), cfg.data, cfg.optim.batch_size, train=True))
+    method = method_from_config(cfg).to(device).train()
+    opt = build_optimizer(method, cfg.optim, 1e-4)
+    t0, seen = 0.0, 0
+    for i in range(steps + 2):
+        if i == 2:  # the first steps warm up allocator and kernels
+            t0, seen = time.perf_counter(), 0
+        x, _ = next(batches)
+        with autocast(device, precision):
+            loss = method(x.to(device)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen += x.shape[0]
+    return seen / (time.perf_counter() - t0)
+
+
+def vm_hwm_mib() -> float:
+    """Peak resident set of this process in MiB (Linux ``VmHWM``).
+
+    ``ru_maxrss`` would be wrong here: Linux carries it over from the parent across fork + exec,
+    so every child would report the (larger) benchmark parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def checkpoint_minutes(ckpt: Path, run_dir: Path) -> float:
+    """Training minutes at a checkpoint: saved in its state, else interpolated from the run's log."""
+    state = load_state(ckpt)
+    if "train_minutes" in state:
+        return state["train_minutes"]
+    minutes = {r["step"]: r["elapsed_min"] for r in read_metrics(run_dir) if "elapsed_min" in r}
+    if not minutes:
+        return float("nan")
+    near = min(minutes, key=lambda s: abs(s - state["step"]))
+    return minutes[near] * state["step"] / max(near, 1)
 
 
 def evaluate_subject(subject: Subject, train_fraction: float = 1.0) -> dict[str, float]:

@@ -98,7 +98,6 @@ class Trainer:
         steps_per_epoch = len(self.loader) // self.accum
         self.total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
         self.warmup = self.warmup_cfg = round(cfg.optim.warmup_epochs * steps_per_epoch)
-        self.warned_warmup = False
         self.max_steps = self.total_steps
         self.step, self.epoch, self.start_batch, self.bad_steps = 0, 0, 0, 0
         self.grad_norm: torch.Tensor | None = None
@@ -157,10 +156,9 @@ class Trainer:
         # A short budget may not even cover optim.warmup_epochs: warmup is then cut to a quarter of
         # the schedule, so that the run still reaches its peak lr and anneals.
         warmup = min(self.warmup, self.total_steps // 4)  # never lengthened: lr would dip back
-        if warmup < self.warmup and not self.warned_warmup:
+        if warmup < self.warmup == self.warmup_cfg:  # the first cut
             log.warning("budget of %g min is about %d steps: warmup cut from %d to %d steps",
                         budget, self.total_steps, self.warmup_cfg, warmup)
-            self.warned_warmup = True
         self.warmup = warmup
 
     def out_of_time(self) -> bool:
