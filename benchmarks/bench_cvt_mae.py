@@ -13,6 +13,11 @@ not re-run, so an interrupted experiment continues where it stopped.
 
 Usage:
     python benchmarks/bench_cvt_mae.py ablation --budget-min 8 --out runs/exp
+
+Cells can run side by side, one core each, which also exposes them to the same drift of a shared
+host's speed: ``--threads 1 --only vit`` in one shell and ``--threads 1 --only cvt`` in another
+(cells are separate folders, so two processes never write the same one). A last call without
+``--only`` reads the finished cells and prints the whole table.
 """
 
 from __future__ import annotations
@@ -29,8 +34,7 @@ from pathlib import Path
 import torch
 from common import checkpoint_minutes, evaluate_subject, markdown_table, measure_img_per_s, vm_hwm_mib
 
-from mimkit.cli import resolve_config_path
-from mimkit.config import load_config
+from mimkit.config import load_config, resolve_config_path
 from mimkit.engine import pretrain
 from mimkit.engine.checkpoint import list_checkpoints, load_state
 from mimkit.engine.logging import read_metrics
@@ -55,9 +59,11 @@ CVT_STRIDE = {
 }
 
 EXPERIMENTS: dict[str, list[Cell]] = {
-    "ablation": [
-        Cell(f"cvt skip={s} update_mask={u}", CVT, [f"method.skip={s}", f"method.update_mask={u}"])
-        for s in ("true", "false") for u in ("true", "false")
+    "ablation": [  # the four packaged ablation configs
+        Cell("cvt skip=true update_mask=true", CVT),
+        Cell("cvt skip=true update_mask=false", f"{CVT}_no_update_mask"),
+        Cell("cvt skip=false update_mask=true", f"{CVT}_no_skip"),
+        Cell("cvt skip=false update_mask=false", f"{CVT}_no_skip_no_update_mask"),
     ],
     "sensitivity": [
         *[Cell(f"vit patch={p} (mask {p}x{p})", VIT, [f"backbone.patch_size={p}"]) for p in (2, 4, 7)],
@@ -183,14 +189,21 @@ def main() -> None:
                     help="per-class fraction of the train split used as kNN bank / probe training set")
     ap.add_argument("--out", default="runs/cvt_experiments")
     ap.add_argument("--curve-points", type=int, default=3, help="resources: intermediate checkpoints per model")
+    ap.add_argument("--only", default="", help="run only the cells whose name contains this text")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_intermixed_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out) / args.experiment
     out.mkdir(parents=True, exist_ok=True)
     print(f"# {args.experiment}: {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     if args.experiment == "resources":
         curves = [knn_curve(Cell(name, config), out, args.budget_min, args.train_fraction, args.curve_points,
-                            args.overrides) for name, config in (("vit-mae", VIT), ("cvt-mae", CVT))]
+                            args.overrides) for name, config in (("vit-mae", VIT), ("cvt-mae", CVT))
+                  if args.only in name]
+        if args.only:
+            return
         print(markdown_table(["model", "step", "pre-train min", "kNN k=20", "kNN k=200", "linear probe"],
                              [[r["cell"], r["step"], r["minutes"], r["knn20"], r["knn200"], r["linprobe"]]
                               for rows in curves for r in rows]))
@@ -201,7 +214,7 @@ def main() -> None:
               round(r["img_per_s"]), r["peak_rss_mib"]] for r in rows]))
         return
     rows = []
-    for cell in EXPERIMENTS[args.experiment]:
+    for cell in (c for c in EXPERIMENTS[args.experiment] if args.only in c.name):
         rows.append(run_cell(cell, out, args.budget_min, args.train_fraction, args.overrides))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n# budget {args.budget_min} min per cell; kNN bank / probe set: {args.train_fraction:.0%} per class")

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from common import checkpoint_minutes, evaluate_subject, markdown_table, measure_img_per_s
 
-from mimkit.cli import resolve_config_path
-from mimkit.config import load_config
+from mimkit.config import load_config, resolve_config_path
 from mimkit.data import build_dataset
 from mimkit.engine import pretrain
 from mimkit.engine.checkpoint import list_checkpoints, load_state

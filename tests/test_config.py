@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import mimkit
 from mimkit.config import (
@@ -15,6 +14,7 @@ from mimkit.config import (
     PretrainConfig,
     TrainConfig,
     load_config,
+    load_yaml,
     parse_overrides,
     to_yaml,
 )
@@ -173,7 +173,8 @@ def test_out_of_range_values_refused(override, message):
 def test_packaged_config_loads_and_builds(path):
     assert PACKAGED.is_file()
     cfg = load_config(path)
-    raw = yaml.safe_load(path.read_text())
+    raw = load_yaml(path)  # with any base config merged underneath
+    assert "base" not in raw
     assert cfg.run_dir == raw["run_dir"]
     assert cfg.method == raw["method"]
     assert cfg.backbone == raw["backbone"]
@@ -191,6 +192,43 @@ def test_missing_and_invalid_yaml(tmp_path):
         load_config(_write(tmp_path / "bad.yaml", "a: [1, 2\n"))
     with pytest.raises(ConfigError, match="mapping"):
         load_config(_write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+
+
+def test_base_config_is_merged_underneath(tmp_path):
+    base = _write(tmp_path / "parent.yaml", "run_dir: runs/parent\nmethod:\n  name: mae\n  mask_ratio: 0.6\n"
+                                             "optim:\n  base_lr: 0.002\n")
+    _write(tmp_path / "child.yaml", f"base: {base.name}\nrun_dir: runs/child\nmethod:\n  mask_ratio: 0.5\n")
+    cfg = load_config(tmp_path / "child.yaml", ["optim.batch_size=8"])
+    assert cfg.run_dir == "runs/child"
+    assert cfg.method == {"name": "mae", "mask_ratio": 0.5}  # nested keys merge, the child's win
+    assert cfg.optim.base_lr == pytest.approx(0.002) and cfg.optim.batch_size == 8
+
+
+def test_base_config_by_packaged_name(tmp_path):
+    child = _write(tmp_path / "c.yaml", "base: cvt_mae_fmnist\nmethod:\n  skip: false\n")
+    cfg = load_config(child)
+    assert cfg.method["skip"] is False and cfg.method["name"] == "cvt_mae"
+    assert cfg.backbone == load_config(PACKAGED.parent / "cvt_mae_fmnist.yaml").backbone
+
+
+def test_ablation_configs_differ_from_the_full_method_only_in_their_switches():
+    full = load_config(PACKAGED.parent / "cvt_mae_fmnist.yaml")
+    for name, changed in [("no_skip", {"skip": False}), ("no_update_mask", {"update_mask": False}),
+                          ("no_skip_no_update_mask", {"skip": False, "update_mask": False})]:
+        cell = load_config(PACKAGED.parent / f"cvt_mae_fmnist_{name}.yaml")
+        assert cell.method == {**full.method, **changed}
+        assert (cell.data, cell.optim, cell.train, cell.backbone) == (full.data, full.optim, full.train, full.backbone)
+
+
+def test_bad_base_configs_are_named(tmp_path):
+    _write(tmp_path / "a.yaml", "base: b.yaml\n")
+    _write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: a.yaml -> b.yaml -> a.yaml"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match=r"orphan.yaml: base: config 'no_such' not found.*mae_fmnist"):
+        load_config(_write(tmp_path / "orphan.yaml", "base: no_such\n"))
+    with pytest.raises(ConfigError, match="base must be a config name"):
+        load_config(_write(tmp_path / "num.yaml", "base: 3\n"))
 
 
 def test_to_yaml_round_trip(tmp_path):

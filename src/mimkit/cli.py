@@ -7,24 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from mimkit.config import ConfigError, load_config, to_yaml
+from mimkit.config import ConfigError, load_config, resolve_config_path, to_yaml
 
-CONFIG_ROOT = Path(__file__).parent / "configs"
 log = logging.getLogger("mimkit")
-
-
-def resolve_config_path(name: str | None) -> Path | None:
-    """A YAML path as given, or a bare name looked up among the packaged configs."""
-    if name is None:
-        return None
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (CONFIG_ROOT / "pretrain" / f"{name}.yaml", CONFIG_ROOT / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    known = sorted(p.stem for p in (CONFIG_ROOT / "pretrain").glob("*.yaml"))
-    raise ConfigError(f"config {name!r} not found: not a file, and not a packaged config ({', '.join(known)})")
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:

@@ -1,7 +1,9 @@
 """Layered configuration: dataclass defaults, then a YAML file, then ``key=value`` overrides.
 
-A YAML file is exactly these dataclasses written out. Unknown keys are refused with the valid
-ones listed. ``backbone`` and ``method`` are open dictionaries because each backbone builder and
+A YAML file is exactly these dataclasses written out, optionally on top of another: ``base: NAME``
+(a packaged config's name, or a path relative to the file) is loaded first and the file's keys are
+merged over it, so an ablation cell states only what it changes. Unknown keys are refused with the
+valid ones listed. ``backbone`` and ``method`` are open dictionaries because each backbone builder and
 each method owns its settings; they are validated against the registries in :func:`validate`.
 """
 
@@ -16,9 +18,30 @@ from typing import Any
 
 import yaml
 
+CONFIG_ROOT = Path(__file__).parent / "configs"
+
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message names it."""
+
+
+def resolve_config_path(name: str | Path | None, relative_to: Path | None = None) -> Path | None:
+    """A YAML path as given (or relative to ``relative_to``), or a bare name among the packaged configs.
+
+    Raises:
+        ConfigError: Neither a file nor a packaged config; the packaged names are listed.
+
+    """
+    if name is None:
+        return None
+    for path in (Path(name), *([relative_to / name] if relative_to is not None else [])):
+        if path.is_file():
+            return path
+    for candidate in (CONFIG_ROOT / "pretrain" / f"{name}.yaml", CONFIG_ROOT / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in (CONFIG_ROOT / "pretrain").glob("*.yaml"))
+    raise ConfigError(f"config {str(name)!r} not found: not a file, and not a packaged config ({', '.join(known)})")
 
 
 @dataclass
@@ -212,8 +235,14 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, naming the file in any error."""
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping, with its ``base:`` chain merged underneath; errors name the file.
+
+    Raises:
+        ConfigError: A missing file, invalid YAML, a top level that is not a mapping, an unknown
+            base, or a chain of bases that returns to a file already in it.
+
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -223,7 +252,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return data
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a config name or path, got {base!r}")
+    try:
+        base_path = resolve_config_path(base, path.parent)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: base: {err}") from err
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        names = " -> ".join(p.name for p in (*chain, base_path.resolve()))
+        raise ConfigError(f"{path}: base configs form a cycle: {names}")
+    return _merge(load_yaml(base_path, chain), data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
