@@ -15,9 +15,10 @@ Usage:
     python benchmarks/bench_cvt_mae.py ablation --budget-min 8 --out runs/exp
 
 Cells can run side by side, one core each, which also exposes them to the same drift of a shared
-host's speed: ``--threads 1 --only vit`` in one shell and ``--threads 1 --only cvt`` in another
-(cells are separate folders, so two processes never write the same one). A last call without
-``--only`` reads the finished cells and prints the whole table.
+host's speed: ``--threads 1 --shard 0/2`` in one shell and ``--threads 1 --shard 1/2`` in another
+(or ``--only vit`` / ``--only cvt``; cells are separate folders, so two processes never write the
+same one). A last call without ``--shard`` or ``--only`` reads the finished cells and prints the
+whole table.
 """
 
 from __future__ import annotations
@@ -190,8 +191,14 @@ def main() -> None:
     ap.add_argument("--out", default="runs/cvt_experiments")
     ap.add_argument("--curve-points", type=int, default=3, help="resources: intermediate checkpoints per model")
     ap.add_argument("--only", default="", help="run only the cells whose name contains this text")
+    ap.add_argument("--shard", default="0/1", help="K/N: run every N-th cell starting at the K-th (0-based)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_intermixed_args()
+    try:
+        shard, shards = map(int, args.shard.split("/"))
+        assert 0 <= shard < shards
+    except (ValueError, AssertionError):
+        ap.error(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) / args.experiment
@@ -199,10 +206,10 @@ def main() -> None:
     print(f"# {args.experiment}: {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     if args.experiment == "resources":
-        curves = [knn_curve(Cell(name, config), out, args.budget_min, args.train_fraction, args.curve_points,
-                            args.overrides) for name, config in (("vit-mae", VIT), ("cvt-mae", CVT))
-                  if args.only in name]
-        if args.only:
+        models = [Cell(name, config) for name, config in (("vit-mae", VIT), ("cvt-mae", CVT)) if args.only in name]
+        curves = [knn_curve(cell, out, args.budget_min, args.train_fraction, args.curve_points, args.overrides)
+                  for cell in models[shard::shards]]
+        if args.only or shards > 1:
             return
         print(markdown_table(["model", "step", "pre-train min", "kNN k=20", "kNN k=200", "linear probe"],
                              [[r["cell"], r["step"], r["minutes"], r["knn20"], r["knn200"], r["linprobe"]]
@@ -214,7 +221,8 @@ def main() -> None:
               round(r["img_per_s"]), r["peak_rss_mib"]] for r in rows]))
         return
     rows = []
-    for cell in (c for c in EXPERIMENTS[args.experiment] if args.only in c.name):
+    cells = [c for c in EXPERIMENTS[args.experiment] if args.only in c.name][shard::shards]
+    for cell in cells:
         rows.append(run_cell(cell, out, args.budget_min, args.train_fraction, args.overrides))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n# budget {args.budget_min} min per cell; kNN bank / probe set: {args.train_fraction:.0%} per class")
