@@ -40,6 +40,7 @@ from mimkit.engine import pretrain
 from mimkit.engine.checkpoint import list_checkpoints, load_state
 from mimkit.engine.logging import read_metrics
 from mimkit.evaluation.runner import resolve_subject
+from mimkit.viz import first_minutes_at, save_accuracy_curves
 
 
 @dataclass
@@ -190,6 +191,10 @@ def main() -> None:
                     help="per-class fraction of the train split used as kNN bank / probe training set")
     ap.add_argument("--out", default="runs/cvt_experiments")
     ap.add_argument("--curve-points", type=int, default=3, help="resources: intermediate checkpoints per model")
+    ap.add_argument("--reach-knn", type=float, nargs="*", default=[74, 76, 78, 80],
+                    help="resources: kNN k=20 accuracies whose time to reach is tabulated")
+    ap.add_argument("--reach-linprobe", type=float, nargs="*", default=[80, 82, 83, 84],
+                    help="resources: linear-probe accuracies whose time to reach is tabulated")
     ap.add_argument("--only", default="", help="run only the cells whose name contains this text")
     ap.add_argument("--shard", default="0/1", help="K/N: run every N-th cell starting at the K-th (0-based)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -214,6 +219,16 @@ def main() -> None:
         print(markdown_table(["model", "step", "pre-train min", "kNN k=20", "kNN k=200", "linear probe"],
                              [[r["cell"], r["step"], r["minutes"], r["knn20"], r["knn200"], r["linprobe"]]
                               for rows in curves for r in rows]))
+        by_model = {cell.name: rows for cell, rows in zip(models, curves, strict=True)}
+        reach = [(key, t) for key, targets in (("knn20", args.reach_knn), ("linprobe", args.reach_linprobe))
+                 for t in targets]
+        print("\n# pre-training minutes until the first checkpoint at or above an accuracy (- : never)")
+        print(markdown_table(["accuracy", *by_model], [
+            [f"{'kNN k=20' if key == 'knn20' else 'linear probe'} >= {t:g}",
+             *[first_minutes_at(rows, key, t) or "-" for rows in by_model.values()]] for key, t in reach]))
+        png = save_accuracy_curves(by_model, out / "accuracy_vs_minutes.png",
+                                   f"{args.budget_min:g}-minute budget, {args.train_fraction:.0%} bank")
+        print(f"\n# figure: {png}")
         rows = resources(out)
         print("\n" + markdown_table(
             ["config", "encoder params", "total params", "train GFLOP/img", "img/s", "peak RSS MiB"],

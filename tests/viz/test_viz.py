@@ -8,7 +8,13 @@ from PIL import Image
 
 from mimkit.data.transforms import Normalize
 from mimkit.engine.logging import RunLogger, read_metrics
-from mimkit.viz import reconstruction_panels, save_loss_curve, save_reconstructions
+from mimkit.viz import (
+    first_minutes_at,
+    reconstruction_panels,
+    save_accuracy_curves,
+    save_loss_curve,
+    save_reconstructions,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NORM = Normalize([0.3], [0.35])
@@ -79,3 +85,24 @@ def test_save_loss_curve_without_losses(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1, "skipped_nonfinite": 1}\n')
     with pytest.raises(FileNotFoundError):
         save_loss_curve(run)
+
+
+CURVES = {
+    "vit-mae": [{"minutes": 10.0, "knn20": 76.0, "linprobe": 80.0}, {"minutes": 5.0, "knn20": 72.0, "linprobe": 77.0},
+                {"minutes": 20.0, "knn20": 79.5, "linprobe": 82.8}],
+    "cvt-mae": [{"minutes": 10.4, "knn20": 75.1, "linprobe": 81.2}, {"minutes": 20.7, "knn20": 78.5, "linprobe": 82.4}],
+}
+
+
+def test_first_minutes_at():
+    assert first_minutes_at(CURVES["vit-mae"], "knn20", 76.0) == 10.0  # the first reaching, not the first listed
+    assert first_minutes_at(CURVES["cvt-mae"], "linprobe", 81.0) == 10.4
+    assert first_minutes_at(CURVES["cvt-mae"], "knn20", 79.0) is None
+
+
+def test_save_accuracy_curves(tmp_path):
+    path = save_accuracy_curves(CURVES, tmp_path / "sub" / "curves.png", "40 min")
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10000
+    with pytest.raises(ValueError, match="no evaluated"):
+        save_accuracy_curves({"a": []}, tmp_path / "empty.png")

@@ -1,6 +1,12 @@
 """Figures: reconstructions and curves."""
 
-from mimkit.viz.curves import save_loss_curve
+from mimkit.viz.curves import first_minutes_at, save_accuracy_curves, save_loss_curve
 from mimkit.viz.reconstructions import reconstruction_panels, save_reconstructions
 
-__all__ = ["reconstruction_panels", "save_loss_curve", "save_reconstructions"]
+__all__ = [
+    "first_minutes_at",
+    "reconstruction_panels",
+    "save_accuracy_curves",
+    "save_loss_curve",
+    "save_reconstructions",
+]

@@ -38,3 +38,54 @@ def save_loss_curve(run_dir: Path, path: Path | None = None) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+ACCURACY_KEYS = {"knn20": "kNN k=20 (%)", "linprobe": "linear probe (%)"}
+
+
+def first_minutes_at(rows: list[dict], key: str, threshold: float) -> float | None:
+    """Pre-training minutes of the first evaluated checkpoint whose ``key`` reaches ``threshold``.
+
+    Args:
+        rows: One dict per checkpoint with ``minutes`` and the accuracy ``key``, in any order.
+        key: Accuracy field, e.g. ``"knn20"``.
+        threshold: Accuracy to reach, in percent.
+
+    Returns:
+        The minutes, or None when no checkpoint reaches it.
+
+    """
+    reached = [r["minutes"] for r in rows if r[key] >= threshold]
+    return min(reached) if reached else None
+
+
+def save_accuracy_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> Path:
+    """Plot frozen-feature accuracy against pre-training minutes, one line per model; returns the PNG path.
+
+    Args:
+        curves: Model name to its checkpoints' rows (``minutes``, ``knn20``, ``linprobe``).
+        path: Where to write the PNG.
+        title: Figure title, e.g. the budget and the evaluation protocol.
+
+    Raises:
+        ValueError: When no model has any evaluated checkpoint.
+
+    """
+    if not any(curves.values()):
+        raise ValueError("no evaluated checkpoints to plot")
+    fig, axes = plt.subplots(1, len(ACCURACY_KEYS), figsize=(10, 3.8))
+    for ax, (key, label) in zip(axes, ACCURACY_KEYS.items(), strict=True):
+        for name, rows in curves.items():
+            rows = sorted(rows, key=lambda r: r["minutes"])
+            ax.plot([r["minutes"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+        ax.set_xlabel("pre-training minutes")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
