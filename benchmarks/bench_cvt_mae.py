@@ -137,10 +137,10 @@ def knn_curve(cell: Cell, out: Path, budget: float, train_fraction: float, point
     return rows
 
 
-def resources(out: Path, batch: int = 64) -> list[dict]:
-    """Encoder parameters, training FLOPs per image, img/s and peak memory of each packaged method."""
+def resources(out: Path, configs: tuple[str, ...] = (VIT, CVT), batch: int = 64) -> list[dict]:
+    """Encoder parameters, training FLOPs per image, img/s and peak memory of each config."""
     rows = []
-    for name in (VIT, CVT):
+    for name in configs:
         # A child process per model, so that the resident-set high-water mark is this model's alone.
         code = (f"import sys; sys.argv=['x']; from bench_cvt_mae import _measure; "
                 f"_measure({name!r}, {batch})")
@@ -195,6 +195,8 @@ def main() -> None:
                     help="resources: kNN k=20 accuracies whose time to reach is tabulated")
     ap.add_argument("--reach-linprobe", type=float, nargs="*", default=[80, 82, 83, 84],
                     help="resources: linear-probe accuracies whose time to reach is tabulated")
+    ap.add_argument("--vit-config", default=VIT, help="resources: the ViT-MAE config")
+    ap.add_argument("--cvt-config", default=CVT, help="resources: the CvT-MAE config")
     ap.add_argument("--only", default="", help="run only the cells whose name contains this text")
     ap.add_argument("--shard", default="0/1", help="K/N: run every N-th cell starting at the K-th (0-based)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -211,7 +213,8 @@ def main() -> None:
     print(f"# {args.experiment}: {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     if args.experiment == "resources":
-        models = [Cell(name, config) for name, config in (("vit-mae", VIT), ("cvt-mae", CVT)) if args.only in name]
+        models = [Cell(name, config) for name, config in (("vit-mae", args.vit_config), ("cvt-mae", args.cvt_config))
+                  if args.only in name]
         curves = [knn_curve(cell, out, args.budget_min, args.train_fraction, args.curve_points, args.overrides)
                   for cell in models[shard::shards]]
         if args.only or shards > 1:
@@ -229,7 +232,7 @@ def main() -> None:
         png = save_accuracy_curves(by_model, out / "accuracy_vs_minutes.png",
                                    f"{args.budget_min:g}-minute budget, {args.train_fraction:.0%} bank")
         print(f"\n# figure: {png}")
-        rows = resources(out)
+        rows = resources(out, (args.vit_config, args.cvt_config))
         print("\n" + markdown_table(
             ["config", "encoder params", "total params", "train GFLOP/img", "img/s", "peak RSS MiB"],
             [[r["config"], f"{r['encoder_params']:,}", f"{r['total_params']:,}", f"{r['train_gflop_per_img']:.3f}",
