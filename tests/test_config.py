@@ -204,6 +204,15 @@ def test_base_config_is_merged_underneath(tmp_path):
     assert cfg.optim.base_lr == pytest.approx(0.002) and cfg.optim.batch_size == 8
 
 
+def test_base_path_is_relative_to_the_file_not_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    _write(tmp_path / "cfg" / "parent.yaml", "run_dir: runs/right\n")
+    _write(tmp_path / "parent.yaml", "run_dir: runs/wrong\n")
+    _write(tmp_path / "cfg" / "child.yaml", "base: parent.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("cfg/child.yaml").run_dir == "runs/right"
+
+
 def test_base_config_by_packaged_name(tmp_path):
     child = _write(tmp_path / "c.yaml", "base: cvt_mae_fmnist\nmethod:\n  skip: false\n")
     cfg = load_config(child)

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 
 def resolve_config_path(name: str | Path | None, relative_to: Path | None = None) -> Path | None:
-    """A YAML path as given (or relative to ``relative_to``), or a bare name among the packaged configs.
+    """A YAML path (relative to ``relative_to`` first when given), or a bare name among the packaged configs.
 
     Raises:
         ConfigError: Neither a file nor a packaged config; the packaged names are listed.
@@ -34,7 +34,7 @@ def resolve_config_path(name: str | Path | None, relative_to: Path | None = None
     """
     if name is None:
         return None
-    for path in (Path(name), *([relative_to / name] if relative_to is not None else [])):
+    for path in ([relative_to / name] if relative_to is not None else []) + [Path(name)]:
         if path.is_file():
             return path
     for candidate in (CONFIG_ROOT / "pretrain" / f"{name}.yaml", CONFIG_ROOT / f"{name}.yaml"):
