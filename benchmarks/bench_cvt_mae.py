@@ -5,7 +5,8 @@ Each experiment is a list of cells; every cell pre-trains for the same ``--budge
 the frozen-feature protocol of ``mimkit knn`` / ``mimkit linprobe``. Cells whose results exist are
 not re-run, so an interrupted experiment continues where it stopped.
 
-    ablation     skip x update mask (2 x 2)
+    ablation     skip x update mask (2 x 2) on the CvT-MAE config ``--cvt-config``
+    recipe       mask ratio, loss and learning rate of the CvT-MAE config ``--cvt-config``, one at a time
     sensitivity  patch size x mask size, ViT-MAE against CvT-MAE
     small_crop   pre-train on random crops at half resolution, evaluate at full resolution
     resources    parameters, FLOPs, peak memory and images/s of CvT-MAE against ViT-MAE, and the kNN
@@ -57,13 +58,21 @@ CVT, VIT = "cvt_mae_fmnist", "mae_fmnist"
 # CvT configs with token strides 2 and 4 (the CvT counterpart of a ViT patch size).
 CVT_STRIDE = {2: CVT, 4: f"{CVT}_s4"}
 
+
+def cvt_cells(experiment: str, cvt: str) -> list[Cell]:
+    """The cells of the experiments that vary one CvT-MAE config (``cvt``) by overrides.
+
+    For ``cvt_mae_fmnist`` the ablation cells equal the packaged ``cvt_mae_fmnist_no_skip`` etc.
+    """
+    if experiment == "ablation":
+        return [Cell(f"cvt skip={s} update_mask={u}", cvt, [f"method.skip={s}", f"method.update_mask={u}"])
+                for s in ("true", "false") for u in ("true", "false")]
+    # recipe: the config as packaged, then one change at a time
+    return [Cell("cvt as packaged", cvt), Cell("cvt mask_ratio=0.75", cvt, ["method.mask_ratio=0.75"]),
+            Cell("cvt loss=mae", cvt, ["method.loss=mae"]), Cell("cvt base_lr=2e-3", cvt, ["optim.base_lr=2e-3"])]
+
+
 EXPERIMENTS: dict[str, list[Cell]] = {
-    "ablation": [  # the four packaged ablation configs
-        Cell("cvt skip=true update_mask=true", CVT),
-        Cell("cvt skip=true update_mask=false", f"{CVT}_no_update_mask"),
-        Cell("cvt skip=false update_mask=true", f"{CVT}_no_skip"),
-        Cell("cvt skip=false update_mask=false", f"{CVT}_no_skip_no_update_mask"),
-    ],
     "sensitivity": [
         *[Cell(f"vit patch={p} (mask {p}x{p})", VIT, [f"backbone.patch_size={p}"]) for p in (2, 4, 7)],
         *[Cell(f"cvt stride={s} mask={m}x{m}", CVT_STRIDE[s], [f"method.mask_size={m}"])
@@ -181,7 +190,7 @@ def _measure(config: str, batch: int, steps: int = 6) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("experiment", choices=[*EXPERIMENTS, "resources"])
+    ap.add_argument("experiment", choices=["ablation", "recipe", *EXPERIMENTS, "resources"])
     ap.add_argument("overrides", nargs="*", help="key=value applied to every cell")
     ap.add_argument("--budget-min", type=float, default=8.0, help="pre-training minutes per cell")
     ap.add_argument("--train-fraction", type=float, default=0.2,
@@ -193,7 +202,7 @@ def main() -> None:
     ap.add_argument("--reach-linprobe", type=float, nargs="*", default=[80, 82, 83, 84],
                     help="resources: linear-probe accuracies whose time to reach is tabulated")
     ap.add_argument("--vit-config", default=VIT, help="resources: the ViT-MAE config")
-    ap.add_argument("--cvt-config", default=CVT, help="resources: the CvT-MAE config")
+    ap.add_argument("--cvt-config", default=CVT, help="resources, ablation, recipe: the CvT-MAE config")
     ap.add_argument("--only", default="", help="run only the cells whose name contains this text")
     ap.add_argument("--shard", default="0/1", help="K/N: run every N-th cell starting at the K-th (0-based)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -236,7 +245,9 @@ def main() -> None:
               round(r["img_per_s"]), r["peak_rss_mib"]] for r in rows]))
         return
     rows = []
-    cells = [c for c in EXPERIMENTS[args.experiment] if args.only in c.name][shard::shards]
+    all_cells = (cvt_cells(args.experiment, args.cvt_config) if args.experiment in ("ablation", "recipe")
+                 else EXPERIMENTS[args.experiment])
+    cells = [c for c in all_cells if args.only in c.name][shard::shards]
     for cell in cells:
         rows.append(run_cell(cell, out, args.budget_min, args.train_fraction, args.overrides))
         print(json.dumps(rows[-1]), flush=True)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mimkit.backbones import ConvVisionTransformer, create_backbone
+from mimkit.backbones.layers.conv_attention import ConvProjection, _bf16_on_cpu
 from mimkit.backbones.layers.partial_conv import ConvEmbed, update_ratio, window_count
 from mimkit.masking import pixel_block_mask
 
@@ -139,3 +140,19 @@ def test_forward_intermediates_last_one_is_forward_features():
         torch.testing.assert_close(outs[-1], enc.forward_features(x))
     with pytest.raises(ValueError, match=r"\[1, 3\]"):
         enc.forward_intermediates(x, 4)
+
+
+@pytest.mark.parametrize("size", [2, 7, 14])
+def test_conv_projection_bf16_path_equals_the_strided_conv(size):
+    """Under CPU bf16 the strided k/v projection runs as a sampled stride-1 conv: same shape, same numbers."""
+    torch.manual_seed(0)
+    proj = ConvProjection(8, stride=2)
+    x = torch.randn(3, 8, size, size)
+    ref = proj.bn(proj.conv(x)).flatten(2).transpose(1, 2)  # the plain strided conv, fp32
+    with torch.autocast("cpu", torch.bfloat16):
+        assert _bf16_on_cpu(x)
+        out = proj(x)
+    assert out.shape == ref.shape == (3, ((size + 1) // 2) ** 2, 8)
+    assert torch.allclose(out.float(), ref, atol=0.05, rtol=0.02)
+    assert not _bf16_on_cpu(x)
+    assert torch.equal(proj(x), ref)

@@ -26,8 +26,25 @@ class ConvProjection(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, D, H, W]`` map to ``[N, H' * W', D]`` tokens."""
-        return self.bn(self.conv(x)).flatten(2).transpose(1, 2)
+        """``[N, D, H, W]`` map to ``[N, ceil(H / s) * ceil(W / s), D]`` tokens (``s`` the stride)."""
+        stride = self.conv.stride[0]
+        if stride > 1 and _bf16_on_cpu(x):
+            # The stride-1 conv sampled every `stride` pixels: the same numbers. PyTorch's CPU backward
+            # of a strided depthwise conv takes a slow path in bf16 (about 10x the stride-1 conv's
+            # time), which made the whole CvT-MAE step 1.9x slower in bf16 than in fp32; in fp32 the
+            # strided kernel is the faster one (BENCHMARKS.md, section 9).
+            y = F.conv2d(x, self.conv.weight, None, 1, 1, 1, self.conv.groups)[..., ::stride, ::stride]
+        else:
+            y = self.conv(x)
+        return self.bn(y).flatten(2).transpose(1, 2)
+
+
+def _bf16_on_cpu(x: torch.Tensor) -> bool:
+    """Whether a conv on ``x`` runs in bf16 on the CPU (a bf16 tensor, or CPU autocast to bf16)."""
+    if x.device.type != "cpu":
+        return False
+    return x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 class ConvAttention(nn.Module):
