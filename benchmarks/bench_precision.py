@@ -12,6 +12,7 @@ under CPU bf16 (``mimkit.backbones.layers.conv_attention``).
 
 Usage:
     python benchmarks/bench_precision.py cvt_mae_fmnist_s4 cvt_mae_fmnist mae_fmnist --kernel
+    python benchmarks/bench_precision.py mae_fmnist,backbone.name=vit_small_p4 --batch 64
 """
 
 from __future__ import annotations
@@ -52,8 +53,13 @@ def alternate(fns: dict[str, Callable[[], None]], rounds: int, steps: int, items
 
 
 def train_step(config: str, batch: int) -> dict[str, Callable[[], None]]:
-    """fp32 and bf16 training steps of one packaged config (one model, one optimizer)."""
-    cfg = load_config(str(resolve_config_path(config)), ["train.device=cpu"])
+    """fp32 and bf16 training steps of one config (one model, one optimizer).
+
+    ``config`` is a packaged name or YAML path, optionally followed by comma-separated overrides:
+    ``mae_fmnist,backbone.name=vit_small_p4``.
+    """
+    name, *overrides = config.split(",")
+    cfg = load_config(str(resolve_config_path(name)), ["train.device=cpu", *overrides])
     method = method_from_config(cfg).train()
     opt = build_optimizer(method, cfg.optim, 1e-4)
     x = torch.randn(batch, cfg.data.channels, cfg.data.img_size, cfg.data.img_size)
@@ -88,7 +94,8 @@ def conv_steps(dim: int, size: int, batch: int) -> dict[str, Callable[[], None]]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("configs", nargs="+", help="packaged config names or YAML paths")
+    ap.add_argument("configs", nargs="+", help="packaged config names or YAML paths, each optionally "
+                    "followed by comma-separated key=value overrides")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per precision per round")

@@ -2,7 +2,7 @@
 # Set up, then the main job on the built-in default: pre-train the hybrid CvT-MAE on Fashion-MNIST on
 # the CPU for a few minutes, evaluate it with kNN and a linear probe beside the raw-pixel baseline,
 # and save reconstructions.
-#   CONFIG=mae_fmnist bash scripts/quickstart.sh      # the plain ViT MAE instead
+#   CONFIG=mae_fmnist bash scripts/quickstart.sh      # the plain ViT MAE instead (cvt_mae_fmnist: CvT stride 2)
 #   MINUTES=10 bash scripts/quickstart.sh             # a longer pre-training budget
 #   MINUTES=0 bash scripts/quickstart.sh train.epochs=5   # schedule by epochs, no time budget
 #   FRACTION=1 bash scripts/quickstart.sh             # evaluate with the whole train split
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 M=.venv/bin/mimkit
-CONFIG=${CONFIG:-cvt_mae_fmnist}
+CONFIG=${CONFIG:-cvt_mae_fmnist_s4}
 MINUTES=${MINUTES:-5}
 # A per-class 20 % of the train split as kNN bank / probe training set keeps evaluation to a minute or
 # two; the full 10,000-image test set is always used.

@@ -208,11 +208,15 @@ class ConvVisionTransformer(nn.Module):
 
 
 CVT_PRESETS: dict[str, dict[str, object]] = {
-    # Small-image presets (28-64 px inputs): every stage halves the map, 28 px -> 14, 7, 4.
+    # Small-image presets (28-64 px inputs); _s2: every stage halves the map, 28 px -> 14, 7, 4.
     "cvt_micro_s2": dict(dims=(32, 64, 128), num_heads=(1, 2, 4), depths=(1, 1, 2), kernels=(3, 3, 3),
                          strides=(2, 2, 2), paddings=(1, 1, 1), img_size=28),
     "cvt_tiny_s2": dict(dims=(32, 96, 192), num_heads=(1, 2, 3), depths=(1, 2, 4), kernels=(3, 3, 3),
                         strides=(2, 2, 2), paddings=(1, 1, 1), img_size=28),
+    # CvT-13's 7x7/4 first embedding on a small image (28 px -> 7, 4, 2): a quarter of cvt_tiny_s2's
+    # stage-1 tokens, so 2.2-2.7x its training speed on a CPU (BENCHMARKS.md, sections 6, 8 and 9).
+    "cvt_tiny_s4": dict(dims=(32, 96, 192), num_heads=(1, 2, 3), depths=(1, 2, 4), kernels=(7, 3, 3),
+                        strides=(4, 2, 2), paddings=(2, 1, 1), img_size=28),
     "cvt_small_s2": dict(dims=(64, 192, 384), num_heads=(1, 3, 6), depths=(1, 2, 6), kernels=(3, 3, 3),
                          strides=(2, 2, 2), paddings=(1, 1, 1), img_size=64),
     # The published ImageNet models.
