@@ -1,9 +1,10 @@
 """Training speed in fp32 against bf16 autocast, per packaged config, and the strided depthwise conv.
 
 For each config, one training step (forward, backward, AdamW) on a batch of random images is timed
-in fp32 and under bf16 autocast, alternating round after round in one process so that the host's
-drift hits both alike; the figure is the median over rounds and the ratio bf16 / fp32. This is what
-``train.precision=auto`` decides between on a CPU with native bf16 (AVX512-BF16 or AMX).
+in fp32 and under the engine's bf16 context (autocast, and the math attention kernel on a CPU),
+alternating round after round in one process so that the host's drift hits both alike; the figure
+is the median over rounds and the ratio bf16 / fp32. This is what ``train.precision=auto`` decides
+between on a CPU with native bf16 (AVX512-BF16 or AMX).
 
 ``--kernel`` also times the CvT's strided depthwise 3x3 conv (forward + backward) against the same
 conv at stride 1 sampled every second pixel, which computes the same numbers: PyTorch's CPU backward
@@ -29,6 +30,7 @@ from common import markdown_table
 
 from mimkit.config import load_config, resolve_config_path
 from mimkit.engine.optim import build_optimizer
+from mimkit.engine.precision import autocast
 from mimkit.models import method_from_config
 
 
@@ -65,7 +67,7 @@ def train_step(config: str, batch: int) -> dict[str, Callable[[], None]]:
     x = torch.randn(batch, cfg.data.channels, cfg.data.img_size, cfg.data.img_size)
 
     def step(bf16: bool) -> None:
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        with autocast(torch.device("cpu"), "bf16" if bf16 else "fp32"):  # the engine's context
             loss = method(x).loss
         loss.backward()
         opt.step()
