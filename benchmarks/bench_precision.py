@@ -1,15 +1,15 @@
 """Training speed in fp32 against bf16 autocast, per packaged config, and the strided depthwise conv.
 
 For each config, one training step (forward, backward, AdamW) on a batch of random images is timed
-in fp32 and under the engine's bf16 context (autocast, and the math attention kernel on a CPU),
+in fp32 and under the engine's bf16 autocast (the models pick their CPU kernels themselves),
 alternating round after round in one process so that the host's drift hits both alike; the figure
 is the median over rounds and the ratio bf16 / fp32. This is what ``train.precision=auto`` decides
 between on a CPU with native bf16 (AVX512-BF16 or AMX).
 
-``--kernel`` also times the CvT's strided depthwise 3x3 conv (forward + backward) against the same
-conv at stride 1 sampled every second pixel, which computes the same numbers: PyTorch's CPU backward
-of the strided depthwise conv is slow in bf16, so the CvT's k/v projection uses the sampled form
-under CPU bf16 (``mimkit.backbones.layers.conv_attention``).
+``--kernel`` also times two kernels that are slow in bf16 on a CPU, each against what replaces it:
+the CvT's strided depthwise 3x3 conv against the same conv at stride 1 sampled every second pixel
+(the same numbers), and the flash attention kernel against the math kernel at several sequence
+lengths: ``mimkit.backbones.layers.cpu_kernels`` picks the faster one under CPU bf16.
 
 Usage:
     python benchmarks/bench_precision.py cvt_mae_fmnist_s4 cvt_mae_fmnist mae_fmnist --kernel
@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from common import markdown_table
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mimkit.config import load_config, resolve_config_path
 from mimkit.engine.optim import build_optimizer
@@ -67,7 +68,7 @@ def train_step(config: str, batch: int) -> dict[str, Callable[[], None]]:
     x = torch.randn(batch, cfg.data.channels, cfg.data.img_size, cfg.data.img_size)
 
     def step(bf16: bool) -> None:
-        with autocast(torch.device("cpu"), "bf16" if bf16 else "fp32"):  # the engine's context
+        with autocast(torch.device("cpu"), "bf16" if bf16 else "fp32"):  # the engine's autocast
             loss = method(x).loss
         loss.backward()
         opt.step()
@@ -91,6 +92,20 @@ def conv_steps(dim: int, size: int, batch: int) -> dict[str, Callable[[], None]]
 
         fns[f"strided {dtype_name}"] = strided
         fns[f"sampled {dtype_name}"] = sampled
+    return fns
+
+
+def attention_steps(shape: tuple[int, int, int, int]) -> dict[str, Callable[[], None]]:
+    """``scaled_dot_product_attention`` forward + backward, flash against math kernel, fp32 and bf16."""
+    fns = {}
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+        for kernel in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+            def run(q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v, kernel: SDPBackend = kernel) -> None:
+                with sdpa_kernel(kernel):
+                    F.scaled_dot_product_attention(q, k, v).float().sum().backward()
+
+            fns[f"{'flash' if kernel == SDPBackend.FLASH_ATTENTION else 'math'} {dtype_name}"] = run
     return fns
 
 
@@ -122,6 +137,12 @@ def main() -> None:
             rows.append([f"{dim} x {size}x{size}", *[f"{1e3 * args.batch / med[k]:.1f}" for k in med]])
         print("\n# depthwise 3x3 stride-2 conv, forward + backward, ms per batch")
         print(markdown_table(["channels x map", *med], rows))
+        rows = []
+        for heads, length, head_dim in ((3, 13, 64), (4, 50, 32), (3, 100, 64), (3, 160, 64), (6, 197, 64)):
+            med = alternate(attention_steps((args.batch, heads, length, head_dim)), args.rounds, args.steps, args.batch)
+            rows.append([f"{heads} x {length} x {head_dim}", *[f"{1e3 * args.batch / med[k]:.1f}" for k in med]])
+        print("\n# scaled_dot_product_attention, forward + backward, ms per batch (heads x tokens x head dim)")
+        print(markdown_table(["shape", *med], rows))
 
 
 if __name__ == "__main__":

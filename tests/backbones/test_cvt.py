@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mimkit.backbones import ConvVisionTransformer, create_backbone
-from mimkit.backbones.layers.conv_attention import ConvProjection, _bf16_on_cpu
+from mimkit.backbones.layers.conv_attention import ConvProjection
+from mimkit.backbones.layers.cpu_kernels import bf16_on_cpu
 from mimkit.backbones.layers.partial_conv import ConvEmbed, update_ratio, window_count
 from mimkit.masking import pixel_block_mask
 
@@ -150,9 +151,9 @@ def test_conv_projection_bf16_path_equals_the_strided_conv(size):
     x = torch.randn(3, 8, size, size)
     ref = proj.bn(proj.conv(x)).flatten(2).transpose(1, 2)  # the plain strided conv, fp32
     with torch.autocast("cpu", torch.bfloat16):
-        assert _bf16_on_cpu(x)
+        assert bf16_on_cpu(x)
         out = proj(x)
     assert out.shape == ref.shape == (3, ((size + 1) // 2) ** 2, 8)
     assert torch.allclose(out.float(), ref, atol=0.05, rtol=0.02)
-    assert not _bf16_on_cpu(x)
+    assert not bf16_on_cpu(x)
     assert torch.equal(proj(x), ref)

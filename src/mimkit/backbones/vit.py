@@ -12,6 +12,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from mimkit.backbones.layers.cpu_kernels import attention_kernel
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.pos_embed import sincos_2d
 
@@ -140,7 +141,8 @@ class VisionTransformer(nn.Module):
             tokens = torch.gather(tokens, 1, index)  # [N, K, D]
         cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
         tokens = torch.cat([cls, tokens], dim=1)
-        return self.norm(self.blocks(tokens))
+        with attention_kernel(tokens, tokens.shape[1], tokens.shape[1]):
+            return self.norm(self.blocks(tokens))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int = 1) -> list[torch.Tensor]:
         """Outputs of the last ``indices`` blocks, each through the final norm (timm's API, NLC format).

@@ -7,7 +7,6 @@ import functools
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,17 +33,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU or CUDA for ``bf16`` (or ``auto`` resolving to it), else nothing.
-
-    On the CPU it also restricts ``scaled_dot_product_attention`` to the math kernel: PyTorch's CPU
-    flash-attention backward is 2-3.5x slower in bf16 than the math kernel at the sequence lengths
-    measured (13-197 tokens) and took 43 % of a bf16 MAE step (BENCHMARKS.md, section 1). The
-    backward of an op follows the kernel its forward chose, so the forward's context is enough.
-    """
-    if resolve_precision(precision, device) != "bf16":
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-    if device.type == "cpu":
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    return stack
+    """bf16 autocast on CPU or CUDA for ``bf16`` (or ``auto`` resolving to it), else nothing."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -6,6 +6,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from mimkit.backbones.layers.cpu_kernels import attention_kernel
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.pos_embed import sincos_2d
 
@@ -69,6 +70,7 @@ class MaskTokenDecoder(nn.Module):
         tokens = torch.gather(tokens, 1, index)  # [N, L, d], original order
         tokens = tokens + sincos_2d(*grid, self.dim, x.device).to(x.dtype)
         tokens = torch.cat([x[:, :1], tokens], dim=1)
-        tokens = self.norm(self.blocks(tokens))
+        with attention_kernel(tokens, tokens.shape[1], tokens.shape[1]):
+            tokens = self.norm(self.blocks(tokens))
         return self.pred(tokens[:, 1:])  # [N, L, out_dim]
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
+from mimkit.backbones.layers.cpu_kernels import attention_kernel, bf16_on_cpu
 from mimkit.backbones.layers.norm import layer_norm
 
 
@@ -28,23 +29,16 @@ class ConvProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, D, H, W]`` map to ``[N, ceil(H / s) * ceil(W / s), D]`` tokens (``s`` the stride)."""
         stride = self.conv.stride[0]
-        if stride > 1 and _bf16_on_cpu(x):
+        if stride > 1 and bf16_on_cpu(x):
             # The stride-1 conv sampled every `stride` pixels: the same numbers. PyTorch's CPU backward
             # of a strided depthwise conv takes a slow path in bf16 (about 10x the stride-1 conv's
             # time), which made the whole CvT-MAE step 1.9x slower in bf16 than in fp32; in fp32 the
-            # strided kernel is the faster one (BENCHMARKS.md, section 9).
+            # strided kernel is the faster one (BENCHMARKS.md, section 10).
             y = F.conv2d(x, self.conv.weight, None, 1, 1, 1, self.conv.groups)[..., ::stride, ::stride]
         else:
             y = self.conv(x)
         return self.bn(y).flatten(2).transpose(1, 2)
 
-
-def _bf16_on_cpu(x: torch.Tensor) -> bool:
-    """Whether a conv on ``x`` runs in bf16 on the CPU (a bf16 tensor, or CPU autocast to bf16)."""
-    if x.device.type != "cpu":
-        return False
-    return x.dtype == torch.bfloat16 or (
-        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 class ConvAttention(nn.Module):
@@ -74,7 +68,8 @@ class ConvAttention(nn.Module):
         q = self._heads(self.proj_q(self.conv_q(fmap)))  # [N, h, HW, D/h]
         k = self._heads(self.proj_k(self.conv_k(fmap)))  # [N, h, H'W', D/h]
         v = self._heads(self.proj_v(self.conv_v(fmap)))
-        out = F.scaled_dot_product_attention(q, k, v)  # [N, h, HW, D/h]
+        with attention_kernel(x, q.shape[-2], k.shape[-2]):
+            out = F.scaled_dot_product_attention(q, k, v)  # [N, h, HW, D/h]
         return self.proj(out.transpose(1, 2).reshape(n, length, d))
 
 
