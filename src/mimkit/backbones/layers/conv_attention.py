@@ -31,14 +31,13 @@ class ConvProjection(nn.Module):
         stride = self.conv.stride[0]
         if stride > 1 and bf16_on_cpu(x):
             # The stride-1 conv sampled every `stride` pixels: the same numbers. PyTorch's CPU backward
-            # of a strided depthwise conv takes a slow path in bf16 (about 10x the stride-1 conv's
+            # of a strided depthwise conv takes a slow path in bf16 (up to 15x the stride-1 conv's
             # time), which made the whole CvT-MAE step 1.9x slower in bf16 than in fp32; in fp32 the
             # strided kernel is the faster one (BENCHMARKS.md, section 10).
             y = F.conv2d(x, self.conv.weight, None, 1, 1, 1, self.conv.groups)[..., ::stride, ::stride]
         else:
             y = self.conv(x)
         return self.bn(y).flatten(2).transpose(1, 2)
-
 
 
 class ConvAttention(nn.Module):
