@@ -63,17 +63,14 @@ def build(which: str) -> torch.nn.Module:
 def make_step(which: str, model: torch.nn.Module, precision: str, device: torch.device):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
-    forced = contextlib.nullcontext
-    if which == "hf_math_attention":
-        which = "hf"
-
-        def forced() -> contextlib.AbstractContextManager:
-            return sdpa_kernel(SDPBackend.MATH)
+    force_math = which == "hf_math_attention"
+    which = "hf" if force_math else which
 
     def ctx() -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"))
-        stack.enter_context(forced())
+        if force_math:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         return stack
 
     def step(x: torch.Tensor) -> None:
