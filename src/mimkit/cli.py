@@ -4,12 +4,45 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from mimkit.config import ConfigError, load_config, resolve_config_path, to_yaml
+from mimkit.errors import MimkitError
 
 log = logging.getLogger("mimkit")
+_SETTING = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other mimkit error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low: float, inclusive: bool = True, what: str | None = None):
+    """An argparse type: a ``kind`` number >= ``low`` (> ``low`` unless ``inclusive``)."""
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or (value < low if inclusive else value <= low):
+            rule = what or (f">= {low}" if inclusive else f"> {low}")
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, what="a positive integer")
+POSITIVE_FLOAT = _number(float, 0.0, inclusive=False, what="positive")
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -24,16 +57,17 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 def _eval_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("args", nargs="*", metavar="RUN|key=value",
-                   help="a run folder or checkpoint, then data.* overrides (e.g. data.img_size=32)")
+                   help="a run folder or checkpoint, and data.* overrides (e.g. data.img_size=32), in any order")
     p.add_argument("--baseline", choices=["pixels", "random"], help="evaluate a built-in baseline instead")
     p.add_argument("--config", help="config for a baseline without a run (path or packaged name)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--batch-size", type=int, default=512, help="images per feature-extraction pass")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=512, help="images per feature-extraction pass")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-fraction", type=float, default=1.0,
-                   help="per-class fraction of the labelled train split to use (kNN bank / probe training set)")
-    p.add_argument("--blocks", type=int, default=1,
+    p.add_argument("--train-fraction", type=_number(float, 0.0, inclusive=False), default=1.0,
+                   help="per-class fraction in (0, 1] of the labelled train split to use (kNN bank / probe "
+                   "training set)")
+    p.add_argument("--blocks", type=POSITIVE_INT, default=1,
                    help="concatenate the pooled outputs of the last N blocks (default 1: the final features)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -41,28 +75,30 @@ def _eval_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     """The one parser for every command."""
-    parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling pre-training and evaluation.")
+    parser = _Parser(prog="mimkit", description="Masked image modeling pre-training and evaluation.")
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("pretrain", help="pre-train a method", description="Pre-train a method. "
                        "Settings: defaults, then --config, then key=value overrides (dotted keys).")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=1e-3 method.mask_ratio=0.6")
     p.add_argument("--config", help="YAML file or packaged config name (e.g. mae_fmnist)")
-    p.add_argument("--resume", help="'auto' (newest complete checkpoint in the run folder) or a checkpoint path")
+    p.add_argument("--resume", help="'auto' (newest usable checkpoint in the run folder) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in run_dir (its checkpoints, logs and config are deleted)")
 
     p = sub.add_parser("config", help="print the resolved config", description="Print the resolved config as YAML.")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--config")
 
     p = _eval_parser(sub, "knn", "Weighted cosine kNN (DINO's protocol) on frozen features.")
-    p.add_argument("--k", type=int, nargs="+", default=[20, 200])
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--k", type=POSITIVE_INT, nargs="+", default=[20, 200])
+    p.add_argument("--temperature", type=POSITIVE_FLOAT, default=0.07)
 
     p = _eval_parser(sub, "linprobe", "Linear probe (BatchNorm without affine + linear) on frozen cached features.")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--probe-batch-size", type=int, default=1024)
+    p.add_argument("--epochs", type=POSITIVE_INT, default=100)
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=0.1)
+    p.add_argument("--probe-batch-size", type=_number(int, 2, what="at least 2 (BatchNorm)"), default=1024)
 
     p = sub.add_parser("report", help="table of a run's kNN / linear-probe results beside its baselines",
                        description="Print the kNN and linear-probe results of a run and its baselines as a table.")
@@ -73,25 +109,62 @@ def build_parser() -> argparse.ArgumentParser:
                        "optimizer, and the most expensive operators.")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--config")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--top", type=int, default=15, help="operators to list")
+    p.add_argument("--steps", type=POSITIVE_INT, default=5)
+    p.add_argument("--top", type=POSITIVE_INT, default=15, help="operators to list")
 
     p = sub.add_parser("visualize", help="reconstruction grid and loss curve PNGs",
                        description="Write reconstructions (original, masked, reconstruction, pasted) "
                        "and the loss curve.")
     p.add_argument("run", help="run folder or checkpoint")
-    p.add_argument("--num", type=int, default=8, help="images in the grid")
+    p.add_argument("--num", type=POSITIVE_INT, default=8, help="images in the grid")
     p.add_argument("--split", default="test")
     p.add_argument("--out", help="PNG path (default: reconstructions.png in the run folder)")
     p.add_argument("--seed", type=int, default=0)
+    for p in sub.choices.values():
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    parser.commands = dict(sub.choices)
     return parser
+
+
+#: Where each command collects ``key=value`` settings; commands not listed take none.
+_SETTINGS_DEST = {"pretrain": "overrides", "config": "overrides", "profile": "overrides", "knn": "args",
+                  "linprobe": "args"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line in which options and ``key=value`` settings may come in any order.
+
+    argparse alone stops a positional list at the first option, and lets ``--k 10 20`` swallow a
+    setting that follows it; settings are therefore taken out first (unless they are the value of
+    an option that takes one) and handed to the command's settings list.
+    """
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    at = next((i for i, a in enumerate(argv) if a in parser.commands), None)
+    if at is None or any(a not in ("-v", "--verbose") for a in argv[:at]):
+        return parser.parse_args(argv)
+    command, sub = argv[at], parser.commands[argv[at]]
+    settings, rest = [], []
+    for i, token in enumerate(argv[at + 1:]):
+        prev = argv[at + i] if i else None
+        takes_value = prev is not None and getattr(sub._option_string_actions.get(prev), "nargs", 0) is None
+        if command in _SETTINGS_DEST and _SETTING.match(token) and not takes_value:
+            settings.append(token)
+        else:
+            rest.append(token)
+    ns = sub.parse_intermixed_args(rest)
+    ns.command = command
+    ns.verbose = getattr(ns, "verbose", False) or at > 0
+    if command in _SETTINGS_DEST:
+        setattr(ns, _SETTINGS_DEST[command], [*getattr(ns, _SETTINGS_DEST[command]), *settings])
+    return ns
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from mimkit.engine import pretrain
 
     cfg = load_config(resolve_config_path(args.config), args.overrides)
-    run_dir = pretrain(cfg, resume=args.resume)
+    run_dir = pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run folder: {run_dir}")
     return 0
 
@@ -193,14 +266,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mimkit`` console script."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     # Our own INFO lines only; third-party libraries stay at WARNING.
     logging.getLogger().setLevel(logging.WARNING)
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from mimkit.engine.checkpoint import CheckpointError
-
     try:
         if args.command == "pretrain":
             return _cmd_pretrain(args)
@@ -218,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             print(profile_steps(cfg, steps=args.steps, top=args.top).table())
             return 0
         return _cmd_visualize(args)
-    except (ConfigError, CheckpointError) as err:
-        print(f"mimkit {args.command}: error: {err}", file=sys.stderr)
+    except MimkitError as err:
+        # One line: a multi-line message (a YAML parser's) is folded so that scripts can grep it.
+        print(f"mimkit {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; resume with --resume auto", file=sys.stderr)
@@ -230,4 +302,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parse_args"]

@@ -10,19 +10,44 @@ each method owns its settings; they are validated against the registries in :fun
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mimkit.errors import ConfigError
+
 CONFIG_ROOT = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A configuration value or key that cannot be used; the message names it."""
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans and floats.
+
+    YAML 1.1 reads ``no``, ``off`` and ``yes`` as booleans (so ``data.cache=no`` arrived as False)
+    and ``1e-3`` as a string; YAML 1.2, and every user, reads them as a word and a number.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def resolve_config_path(name: str | Path | None, relative_to: Path | None = None) -> Path | None:
@@ -131,17 +156,23 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+_BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Check ``value`` against a field type, converting where the YAML reading is unambiguous."""
     origin = typing.get_origin(typ)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if typ is float and isinstance(value, str):
-        # YAML 1.1 reads "1e-3" (no dot) as a string; as a float setting it is meant as a number.
-        try:
-            return float(value)
+        try:  # "nan" or "inf" written without YAML's leading dot
+            value = float(value)
         except ValueError:
             pass
+    if typ is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    if typ is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.lower()]
     if typ in (int, float, str, bool):
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
@@ -207,21 +238,22 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["optim.base_lr=1e-3", "method.mask_ratio=0.6"]`` into a nested dict.
 
-    Values are read as YAML scalars, so ``1e-3`` is a float, ``true`` a bool, ``[1, 2]`` a list.
+    Values are read as YAML 1.2 scalars, so ``1e-3`` is a float, ``true`` a bool, ``no`` a word and
+    ``[1, 2]`` a list.
     """
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        # YAML 1.1 reads "1e-3" as a string; numbers written that way are meant as floats.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value for c in ".eE") else value
-            except ValueError:
-                pass
-        _set_dotted(tree, key.strip(), value)
+        try:
+            value = _yaml_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not a valid YAML scalar or list") from None
+        key = key.strip()
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted key such as optim.base_lr")
+        _set_dotted(tree, key, value)
     return tree
 
 
@@ -247,7 +279,7 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -288,40 +320,75 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def check_positive(section: str, **values: float | Sequence[float]) -> None:
+    """Refuse a zero or negative size (a depth, a width, a head count) as ``section.key``.
+
+    Raises:
+        ConfigError: Naming the first setting (or list entry) that is not positive.
+
+    """
+    for key, value in values.items():
+        items = list(value) if isinstance(value, list | tuple) else [value]
+        _require(bool(items) and all(v > 0 for v in items), f"{section}.{key}",
+                 "positive" if not isinstance(value, list | tuple) else "a non-empty list of positive values", value)
+
+
+def check_heads(dim_key: str, dim: int, heads_key: str, heads: int) -> None:
+    """Refuse a head count that does not divide the token width, naming the counts that would."""
+    if dim % heads:
+        valid = [h for h in range(1, min(dim, 16) + 1) if dim % h == 0]
+        raise ConfigError(f"{heads_key} {heads} does not divide {dim_key} {dim}; valid head counts include "
+                          f"{', '.join(map(str, valid))}")
+
+
 def validate(cfg: PretrainConfig) -> None:
-    """Check values against what the registries and the engine accept, before any work starts."""
+    """Check values against what the registries and the engine accept, before any work starts.
+
+    Every range is checked here, once; the registries check the backbone's and method's own settings.
+    """
     from mimkit.backbones import check_backbone_cfg, check_backbone_input
     from mimkit.methods import check_method_cfg
 
     check_backbone_cfg(cfg.backbone)
     check_method_cfg(cfg.method)
     d, o, t = cfg.data, cfg.optim, cfg.train
-    if d.img_size <= 0:
-        raise ConfigError(f"data.img_size must be positive, got {d.img_size}")
+    _require(d.img_size > 0, "data.img_size", "positive", d.img_size)
     check_backbone_input(cfg.backbone, d.img_size)
-    if d.channels not in (1, 3):
-        raise ConfigError(f"data.channels must be 1 or 3, got {d.channels}")
-    if not 0.0 < d.subset_fraction <= 1.0:
-        raise ConfigError(f"data.subset_fraction must be in (0, 1], got {d.subset_fraction}")
-    if len(d.crop_scale) != 2 or not 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0:
-        raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {d.crop_scale}")
-    if d.cache not in ("auto", "yes", "no"):
-        raise ConfigError(f"data.cache must be auto, yes or no, got {d.cache!r}")
-    if o.batch_size <= 0 or o.accum_steps <= 0:
-        raise ConfigError("optim.batch_size and optim.accum_steps must be positive")
-    if len(o.betas) != 2:
-        raise ConfigError(f"optim.betas must have two values, got {o.betas}")
-    if t.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
-    if t.log_every < 1:
-        raise ConfigError(f"train.log_every must be at least 1, got {t.log_every}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
-    if t.epochs <= 0:
-        raise ConfigError(f"train.epochs must be positive, got {t.epochs}")
-    if t.budget_minutes < 0 or t.max_minutes < 0:
-        raise ConfigError(f"train.budget_minutes and train.max_minutes must be >= 0, got "
-                          f"{t.budget_minutes} and {t.max_minutes}")
+    _require(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
+    _require(0.0 < d.subset_fraction <= 1.0, "data.subset_fraction", "in (0, 1]", d.subset_fraction)
+    _require(len(d.crop_scale) == 2 and 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, "data.crop_scale",
+             "[lo, hi] with 0 < lo <= hi <= 1", d.crop_scale)
+    _require(d.cache in ("auto", "yes", "no"), "data.cache", "auto, yes or no", d.cache)
+    _require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+    _require(o.batch_size > 0, "optim.batch_size", "positive", o.batch_size)
+    _require(o.accum_steps > 0, "optim.accum_steps", "positive", o.accum_steps)
+    _require(o.base_lr > 0, "optim.base_lr", "positive", o.base_lr)
+    _require(o.min_lr >= 0, "optim.min_lr", ">= 0", o.min_lr)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    peak = o.base_lr * o.batch_size * o.accum_steps * world / 256
+    _require(o.min_lr <= peak, "optim.min_lr",
+             f"at most the peak lr {peak:.3g} (optim.base_lr x effective batch / 256)", o.min_lr)
+    _require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    _require(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas",
+             "two values in [0, 1)", o.betas)
+    _require(o.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0", o.warmup_epochs)
+    _require(o.clip_grad >= 0, "optim.clip_grad", ">= 0 (0 disables clipping)", o.clip_grad)
+    _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "auto, fp32 or bf16", t.precision)
+    _require(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)
+    _require(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device)), "train.device", "auto, cpu, cuda or cuda:N",
+             t.device)
+    _require(t.epochs > 0, "train.epochs", "positive", t.epochs)
+    _require(t.budget_minutes >= 0, "train.budget_minutes", ">= 0 (0 = schedule by epochs)", t.budget_minutes)
+    _require(t.max_minutes >= 0, "train.max_minutes", ">= 0 (0 = no limit)", t.max_minutes)
+    _require(t.ckpt_every_steps >= 0, "train.ckpt_every_steps", ">= 0 (0 = epoch ends only)", t.ckpt_every_steps)
+    _require(t.keep_last >= 0, "train.keep_last", ">= 0 (0 keeps all)", t.keep_last)
+    _require(t.max_bad_steps >= 1, "train.max_bad_steps", "at least 1", t.max_bad_steps)
+    _require(bool(cfg.run_dir.strip()), "run_dir", "a folder path", cfg.run_dir)
 
 
 def to_yaml(cfg: Any) -> str:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import random
 
 import numpy as np
@@ -126,10 +127,10 @@ def test_failed_write_leaves_no_folder(tmp_path, tiny_mae, monkeypatch):
     save_checkpoint(ckpt_dir, 1, tiny_mae, {"step": 1})
 
     def boom(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="the disk is full.*step_00000001 is intact"):
         save_checkpoint(ckpt_dir, 2, tiny_mae, {"step": 2})
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000001"]
     assert latest_checkpoint(ckpt_dir).name == "step_00000001"

@@ -7,6 +7,7 @@ import torch
 
 from mimkit.engine import precision
 from mimkit.engine.distributed import DistInfo, all_reduce_mean, init_distributed, resolve_device
+from mimkit.errors import ConfigError
 
 
 def test_explicit_precision_is_kept():
@@ -42,7 +43,11 @@ def test_single_process_distributed(monkeypatch):
     value = torch.tensor(3.0)
     assert all_reduce_mean(value, info) is value
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("cuda", 1) == torch.device("cuda", 1)
+    if torch.cuda.device_count() > 1:
+        assert resolve_device("cuda", 1) == torch.device("cuda", 1)
     if not torch.cuda.is_available():
         assert resolve_device("auto") == torch.device("cpu")
+        for name in ("cuda", "cuda:0"):
+            with pytest.raises(ConfigError, match=f"device '{name}' .* no CUDA GPU is visible; use cpu or auto"):
+                resolve_device(name)
     assert not DistInfo(rank=1, world_size=2).is_main

@@ -15,6 +15,7 @@ from torch import nn
 from mimkit.backbones.layers.conv_attention import ConvBlock
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.partial_conv import ConvEmbed
+from mimkit.config import ConfigError, check_heads, check_positive
 
 
 class CvTStage(nn.Module):
@@ -96,11 +97,20 @@ class ConvVisionTransformer(nn.Module):
         super().__init__()
         lengths = {len(dims), len(num_heads), len(depths), len(kernels), len(strides), len(paddings)}
         if len(lengths) != 1:
-            raise ValueError(
+            raise ConfigError(
                 "dims, num_heads, depths, kernels, strides and paddings need one entry per stage; got "
                 f"{list(dims)}, {list(num_heads)}, {list(depths)}, {list(kernels)}, {list(strides)}, "
                 f"{list(paddings)}"
             )
+        check_positive("backbone", in_chans=in_chans, dims=list(dims), num_heads=list(num_heads),
+                       depths=list(depths), kernels=list(kernels), strides=list(strides), mlp_ratio=mlp_ratio,
+                       kv_stride=kv_stride)
+        if any(p < 0 for p in paddings):
+            raise ConfigError(f"backbone.paddings must be >= 0, got {list(paddings)}")
+        for i, (dim, heads) in enumerate(zip(dims, num_heads, strict=True)):
+            check_heads(f"backbone.dims[{i}]", dim, f"backbone.num_heads[{i}]", heads)
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ConfigError(f"backbone.drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.img_size = img_size
         self.in_chans = in_chans
         self.dims = tuple(dims)

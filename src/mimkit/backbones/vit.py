@@ -15,6 +15,7 @@ from torch import nn
 from mimkit.backbones.layers.cpu_kernels import attention_kernel
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.pos_embed import sincos_2d
+from mimkit.config import ConfigError, check_heads, check_positive
 
 
 class VisionTransformer(nn.Module):
@@ -63,9 +64,14 @@ class VisionTransformer(nn.Module):
         """
         super().__init__()
         if global_pool not in ("avg", "token"):
-            raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
+            raise ConfigError(f"backbone.global_pool must be 'avg' or 'token', got {global_pool!r}")
+        check_positive("backbone", patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+                       num_heads=num_heads, mlp_ratio=mlp_ratio)
+        check_heads("backbone.embed_dim", embed_dim, "backbone.num_heads", num_heads)
         if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+            raise ConfigError(f"backbone.img_size {img_size} is not divisible by backbone.patch_size {patch_size}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ConfigError(f"backbone.drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.embed_dim = self.num_features = embed_dim

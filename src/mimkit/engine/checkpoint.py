@@ -20,15 +20,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mimkit.engine.run_folder import describe_error
+from mimkit.errors import CheckpointError, NonFiniteError
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{8})$")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which file and why."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,10 +64,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def nonfinite_tensors(tensors: dict[str, Any], limit: int = 3) -> list[str]:
+    """Names of the floating-point tensors in a (nested) state that hold NaN or inf, at most ``limit``."""
+    bad: list[str] = []
+
+    def visit(name: str, value: Any) -> None:
+        if len(bad) >= limit:
+            return
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(name)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                visit(f"{name}.{k}" if name else str(k), v)
+        elif isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                visit(f"{name}[{i}]", v)
+
+    visit("", tensors)
+    return bad
+
+
 def save_checkpoint(
     ckpt_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep_last: int = 2
 ) -> Path:
-    """Write a complete checkpoint atomically and prune old ones.
+    """Write a complete checkpoint atomically and prune old ones; never write one that holds NaN.
 
     Args:
         ckpt_dir: The run's ``checkpoints`` folder.
@@ -80,14 +100,26 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
 
+    Raises:
+        NonFiniteError: The weights or the optimizer state hold NaN or inf; nothing is written.
+        CheckpointError: The write failed (a full disk, an unwritable folder); the previous
+            checkpoints are left as they were.
+
     """
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    bad = nonfinite_tensors(weights) or nonfinite_tensors(state.get("optimizer", {}), 3)
+    if bad:
+        prev = latest_checkpoint(ckpt_dir)
+        raise NonFiniteError(
+            f"step {step}: {', '.join(bad)} hold NaN or inf, so no checkpoint was written; the last good "
+            f"checkpoint is {prev or 'none (no checkpoint yet)'}. Lower optim.base_lr, set optim.clip_grad, "
+            "or use train.precision=fp32, then resume with --resume auto")
     final = ckpt_dir / f"step_{step:08d}"
     tmp = ckpt_dir / f".tmp-step_{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         save_file(weights, str(tmp / MODEL_FILE))
         torch.save(state, tmp / STATE_FILE)
         for f in tmp.iterdir():
@@ -97,6 +129,12 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest_checkpoint(ckpt_dir)
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {describe_error(err)}; the previous checkpoint "
+            f"{prev or '(none yet)'} is intact; make room and resume with --resume auto") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -106,6 +144,29 @@ def save_checkpoint(
         for old in others[: max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """About what one checkpoint of ``model`` takes on disk: weights plus AdamW's two moments."""
+    return 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (1 << 20)
+
+
+def remove_temporaries(ckpt_dir: Path) -> list[Path]:
+    """Delete half-written ``.tmp-step_*`` folders left by a killed process (call under the run lock)."""
+    stale = sorted(ckpt_dir.glob(".tmp-step_*")) if ckpt_dir.is_dir() else []
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stale
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename an unusable checkpoint to ``corrupt-<name>`` so it is kept but never picked again."""
+    target = ckpt.with_name(f"corrupt-{ckpt.name}")
+    n = 1
+    while target.exists():
+        target, n = ckpt.with_name(f"corrupt{n}-{ckpt.name}"), n + 1
+    os.replace(ckpt, target)
+    return target
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -144,23 +205,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint at {path}")
 
 
-def load_weights(model: nn.Module, ckpt: Path, prefix: str = "") -> None:
-    """Load ``model.safetensors`` into ``model`` strictly, naming every mismatch.
+def read_weights(model: nn.Module, ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Read ``model.safetensors`` and check that it fits ``model`` and is finite, without loading it.
 
     Args:
-        model: Module to fill.
+        model: The module the weights are for.
         ckpt: Checkpoint folder.
         prefix: Only keys starting with this (stripped), e.g. ``encoder.`` to load an encoder.
 
+    Returns:
+        The weights, keyed as in ``model.state_dict()``.
+
     Raises:
-        CheckpointError: Missing or unexpected keys, or shape mismatches, listed by name.
+        CheckpointError: An unreadable file, missing or unexpected keys, shape mismatches (listed
+            by name), or NaN/inf values.
 
     """
     file = ckpt / MODEL_FILE
     try:
         weights = load_file(str(file))
     except Exception as err:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"{file}: cannot read weights ({err})") from err
+        raise CheckpointError(f"{file}: cannot read weights ({err})") from None
     if prefix:
         weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     own = model.state_dict()
@@ -179,7 +244,15 @@ def load_weights(model: nn.Module, ckpt: Path, prefix: str = "") -> None:
         if shapes:
             parts.append(f"shape mismatches {_short(shapes)}")
         raise CheckpointError(f"{file} does not fit this architecture: " + "; ".join(parts))
-    model.load_state_dict(weights)
+    bad = nonfinite_tensors(weights)
+    if bad:
+        raise CheckpointError(f"{file}: {', '.join(bad)} hold NaN or inf")
+    return weights
+
+
+def load_weights(model: nn.Module, ckpt: Path, prefix: str = "") -> None:
+    """Load ``model.safetensors`` into ``model`` strictly (see :func:`read_weights` for the checks)."""
+    model.load_state_dict(read_weights(model, ckpt, prefix))
 
 
 def _short(items: list[str], limit: int = 6) -> str:
@@ -190,6 +263,12 @@ def _short(items: list[str], limit: int = 6) -> str:
 def load_state(ckpt: Path) -> dict[str, Any]:
     """Load ``state.pt`` with ``weights_only=True`` (no arbitrary code runs on load)."""
     try:
-        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{ckpt / STATE_FILE}: cannot read training state ({err})") from err
+        raise CheckpointError(f"{ckpt / STATE_FILE}: cannot read training state ({err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt / STATE_FILE}: expected a mapping, got {type(state).__name__}")
+    bad = nonfinite_tensors(state.get("optimizer", {}))
+    if bad:
+        raise CheckpointError(f"{ckpt / STATE_FILE}: optimizer state {', '.join(bad)} holds NaN or inf")
+    return state

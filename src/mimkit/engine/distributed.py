@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mimkit.errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -30,11 +32,24 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA (this process's local GPU) when present, else the CPU."""
+    """``auto`` picks CUDA (this process's local GPU) when present, else the CPU.
+
+    Raises:
+        ConfigError: ``cuda`` or ``cuda:N`` asked for where no such GPU is visible.
+
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.split(":")[1]) if ":" in name else local_rank
+        if index >= count:
+            seen = f"{count} GPU(s) visible" if count else "no CUDA GPU is visible"
+            raise ConfigError(f"device {name!r} (index {index}) is not available: {seen}; "
+                              "use cpu or auto")
+        return torch.device("cuda", index)
+    if name != "cpu":
+        raise ConfigError(f"device {name!r} is unknown; valid: auto, cpu, cuda, cuda:N")
     return torch.device(name)
 
 

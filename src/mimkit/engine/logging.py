@@ -21,8 +21,9 @@ class RunLogger:
 
     """
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
-        """Open the files (only when ``enabled``)."""
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True,
+                 purge_step: int | None = None) -> None:
+        """Open the files (only when ``enabled``); TensorBoard drops its events from ``purge_step`` on."""
         self.enabled = enabled
         self._writer = None
         self._file = None
@@ -33,7 +34,7 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(run_dir / "tb"))
+            self._writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("mimkit").addHandler(handler)
@@ -59,6 +60,30 @@ class RunLogger:
             self._writer.close()
         logging.getLogger("mimkit").removeHandler(self._handler)
         self._handler.close()
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> int:
+    """Keep only the rows of ``metrics.jsonl`` up to ``last_step`` (a resumed run redoes the rest).
+
+    Returns:
+        How many rows were dropped.
+
+    """
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a torn last line from a killed run
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep))
+    tmp.replace(path)
+    return len(lines) - len(keep)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

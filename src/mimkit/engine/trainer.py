@@ -7,7 +7,9 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,18 +19,25 @@ from tqdm import tqdm
 from mimkit.config import PretrainConfig, to_yaml
 from mimkit.data import build_dataset, build_loader
 from mimkit.engine.checkpoint import (
+    checkpoint_bytes,
     latest_checkpoint,
+    list_checkpoints,
     load_state,
-    load_weights,
+    nonfinite_tensors,
+    read_weights,
+    remove_temporaries,
     resolve_checkpoint,
     rng_state,
     save_checkpoint,
+    set_aside,
     set_rng_state,
 )
 from mimkit.engine.distributed import DistInfo, all_reduce_mean, broadcast_from_main, cleanup, init_distributed
-from mimkit.engine.logging import RunLogger
+from mimkit.engine.logging import RunLogger, truncate_metrics
 from mimkit.engine.optim import build_optimizer, cosine_lr, scaled_lr
 from mimkit.engine.precision import autocast, resolve_precision
+from mimkit.engine.run_folder import RunFolder
+from mimkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, RunFolderError
 from mimkit.methods import PretrainOutput
 from mimkit.models import method_from_config
 
@@ -36,8 +45,19 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteError):
     """Too many consecutive steps with a NaN/inf loss or gradient."""
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint read and verified in memory, not yet applied to the model."""
+
+    ckpt: Path
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    set_aside: list[tuple[Path, str]] = field(default_factory=list)
+    """Newer checkpoints that could not be used, with the reason; renamed once the run is locked."""
 
 
 def seed_everything(seed: int) -> None:
@@ -47,21 +67,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Path:
+def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Pre-train ``cfg.method`` on ``cfg.data``; returns the run folder.
+
+    Every check (config, data, model, optimizer, the resume checkpoint, that the folder is free and
+    writable) is made before anything is written, so a refused run leaves the folder as it was.
 
     Args:
         cfg: A validated config (see :func:`mimkit.config.load_config`).
-        resume: None for a fresh run, ``auto`` for the newest complete checkpoint in the run
-            folder (a fresh start if there is none), or a checkpoint path.
+        resume: None for a fresh run, ``auto`` for the newest usable checkpoint in the run folder
+            (a fresh start if there is none; corrupt or non-finite newer ones are set aside with a
+            warning), or a checkpoint path.
+        overwrite: Replace a run already in the folder (its run files are deleted first).
 
     Returns:
         The run folder, holding ``config.yaml``, ``metrics.jsonl``, ``tb/`` and ``checkpoints/``.
 
+    Raises:
+        RunFolderError: The folder holds another run (and neither ``resume`` nor ``overwrite`` was
+            given), is in use by another process, or cannot be written.
+
     """
     info = init_distributed(cfg.train.device)
     try:
-        return Trainer(cfg, info).fit(resume)
+        trainer = Trainer(cfg, info)
+        trainer.open_run(resume, overwrite)
+        return trainer.fit()
     finally:
         cleanup(info)
 
@@ -77,15 +108,15 @@ class Trainer:
         seed_everything(cfg.seed + info.rank)
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
-        # Model and data are checked before the run folder is touched: a bad setting leaves nothing behind.
+        # Model, data and optimizer are built in memory only: the run folder is not touched until
+        # open_run() has checked everything, so a bad setting leaves nothing behind.
         self.method = method_from_config(cfg).to(self.device)
         self.method.check_image_size(cfg.data.img_size, cfg.data.img_size)
         self.data = build_dataset(cfg.data, "train")
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.logger = RunLogger(self.run_dir, enabled=info.is_main)
-        if info.is_main:
-            (self.run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+        self.folder = RunFolder(self.run_dir)
+        self.logger: RunLogger | None = None
 
         self.loader = build_loader(self.data, cfg.data, cfg.optim.batch_size, train=True, seed=cfg.seed,
                                    rank=info.rank, world_size=info.world_size)
@@ -96,6 +127,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.method, cfg.optim, self.peak_lr)
         self.accum = cfg.optim.accum_steps
         steps_per_epoch = len(self.loader) // self.accum
+        if steps_per_epoch == 0:
+            per_rank = len(self.data) // info.world_size
+            raise ConfigError(
+                f"an epoch of {per_rank} images{' per rank' if info.distributed else ''} gives "
+                f"{len(self.loader)} full batches of optim.batch_size={cfg.optim.batch_size}, fewer than "
+                f"optim.accum_steps={self.accum}: no optimizer step could be taken; lower optim.batch_size "
+                "or optim.accum_steps")
         self.total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
         self.warmup = self.warmup_cfg = round(cfg.optim.warmup_epochs * steps_per_epoch)
         self.max_steps = self.total_steps
@@ -114,18 +152,113 @@ class Trainer:
         self.step_loss = torch.zeros((), device=self.device)
         self.step_finite = torch.ones((), dtype=torch.bool, device=self.device)
 
-    def resume(self, resume: str | None) -> None:
-        """Load weights, optimizer, position and RNG state from a checkpoint (``auto`` = newest complete)."""
-        ckpt = latest_checkpoint(self.ckpt_dir) if resume == "auto" else resolve_checkpoint(resume) if resume else None
-        if ckpt is None:
-            return
-        load_weights(self.method, ckpt)
+    def find_resume_point(self, resume: str | None) -> ResumePoint | None:
+        """Read and verify the checkpoint to resume from, without applying it.
+
+        ``auto`` walks back from the newest checkpoint past any that cannot be read, do not fit the
+        model, or hold NaN/inf, and remembers those to set aside. A named checkpoint must be usable.
+
+        Raises:
+            CheckpointError: The named checkpoint is unusable, or every checkpoint in the folder is.
+
+        """
+        if resume is None:
+            return None
+        if resume != "auto":
+            ckpt = resolve_checkpoint(resume)
+            return ResumePoint(ckpt, *self._verify(ckpt))
+        skipped: list[tuple[Path, str]] = []
+        for ckpt in reversed(list_checkpoints(self.ckpt_dir)):
+            try:
+                return ResumePoint(ckpt, *self._verify(ckpt), set_aside=skipped)
+            except CheckpointError as err:
+                skipped.append((ckpt, str(err)))
+        if skipped:
+            raise CheckpointError(
+                f"no usable checkpoint in {self.ckpt_dir}: " + "; ".join(r for _, r in skipped)
+                + "; start again with --overwrite")
+        return None
+
+    def _verify(self, ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        weights = read_weights(self.method, ckpt)
         state = load_state(ckpt)
+        missing = [k for k in ("optimizer", "step", "epoch", "batch_in_epoch", "rng") if k not in state]
+        if missing:
+            raise CheckpointError(f"{ckpt}: training state lacks {', '.join(missing)}")
+        # Loading into a scratch copy finds a parameter-group mismatch before anything changes.
+        scratch = build_optimizer(self.method, self.cfg.optim, self.peak_lr)
+        try:
+            scratch.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{ckpt}: optimizer state does not fit this model ({err})") from None
+        return weights, state
+
+    def open_run(self, resume: str | None = None, overwrite: bool = False) -> None:
+        """Check the run folder and the resume checkpoint, then lock the folder and start writing.
+
+        Raises:
+            ConfigError: ``resume`` together with ``overwrite``.
+            RunFolderError: See :func:`pretrain`.
+            CheckpointError: The resume checkpoint cannot be used.
+
+        """
+        if resume is not None and overwrite:
+            raise ConfigError("--resume continues a run and --overwrite replaces it; give one of them")
+        self.folder.check_not_in_use()
+        point = self.find_resume_point(resume)
+        existing = self.folder.contents()
+        inside = point is not None and self.run_dir.resolve() in point.ckpt.resolve().parents
+        if existing and not overwrite and (resume is None or (point is not None and not inside)):
+            how = ("--resume auto continues it" if resume is None
+                   else f"--resume {resume} is a checkpoint of another run")
+            raise RunFolderError(
+                f"run folder {self.run_dir} already holds a run ({', '.join(existing)}); {how}, "
+                "--overwrite replaces it, or choose another run_dir")
+        ok = 1
+        if self.info.is_main:
+            try:
+                self._prepare_folder(point, overwrite)
+            except BaseException:
+                self.folder.release()
+                broadcast_from_main([0], self.info)
+                raise
+        else:
+            self.logger = RunLogger(self.run_dir, enabled=False)
+        # The other ranks must not train on (or wait forever for) a folder rank 0 refused.
+        ok = broadcast_from_main([ok], self.info)[0]
+        if not ok:
+            raise RunFolderError(f"rank 0 could not open run folder {self.run_dir}")
+        if point is not None:
+            self._apply(point)
+
+    def _prepare_folder(self, point: ResumePoint | None, overwrite: bool) -> None:
+        self.folder.lock()
+        self.folder.check_space(checkpoint_bytes(self.method))
+        if overwrite:
+            removed = self.folder.clear()
+            if removed:
+                log.warning("replacing the run in %s (removed %s)", self.run_dir, ", ".join(removed))
+        for tmp in remove_temporaries(self.ckpt_dir):
+            log.info("removed the half-written %s of an interrupted run", tmp.name)
+        step = 0
+        if point is not None:
+            for ckpt, reason in point.set_aside:
+                log.warning("skipping unusable checkpoint: %s; kept as %s", reason, set_aside(ckpt).name)
+            step = point.state["step"]
+        # Rows logged after the checkpoint describe steps that are about to be redone.
+        truncate_metrics(self.run_dir, step)
+        (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.cfg))
+        self.logger = RunLogger(self.run_dir, purge_step=step + 1)
+
+    def _apply(self, point: ResumePoint) -> None:
+        state = point.state
+        self.method.load_state_dict(point.weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.minutes_before = state.get("train_minutes", 0.0)
         set_rng_state(state["rng"][min(self.info.rank, len(state["rng"]) - 1)])
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch, self.start_batch)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", point.ckpt, self.step, self.epoch,
+                 self.start_batch)
 
     def checkpoint(self, batch_in_epoch: int) -> None:
         """Save the complete training state; ``batch_in_epoch`` is where a resumed run restarts."""
@@ -196,8 +329,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         clip = self.cfg.optim.clip_grad
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip) if clip > 0 else None
-        finite = self.step_finite if self.grad_norm is None else self.step_finite & torch.isfinite(self.grad_norm)
+        # The norm is taken even without clipping: a finite loss can still give an inf gradient.
+        params = [p for p in self.method.parameters() if p.grad is not None]
+        self.grad_norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0
+                          else torch.nn.utils.get_total_norm([p.grad for p in params]))
+        finite = self.step_finite & torch.isfinite(self.grad_norm)
         step_loss = self.step_loss
         self._reset_accumulation()
         # Every rank must take the same decision, or DDP would deadlock on the next step.
@@ -212,6 +348,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step(self.step)
         self.step += 1
+        if self.step % self.cfg.train.log_every == 0:
+            bad = nonfinite_tensors(dict(self.method.named_parameters()))
+            if bad:
+                raise NonFiniteError(
+                    f"the weights {', '.join(bad)} became NaN or inf by step {self.step} although the loss "
+                    f"and gradient were finite; the last checkpoint, {latest_checkpoint(self.ckpt_dir) or 'none'}, "
+                    "was checked finite when written; lower optim.base_lr or set optim.clip_grad, then "
+                    "resume with --resume auto")
         return True
 
     def _skip_nonfinite(self) -> None:
@@ -220,10 +364,11 @@ class Trainer:
         if self.info.is_main:
             self.logger.log(self.step, {"skipped_nonfinite": self.bad_steps})
         if self.bad_steps >= self.cfg.train.max_bad_steps:
+            last = latest_checkpoint(self.ckpt_dir)
             raise NonFiniteLossError(
-                f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopping. "
-                f"The last good checkpoint in {self.ckpt_dir} is intact; lower optim.base_lr, "
-                "set optim.clip_grad, or use train.precision=fp32."
+                f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopping. The last "
+                f"checkpoint, {last or 'none yet'}, was checked finite when written; lower optim.base_lr, "
+                "set optim.clip_grad or use train.precision=fp32, then resume with --resume auto"
             )
 
     def log_step(self, out: PretrainOutput, lr: float, epoch_pos: float) -> str:
@@ -240,10 +385,21 @@ class Trainer:
         self._reset_window()
         return f"loss={loss:.4f} img/s={ips:.0f} lr={lr:.2e}"
 
-    def fit(self, resume: str | None = None) -> Path:
-        """Run (or resume) the schedule to its end or to ``train.max_minutes``; returns the run folder."""
+    def fit(self, resume: str | None = None, overwrite: bool = False) -> Path:
+        """Run (or resume) the schedule to its end or to ``train.max_minutes``; returns the run folder.
+
+        ``resume`` and ``overwrite`` are those of :meth:`open_run`, which runs first unless it already has.
+        """
+        if self.logger is None:
+            self.open_run(resume, overwrite)
+        try:
+            return self._fit()
+        finally:
+            self.logger.close()
+            self.folder.release()
+
+    def _fit(self) -> Path:
         cfg, tc, info = self.cfg, self.cfg.train, self.info
-        self.resume(resume)
         if info.is_main:
             plan = (f"schedule fitted to {tc.budget_minutes:g} min (at most {self.total_steps} steps)"
                     if tc.budget_minutes > 0 else f"{self.total_steps} steps")
@@ -259,6 +415,7 @@ class Trainer:
         try:
             while not stop:
                 self.loader.set_epoch(self.epoch, self.start_batch)
+                steps_before = self.step
                 for i, (batch_idx, (images, _)) in enumerate(enumerate(self.loader, start=self.start_batch)):
                     out = self.accumulate(images, last_micro=(i + 1) % self.accum == 0)
                     if (i + 1) % self.accum:
@@ -283,6 +440,11 @@ class Trainer:
                     if tc.ckpt_every_steps and self.step % tc.ckpt_every_steps == 0:
                         self.checkpoint(batch_idx + 1)
                 else:
+                    if self.step == steps_before and self.start_batch == 0:
+                        # e.g. a streamed folder whose images all fail to decode: never loop forever.
+                        raise DataError(
+                            f"epoch {self.epoch} took no optimizer step ({self.loader.skipped} unreadable "
+                            f"images skipped of {len(self.data)}); check the images under data.root")
                     # Micro-batches left over when an epoch is not a multiple of accum_steps are dropped.
                     self.optimizer.zero_grad(set_to_none=True)
                     self._reset_accumulation()
@@ -292,7 +454,6 @@ class Trainer:
                         log.warning("%d unreadable images skipped so far", self.loader.skipped)
         finally:
             bar.close()
-            self.logger.close()
         if info.is_main:
             log.info("done: %d steps in %.1f min; run folder %s", self.step, self.minutes(), self.run_dir)
         return self.run_dir

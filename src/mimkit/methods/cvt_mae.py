@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mimkit.config import ConfigError
+from mimkit.config import ConfigError, check_positive
 from mimkit.masking import pixel_block_mask
 from mimkit.methods.base import PretrainMethod, PretrainOutput
 from mimkit.methods.losses import inpainting_loss, masked_mse, patch_norm_stats, patchify, unpatchify
@@ -62,6 +62,10 @@ class CvTMAE(PretrainMethod):
                 raise ConfigError(f"method.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
             if self.decoder_depth < 0:
                 raise ConfigError(f"method.decoder_depth must be >= 0, got {self.decoder_depth}")
+            check_positive("method", decoder_head_dim=self.decoder_head_dim)
+            if self.hole_weight < 0 or self.tv_weight < 0:
+                raise ConfigError(f"method.hole_weight and method.tv_weight must be >= 0, got "
+                                  f"{self.hole_weight} and {self.tv_weight}")
             if self.norm_pix_loss and self.loss != "mae":
                 raise ConfigError("method.norm_pix_loss applies to loss 'mae' only; set method.loss=mae")
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mimkit.config import ConfigError
+from mimkit.config import ConfigError, check_heads, check_positive
 from mimkit.masking import random_masking
 from mimkit.methods.base import PretrainMethod, PretrainOutput
 from mimkit.methods.decoders import MaskTokenDecoder
@@ -41,6 +41,10 @@ class MAE(PretrainMethod):
         def __post_init__(self) -> None:
             if not 0.0 < self.mask_ratio < 1.0:
                 raise ConfigError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+            check_positive("method", decoder_dim=self.decoder_dim, decoder_heads=self.decoder_heads)
+            if self.decoder_depth < 0:
+                raise ConfigError(f"method.decoder_depth must be >= 0, got {self.decoder_depth}")
+            check_heads("method.decoder_dim", self.decoder_dim, "method.decoder_heads", self.decoder_heads)
 
     def __init__(self, encoder: torch.nn.Module, cfg: Config) -> None:
         """Wrap a token-dropping encoder (``forward_features(x, keep_idx)``) with a decoder."""
