@@ -13,7 +13,7 @@ from mimkit.engine.distributed import resolve_device
 from mimkit.engine.logging import read_metrics
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.precision import autocast, resolve_precision
-from mimkit.evaluation.runner import Subject, features_for, run_knn, run_linprobe, write_result
+from mimkit.evaluation.runner import Subject, features_for, result_name, run_knn, run_linprobe, write_result
 from mimkit.models import method_from_config
 
 
@@ -71,9 +71,10 @@ def evaluate_subject(subject: Subject, train_fraction: float = 1.0) -> dict[str,
     feats = features_for(subject, "auto", "auto", 512, progress=False, train_fraction=train_fraction)
     knn = run_knn(subject, (20, 200), 0.07, feats)
     lin = run_linprobe(feats, 100, 0.1, 1024, 0)
-    suffix = "" if train_fraction == 1.0 else f"-frac{train_fraction:g}"
-    write_result(subject, f"knn{suffix}", knn)
-    write_result(subject, f"linprobe{suffix}", lin)
+    precision = resolve_precision("auto", resolve_device("auto"))
+    settings = {"train_fraction": train_fraction, "precision": precision}
+    write_result(subject, result_name(subject, "knn", settings), knn)
+    write_result(subject, result_name(subject, "linprobe", settings), lin)
     return {"knn20": knn["top1_k20"], "knn200": knn["top1_k200"], "linprobe": lin["top1"]}
 
 

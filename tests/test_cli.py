@@ -158,22 +158,27 @@ def test_baseline_evaluations_on_a_folder(tmp_path, write_image, capsys):
             "data.channels=3"]
     common = ["--no-progress", "--precision", "fp32", "--batch-size", "4"]
     assert main(["knn", "--baseline", "pixels", *data, *common]) == 0
-    result = json.loads((tmp_path / "runs" / "baseline-pixels" / "knn.json").read_text())
+    # The data are not the default config's: the result's name says so (see test_evaluation_names).
+    (knn_file,) = (tmp_path / "runs" / "baseline-pixels").glob("knn-data*.json")
+    result = json.loads(knn_file.read_text())
     assert result["top1_k20"] == 100.0 and result["feature_dim"] == 192 and result["dataset"] == "imagefolder"
     assert "k=20: 100.00%" in capsys.readouterr().out
     tiny = ["backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2"]
     assert main(["linprobe", "--baseline", "random", *data, *tiny, *common, "--epochs", "20",
                  "--probe-batch-size", "8"]) == 0
-    result = json.loads((tmp_path / "runs" / "baseline-random" / "linprobe.json").read_text())
+    (lin_file,) = (tmp_path / "runs" / "baseline-random").glob("linprobe-e20-pbs8-data*.json")
+    result = json.loads(lin_file.read_text())
     assert result["feature_dim"] == 32 and result["epochs"] == 20 and 0 <= result["top1"] <= 100
     if "report" in SUBCOMMANDS:
         capsys.readouterr()
         assert main(["report", str(tmp_path / "runs")]) == 0
         table = capsys.readouterr().out
-        assert re.search(r"^\| raw pixels \| 100\.00 \| \d+\.\d\d \| - \|$", table, re.M), table
-        assert re.search(r"^\| random-init vit_tiny_p4 \| - \| - \| \d+\.\d\d \|$", table, re.M), table
+        assert re.search(r"^\| raw pixels \(data\w{6}\) \| 100\.00 \| \d+\.\d\d \| - \|$", table, re.M), table
+        assert re.search(r"^\| random-init vit_tiny_p4 \(e20-pbs8-data\w{6}\) \| - \| - \| \d+\.\d\d \|$",
+                         table, re.M), table
     assert main(["knn", "--baseline", "pixels", *data, *common, "--train-fraction", "0.5", "--k", "1"]) == 0
-    result = json.loads((tmp_path / "runs" / "baseline-pixels" / "knn-frac0.5.json").read_text())
+    (frac_file,) = (tmp_path / "runs" / "baseline-pixels").glob("knn-frac0.5-k1-data*.json")
+    result = json.loads(frac_file.read_text())
     assert result["train_fraction"] == 0.5
     capsys.readouterr()
     assert main(["knn", "--baseline", "pixels", *data, *common, "--train-fraction", "1.5"]) == 2

@@ -44,7 +44,7 @@ def test_pretrain_evaluate_visualize(tmp_path, capsys, tiny_run_overrides):
 
     # the linear probe reuses the cached features
     assert main(["linprobe", str(run), *EVAL, "--epochs", "10"]) == 0
-    lin = json.loads((ckpt / "linprobe.json").read_text())
+    lin = json.loads((ckpt / "linprobe-e10.json").read_text())
     assert lin["top1"] > 30.0 and lin["epochs"] == 10
     assert len(list(ckpt.glob("features-*.pt"))) == 1
     assert "top-1" in capsys.readouterr().out
@@ -60,7 +60,11 @@ def test_pretrain_evaluate_visualize(tmp_path, capsys, tiny_run_overrides):
     # a data override: the same encoder on 32-pixel inputs (its position embedding is recomputed)
     assert main(["knn", str(run), "data.channels=1", "data.img_size=32", *EVAL, "--train-fraction", "0.1",
                  "--k", "20"]) == 0
-    small = json.loads((ckpt / "knn-frac0.1.json").read_text())
+    # every setting that changes the result is in its name: nothing overwrites the full-protocol kNN
+    (small_file,) = ckpt.glob("knn-frac0.1-k20-data*.json")
+    small = json.loads(small_file.read_text())
+    assert small["data_changes"] == {"img_size": 32}
+    assert json.loads((ckpt / "knn.json").read_text()) == knn
     assert small["img_size"] == 32 and small["top1_k20"] > 20.0
     capsys.readouterr()
     # the tiny encoder has one block: asking for two is refused before any extraction
@@ -70,9 +74,11 @@ def test_pretrain_evaluate_visualize(tmp_path, capsys, tiny_run_overrides):
     if "report" in _subcommands():
         assert main(["report", str(run)]) == 0
         table = capsys.readouterr().out
-        assert f"| mae step_00000036 | {knn['top1_k20']:.2f} | {knn['top1_k200']:.2f} | {lin['top1']:.2f} |" in table
+        assert f"| mae step_00000036 | {knn['top1_k20']:.2f} | {knn['top1_k200']:.2f} | - |" in table
+        assert f"| mae step_00000036 (e10) | - | - | {lin['top1']:.2f} |" in table
         # the 10 %-bank kNN at 32 px is its own row, with no linear probe
-        assert f"| mae step_00000036 (frac0.1) | {small['top1_k20']:.2f} | - | - |" in table
+        variant = small_file.stem.split("-", 1)[1]
+        assert f"| mae step_00000036 ({variant}) | {small['top1_k20']:.2f} | - | - |" in table
 
 
 def test_cvt_mae_pretrain_evaluate_visualize(tmp_path, capsys):
@@ -88,7 +94,7 @@ def test_cvt_mae_pretrain_evaluate_visualize(tmp_path, capsys):
     ckpt = latest_checkpoint(run / "checkpoints")
     assert ckpt.name == "step_00000036"
     assert main(["knn", str(run), *EVAL, "--train-fraction", "0.1", "--k", "20"]) == 0
-    knn = json.loads((ckpt / "knn-frac0.1.json").read_text())
+    knn = json.loads((ckpt / "knn-frac0.1-k20.json").read_text())
     assert knn["subject"] == "cvt_mae step_00000036" and knn["feature_dim"] == 32
     assert knn["top1_k20"] > 30.0
     assert main(["visualize", str(run), "--num", "4"]) == 0

@@ -170,15 +170,22 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mimkit.evaluation.runner import features_for, resolve_subject, run_knn, run_linprobe, write_result
+    from mimkit.evaluation.runner import (
+        features_for,
+        resolve_subject,
+        result_name,
+        run_knn,
+        run_linprobe,
+        write_result,
+    )
 
     run, overrides = _split_args(args.args)
+    if args.train_fraction > 1.0:
+        raise ConfigError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    if args.baseline == "pixels" and args.blocks > 1:
+        raise ConfigError(f"--blocks {args.blocks} does not apply to --baseline pixels (raw pixels have no blocks)")
     subject = resolve_subject(run, args.baseline, str(resolve_config_path(args.config)) if args.config else None,
                               overrides, args.seed)
-    if not 0.0 < args.train_fraction <= 1.0:
-        raise ConfigError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
-    if args.blocks < 1:
-        raise ConfigError(f"--blocks must be >= 1, got {args.blocks}")
     if args.blocks > 1 and subject.encoder is not None:
         import torch
 
@@ -189,6 +196,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                                              args.blocks)
         except ValueError as err:
             raise ConfigError(f"--blocks {args.blocks}: {err}") from None
+    from mimkit.engine.distributed import resolve_device
+    from mimkit.engine.precision import resolve_precision
+
+    precision = resolve_precision(args.precision, resolve_device(args.device))
+    settings = {"train_fraction": args.train_fraction, "blocks": args.blocks, "precision": precision}
+    if args.command == "knn":
+        # The seed draws a random-init encoder's weights; for anything else kNN has no randomness.
+        settings |= {"k": tuple(args.k), "temperature": args.temperature,
+                     "seed": args.seed if args.baseline == "random" else 0}
+    else:
+        settings |= {"epochs": args.epochs, "lr": args.lr, "probe_batch_size": args.probe_batch_size,
+                     "seed": args.seed}
     feats = features_for(subject, args.device, args.precision, args.batch_size, not args.no_progress,
                          args.train_fraction, args.blocks)
     if args.command == "knn":
@@ -197,11 +216,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         result = run_linprobe(feats, args.epochs, args.lr, args.probe_batch_size, args.seed)
         summary = f"top-1 {result['top1']:.2f}% (train {result['train_top1']:.2f}%)"
-    result["train_fraction"] = args.train_fraction
-    result["blocks"] = args.blocks
-    kind = args.command if args.train_fraction == 1.0 else f"{args.command}-frac{args.train_fraction:g}"
-    kind += f"-blocks{args.blocks}" if args.blocks > 1 else ""
-    path = write_result(subject, kind, result)
+    result |= {"train_fraction": args.train_fraction, "blocks": args.blocks, "precision": precision}
+    path = write_result(subject, result_name(subject, args.command, settings), result)
     print(f"{args.command} [{subject.label}] {subject.cfg.data.name}: {summary}  -> {path}")
     return 0
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import pickle
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from mimkit.config import ConfigError, DataConfig
+from mimkit.config import DataConfig
+from mimkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +66,27 @@ class ImageSet:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not."""
+    """Read an IDX file of unsigned bytes (the MNIST format), gzipped or not.
+
+    Raises:
+        DataError: A truncated or corrupt file (a damaged archive, a short download), named.
+
+    """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: cannot read ({err}); the file is truncated or corrupt, so reinstall "
+                        "or re-download it") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if len(data) != expected:
+        raise DataError(f"{path}: {len(data)} bytes where its header promises {expected}; the file is "
+                        "truncated or corrupt, so reinstall or re-download it")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -97,6 +115,9 @@ def load_fashion_mnist(cfg: DataConfig, split: str) -> ImageSet:
         if images and labels:
             x = torch.from_numpy(_read_idx(images).copy()).unsqueeze(1)  # [N, 1, 28, 28]
             y = torch.from_numpy(_read_idx(labels).astype(np.int64))
+            if len(x) != len(y) or x.dim() != 4:
+                raise DataError(f"{images} holds {len(x)} images of shape {tuple(x.shape[1:])} but {labels} "
+                                f"holds {len(y)} labels; one of them is from another dataset or damaged")
             return ImageSet("fashion_mnist", y, list(FASHION_MNIST_CLASSES), images=x)
     if cfg.download:
         from torchvision.datasets import FashionMNIST
@@ -125,9 +146,12 @@ def _torchvision_set(cfg: DataConfig, split: str) -> ImageSet:
         y = torch.as_tensor(ds.labels, dtype=torch.long)
         return ImageSet("stl10", y, list(ds.classes), images=torch.from_numpy(ds.data))
     except RuntimeError as err:
-        raise ConfigError(
+        raise DataError(
             f"{cfg.name} not found under {root!r} ({err}); set data.root or data.download=true"
-        ) from err
+        ) from None
+    except (OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        raise DataError(f"{cfg.name} under {root!r} cannot be read ({type(err).__name__}: {err}); the files "
+                        "are truncated or corrupt, so delete them and download again") from None
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -141,14 +165,20 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
+HELD_OUT_SPLITS = ("test", "val")
+
+
 def _image_folder(cfg: DataConfig, split: str) -> tuple[list[Path], list[int], list[str]]:
     root = _require_dir(Path(cfg.root), "data.root")
-    split_dir = root / split if (root / split).is_dir() else root
-    if split != "train" and split_dir == root:
-        for alt in ("val", "test"):
-            if (root / alt).is_dir():
-                split_dir = root / alt
-                break
+    if split == "train":
+        split_dir = root / "train" if (root / "train").is_dir() else root
+    else:
+        # A held-out split must exist: the root itself would be evaluated as its own test set.
+        found = [root / s for s in (split, *HELD_OUT_SPLITS) if (root / s).is_dir()]
+        if not found:
+            raise DataError(f"data.root {root} has no {split}/ folder (nor val/ or test/): evaluation needs "
+                            "held-out images as root/val/<class>/* or root/test/<class>/*")
+        split_dir = found[0]
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     if not classes:
         raise ConfigError(f"data.root {split_dir}: no class sub-folders (use data.name=unlabelled for a flat folder)")
@@ -195,13 +225,27 @@ def _unlabelled(cfg: DataConfig, split: str) -> tuple[list[Path], list[int], lis
     return files, [-1] * len(files), []
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Scale a 16-bit (or 32-bit integer) grey image to 8 bits; ``convert("L")`` would clip at 255."""
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return img
+    arr = np.asarray(img).astype(np.float64)
+    # PNG and TIFF "I" images come from 16-bit files; values above 65535 mean a 32-bit range.
+    top = 65535.0 if arr.size == 0 or arr.max() <= 65535 else float(2**32 - 1)
+    return Image.fromarray(np.round(arr * (255.0 / top)).clip(0, 255).astype(np.uint8), mode="L")
+
+
 def open_image(path: Path, channels: int) -> Image.Image | None:
-    """Decode one image file to RGB or L; None (with a warning) if it cannot be read."""
+    """Decode one image file to RGB or L (16-bit images scaled, not clipped); None if it cannot be read.
+
+    Unreadable files, truncated ones and decompression bombs (more pixels than PIL's
+    ``MAX_IMAGE_PIXELS`` allows) are warned about and skipped; the caller counts them.
+    """
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("L" if channels == 1 else "RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            return _to_8bit(img).convert("L" if channels == 1 else "RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         log.warning("skipping unreadable image %s: %s", path, err)
         return None
 

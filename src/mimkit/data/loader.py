@@ -19,6 +19,7 @@ from mimkit.data.transforms import (
     random_resized_crop_batch,
     resize_batch,
 )
+from mimkit.errors import ConfigError
 
 
 def normalizer_for(data: ImageSet, channels: int) -> Normalize:
@@ -76,10 +77,11 @@ class BatchLoader:
                 ds, batch_size=batch_size, sampler=self._sampler, num_workers=cfg.num_workers,
                 collate_fn=_collate_skipping, drop_last=train, persistent_workers=cfg.num_workers > 0,
             )
-        elif train and len(self._rank_indices()) < batch_size:
-            raise ValueError(
-                f"dataset {data.name} has {len(data)} images, fewer than one batch of {batch_size} per rank"
-            )
+        if train and len(self) == 0:  # streamed or in memory: an epoch without a batch never ends
+            per_rank = f" ({len(data) // world_size} per rank)" if world_size > 1 else ""
+            raise ConfigError(
+                f"dataset {data.name} has {len(data)} training images{per_rank}, fewer than one batch of "
+                f"optim.batch_size={batch_size}; lower optim.batch_size or add images")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Choose the shuffle of ``epoch`` (the same on every rank, so shards do not overlap).

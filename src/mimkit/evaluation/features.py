@@ -15,6 +15,7 @@ from tqdm import tqdm
 from mimkit.config import DataConfig
 from mimkit.data import build_dataset, build_loader, normalizer_for, per_class_subset
 from mimkit.engine.precision import autocast
+from mimkit.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,23 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
+_CACHE_KEYS = {"train_x", "train_y", "test_x", "test_y", "num_classes"}
+
+
+def _read_cache(path: Path) -> dict[str, torch.Tensor] | None:
+    """The cached features, or None (with a warning) when the file is damaged and must be rebuilt."""
+    try:
+        cached = torch.load(path, weights_only=True)
+        if not isinstance(cached, dict) or set(cached) != _CACHE_KEYS:
+            raise ValueError(f"keys {sorted(cached) if isinstance(cached, dict) else type(cached).__name__}")
+        if len(cached["train_x"]) != len(cached["train_y"]) or len(cached["test_x"]) != len(cached["test_y"]):
+            raise ValueError("feature and label counts differ")
+        return cached
+    except Exception as err:  # torch.load raises many types for a damaged file
+        log.warning("feature cache %s is unreadable (%s); extracting again", path, err)
+        return None
+
+
 def _cache_key(tag: str, cfg: DataConfig, split: str, precision: str) -> str:
     blob = json.dumps([tag, dataclasses.asdict(cfg), split, precision], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -107,12 +125,24 @@ def dataset_features(
         what = f"train{train_fraction}+test" + (f"+blocks{blocks}" if blocks > 1 else "")
         path = cache_dir / f"features-{_cache_key(tag, cfg, what, precision)}.pt"
         if path.is_file():
-            log.info("using cached features %s", path)
-            return torch.load(path, weights_only=True)
+            cached = _read_cache(path)
+            if cached is not None:
+                log.info("using cached features %s", path)
+                return cached
     train = build_dataset(cfg, "train")
     test = build_dataset(cfg, "test")
     if not (train.labelled and test.labelled):
-        raise ValueError(f"dataset {cfg.name} has no labels; kNN and linear probe need a labelled dataset")
+        raise DataError(f"dataset {cfg.name} has no labels; kNN and linear probe need a labelled dataset "
+                        "(e.g. data.name=imagefolder with root/train/<class>/* and root/val/<class>/*)")
+    if len(train.classes) < 2:
+        raise DataError(f"dataset {cfg.name} has {len(train.classes)} class ({', '.join(train.classes)}); kNN and "
+                        "linear probe need at least 2, or every prediction is right")
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise DataError(f"dataset {cfg.name}: the train and held-out splits have different classes (only in "
+                        f"train: {only_train or 'none'}; only held out: {only_test or 'none'}); labels would not "
+                        "match")
     norm = normalizer_for(train, cfg.channels)
     if train_fraction < 1.0:
         keep = per_class_subset(train.labels, train_fraction, seed=0)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,20 @@ BASELINES = ("pixels", "random")
 
 @dataclass
 class Subject:
-    """The thing being evaluated and where its results go."""
+    """The thing being evaluated and where its results go.
+
+    Attributes:
+        data_changes: The ``data.*`` settings that differ from the run's (or config's) own data
+            section, as ``{key: value}``; evaluations on other data are stored under other names.
+
+    """
 
     encoder: nn.Module | None
     cfg: PretrainConfig
     out_dir: Path
     tag: str
     label: str
+    data_changes: dict[str, Any] = field(default_factory=dict)
 
 
 def run_config_for(ckpt: Path) -> Path:
@@ -73,22 +81,30 @@ def resolve_subject(
         raise ConfigError(f"--baseline {baseline!r} is unknown; valid: {', '.join(BASELINES)}")
     if run is None and baseline is None:
         raise ConfigError("give a run or checkpoint to evaluate, or --baseline pixels|random")
-    if run is not None and baseline is None:
+    if run is not None and config is not None:
+        raise ConfigError("--config applies to a baseline without a run; a run is evaluated with its own config")
+    if run is not None:
+        not_data = [o for o in overrides if not o.startswith("data.")]
+        if not_data:
+            raise ConfigError(f"a run is evaluated with its own model: only data.* settings apply, not "
+                              f"{', '.join(not_data)}")
         ckpt = resolve_checkpoint(run)
-        cfg = load_config(run_config_for(ckpt), overrides)
+        base_path, base_overrides = run_config_for(ckpt), []
+    else:
+        base_path = config
+        base_overrides = [o for o in overrides if not o.startswith("data.")]
+    base, cfg = load_config(base_path, base_overrides), load_config(base_path, overrides)
+    changes = {k: v for k, v in asdict(cfg.data).items() if asdict(base.data)[k] != v}
+    if run is not None and baseline is None:
         encoder = encoder_from_config(cfg)
         load_weights(encoder, ckpt, prefix="encoder.")
-        return Subject(encoder, cfg, ckpt, str(ckpt.resolve()), f"{cfg.method['name']} {ckpt.name}")
-    if run is not None:
-        cfg = load_config(run_config_for(resolve_checkpoint(run)), overrides)
-    else:
-        cfg = load_config(config, overrides)
+        return Subject(encoder, cfg, ckpt, str(ckpt.resolve()), f"{cfg.method['name']} {ckpt.name}", changes)
     out = Path(cfg.run_dir) / f"baseline-{baseline}"
     if baseline == "pixels":
-        return Subject(None, cfg, out, "pixels", "raw pixels")
+        return Subject(None, cfg, out, "pixels", "raw pixels", changes)
     seed_everything(seed)
     enc = encoder_from_config(cfg)
-    return Subject(enc, cfg, out, f"random-{cfg.backbone}-{seed}", f"random-init {cfg.backbone['name']}")
+    return Subject(enc, cfg, out, f"random-{cfg.backbone}-{seed}", f"random-init {cfg.backbone['name']}", changes)
 
 
 def features_for(subject: Subject, device: str, precision: str, batch_size: int, progress: bool,
@@ -98,17 +114,59 @@ def features_for(subject: Subject, device: str, precision: str, batch_size: int,
                             resolve_device(device), precision, batch_size, progress, train_fraction, blocks)
 
 
+#: Evaluation settings that change a result, their defaults, and how a non-default one is named.
+PROTOCOL = {
+    "train_fraction": (1.0, "frac{:g}"), "blocks": (1, "blocks{}"),
+    "k": ((20, 200), "k{}"), "temperature": (0.07, "T{:g}"),
+    "epochs": (100, "e{}"), "lr": (0.1, "lr{:g}"), "probe_batch_size": (1024, "pbs{}"), "seed": (0, "seed{}"),
+    "precision": ("fp32", "{}"),
+}
+"""``precision`` is the resolved one: features extracted under bf16 autocast are named ``-bf16``."""
+
+
+def result_name(subject: Subject, command: str, settings: dict[str, Any]) -> str:
+    """The file stem of an evaluation: ``knn`` for the default protocol, else its non-default settings.
+
+    Everything that changes a result is in the name, so no evaluation overwrites another's:
+    e.g. ``knn-frac0.2``, ``linprobe-blocks3-e50``, ``knn-k10-T0.1-data3f9a1c`` (other data).
+
+    Args:
+        subject: What is evaluated (its ``data_changes`` name other data).
+        command: ``knn`` or ``linprobe``.
+        settings: Values for keys of :data:`PROTOCOL` (missing ones are taken as the defaults).
+
+    """
+    parts = [command]
+    for key, (default, fmt) in PROTOCOL.items():
+        value = settings.get(key, default)
+        if isinstance(value, list | tuple):
+            value, default = tuple(value), tuple(default)
+            if value != default:
+                parts.append(fmt.format("-".join(map(str, value))))
+        elif value != default:
+            parts.append(fmt.format(value))
+    if subject.data_changes:
+        blob = json.dumps(subject.data_changes, sort_keys=True, default=str)
+        parts.append("data" + hashlib.sha1(blob.encode()).hexdigest()[:6])
+    return "-".join(parts)
+
+
 def write_result(subject: Subject, kind: str, result: dict[str, Any]) -> Path:
-    """Write ``<kind>.json`` beside the checkpoint (or in the baseline folder) and return its path."""
+    """Write ``<kind>.json`` beside the checkpoint (or in the baseline folder) and return its path.
+
+    The file is written whole under a temporary name and renamed, so a reader never sees half of it.
+    """
     subject.out_dir.mkdir(parents=True, exist_ok=True)
     row = {
         "evaluation": kind, "subject": subject.label, "dataset": subject.cfg.data.name,
-        "img_size": subject.cfg.data.img_size, **result,
+        "img_size": subject.cfg.data.img_size, "data_changes": subject.data_changes, **result,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(),
         "torch": torch.__version__,
     }
     path = subject.out_dir / f"{kind}.json"
-    path.write_text(json.dumps(row, indent=2) + "\n")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(row, indent=2, default=str) + "\n")
+    tmp.replace(path)
     return path
 
 
