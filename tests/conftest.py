@@ -106,21 +106,27 @@ def tiny_run_config(tmp_path: Path) -> Callable[..., PretrainConfig]:
     return make
 
 
+def _write_image(path: Path, value: int = 128, size: tuple[int, int] = (12, 10), mode: str = "RGB",
+                 fmt: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    channels = 3 if mode == "RGB" else 1
+    arr = np.clip(rng.normal(value, 10, size=(size[1], size[0], channels)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=mode)
+    img.save(path, format=fmt)
+    return path
+
+
 @pytest.fixture
 def write_image() -> Callable[..., Path]:
     """Factory: write a small image file (PNG unless the suffix says otherwise) and return its path."""
+    return _write_image
 
-    def write(path: Path, value: int = 128, size: tuple[int, int] = (12, 10), mode: str = "RGB",
-              fmt: str | None = None) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(value)
-        channels = 3 if mode == "RGB" else 1
-        arr = np.clip(rng.normal(value, 10, size=(size[1], size[0], channels)), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=mode)
-        img.save(path, format=fmt)
-        return path
 
-    return write
+@pytest.fixture(scope="session")
+def write_image_session() -> Callable[..., Path]:
+    """:func:`write_image` for session-scoped fixtures."""
+    return _write_image
 
 
 @pytest.fixture

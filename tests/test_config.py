@@ -258,3 +258,22 @@ def test_yaml_file_exponent_without_dot_is_float(tmp_path):
 def test_engine_settings_validated_up_front(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_config(None, [override])
+
+
+def test_yaml_words_stay_words_and_booleans_need_true_or_false(tmp_path):
+    """YAML 1.1 read ``no`` as False, so the documented data.cache=no was refused."""
+    assert load_config(None, ["data.cache=no"]).data.cache == "no"
+    assert load_config(None, ["data.cache=yes"]).data.cache == "yes"
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  cache: no\n  hflip: off\noptim:\n  base_lr: 1e-3\n")
+    cfg = load_config(path)
+    assert (cfg.data.cache, cfg.data.hflip, cfg.optim.base_lr) == ("no", False, 1e-3)
+    assert load_config(None, ["data.hflip=yes"]).data.hflip is True
+    with pytest.raises(ConfigError, match="data.hflip: expected bool, got 'maybe'"):
+        load_config(None, ["data.hflip=maybe"])
+
+
+@pytest.mark.parametrize("override", ["train.budget_minutes=nan", "optim.base_lr=.inf", "optim.clip_grad=-.inf"])
+def test_non_finite_numbers_refused(override):
+    with pytest.raises(ConfigError, match=f"{override.split('=')[0]}: expected a finite number"):
+        load_config(None, [override])

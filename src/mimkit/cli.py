@@ -309,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         # One line: a multi-line message (a YAML parser's) is folded so that scripts can grep it.
         print(f"mimkit {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine's doing (a full disk, a lost mount), not a bug of ours
+        from mimkit.engine.run_folder import describe_error
+
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"mimkit {args.command}: error: {describe_error(err)}{where}; a run resumes from its last "
+              "complete checkpoint with --resume auto", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; resume with --resume auto", file=sys.stderr)
         return 130

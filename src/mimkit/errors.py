@@ -23,6 +23,10 @@ class CheckpointError(MimkitError, RuntimeError):
     """A checkpoint that cannot be used or written; the message says which file and why."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint of another architecture or optimizer: the config differs, nothing is corrupt."""
+
+
 class RunFolderError(MimkitError, RuntimeError):
     """A run folder that holds another run, is in use by another process, or cannot be written."""
 
@@ -31,4 +35,5 @@ class NonFiniteError(MimkitError, RuntimeError):
     """Training produced NaN or inf (loss, gradient or weights) and stopped before saving garbage."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "MimkitError", "NonFiniteError", "RunFolderError"]
+__all__ = ["CheckpointError", "CheckpointMismatchError", "ConfigError", "DataError", "MimkitError", "NonFiniteError",
+           "RunFolderError"]

@@ -4,12 +4,15 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mimkit.config import ConfigError, DataConfig
 from mimkit.data import BatchLoader, build_dataset, normalizer_for, per_class_subset
 from mimkit.data.datasets import list_images
+from mimkit.errors import DataError
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
@@ -243,3 +246,38 @@ def test_cifar10_missing_without_download(tmp_path, data_cfg):
     with pytest.raises(ConfigError, match=f"cifar10.*{re.escape(str(tmp_path))}"):
         build_dataset(data_cfg(name="cifar10", root=str(tmp_path), download=False), "train")
     assert list(tmp_path.iterdir()) == []  # nothing was downloaded
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path, data_cfg):
+    """convert("L") clips a 16-bit image at 255, so most of it came out white; it must be scaled."""
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)  # 0 .. 65520
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "f" / split / cls).mkdir(parents=True)
+            Image.fromarray(ramp).save(tmp_path / "f" / split / cls / "x.png")
+    data = build_dataset(data_cfg(name="imagefolder", root=str(tmp_path / "f"), channels=1, img_size=8), "train")
+    got = data.images[0, 0].to(torch.float64)
+    expected = torch.from_numpy(np.round(ramp / 257.0))
+    assert torch.equal(got, expected), (got.max(), expected.max())
+    assert int((got == 255).sum()) == 1  # only the brightest pixel is white
+
+
+def test_decompression_bomb_is_skipped_and_counted(tmp_path, write_image, data_cfg, monkeypatch):
+    from PIL import Image as PILImage
+
+    write_image(tmp_path / "u" / "small.png", size=(8, 8))
+    write_image(tmp_path / "u" / "bomb.png", size=(64, 64))
+    # Anything over 2 x MAX_IMAGE_PIXELS raises DecompressionBombError: shrink the limit to 1000 px.
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    data = build_dataset(data_cfg(name="unlabelled", root=str(tmp_path / "u"), img_size=8), "train")
+    assert len(data) == 1 and data.skipped == 1
+
+
+def test_truncated_idx_file_is_named(tmp_path, data_cfg):
+    import gzip
+
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03" + (2).to_bytes(4, "big") * 3 + b"\1" * 5)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x01" + (2).to_bytes(4, "big")
+                                                                        + b"\1\2"))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: 21 bytes where its header promises 24"):
+        build_dataset(data_cfg(name="fashion_mnist", root=str(tmp_path), channels=1, img_size=2), "train")

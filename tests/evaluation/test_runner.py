@@ -11,7 +11,7 @@ from mimkit.data.datasets import FILE_SOURCES
 from mimkit.engine import CONFIG_FILE
 from mimkit.engine.checkpoint import save_checkpoint
 from mimkit.evaluation import dataset_features, extract_features, load_encoder, resolve_subject
-from mimkit.evaluation.runner import run_config_for, run_knn, write_result
+from mimkit.evaluation.runner import result_name, run_config_for, run_knn, write_result
 from mimkit.models import method_from_config
 
 TINY = ["backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2", "method.decoder_dim=32",
@@ -170,3 +170,33 @@ def test_extract_features_keeps_cvt_batchnorm_statistics_frozen():
     second, _ = extract_features(enc, batches, torch.device("cpu"), "fp32", progress=False)
     assert all(torch.equal(v, enc.state_dict()[k]) for k, v in before.items())
     assert torch.equal(first, second)
+
+
+def test_a_damaged_feature_cache_is_rebuilt(tmp_path, write_image, data_cfg, caplog):
+    root = _labelled_folder(tmp_path / "imgs", write_image)
+    cfg = data_cfg(name="imagefolder", root=str(root))
+    args = (None, cfg, tmp_path / "cache", "pixels", torch.device("cpu"), "fp32")
+    first = dataset_features(*args, batch_size=4, progress=False)
+    (cache,) = (tmp_path / "cache").glob("features-*.pt")
+    cache.write_bytes(cache.read_bytes()[:100])
+    again = dataset_features(*args, batch_size=4, progress=False)
+    assert torch.equal(first["train_x"], again["train_x"])
+    assert any("unreadable" in r.message for r in caplog.records)
+    assert torch.load(cache, weights_only=True)["train_x"].shape == first["train_x"].shape
+
+
+def test_result_names_differ_for_every_setting_that_changes_a_result(tmp_path):
+    subject = resolve_subject(None, "pixels", None, [f"run_dir={tmp_path}"])
+    other_data = resolve_subject(None, "pixels", None, [f"run_dir={tmp_path}", "data.img_size=32"])
+    assert result_name(subject, "knn", {}) == "knn"
+    variants = [
+        (subject, "knn", {"train_fraction": 0.2}), (subject, "knn", {"blocks": 3}),
+        (subject, "knn", {"k": (10,)}), (subject, "knn", {"temperature": 0.1}),
+        (subject, "knn", {"precision": "bf16"}), (other_data, "knn", {}),
+        (subject, "linprobe", {}), (subject, "linprobe", {"epochs": 50}), (subject, "linprobe", {"lr": 0.05}),
+        (subject, "linprobe", {"probe_batch_size": 256}), (subject, "linprobe", {"seed": 1}),
+        (subject, "knn", {"train_fraction": 0.2, "k": (10,)}),
+    ]
+    names = [result_name(s, cmd, settings) for s, cmd, settings in variants]
+    assert len(set(names + ["knn"])) == len(names) + 1, names
+    assert result_name(subject, "knn", {"k": [20, 200], "temperature": 0.07}) == "knn"

@@ -174,10 +174,11 @@ def _image_folder(cfg: DataConfig, split: str) -> tuple[list[Path], list[int], l
         split_dir = root / "train" if (root / "train").is_dir() else root
     else:
         # A held-out split must exist: the root itself would be evaluated as its own test set.
-        found = [root / s for s in (split, *HELD_OUT_SPLITS) if (root / s).is_dir()]
+        names = list(dict.fromkeys((split, *HELD_OUT_SPLITS)))
+        found = [root / s for s in names if (root / s).is_dir()]
         if not found:
-            raise DataError(f"data.root {root} has no {split}/ folder (nor val/ or test/): evaluation needs "
-                            "held-out images as root/val/<class>/* or root/test/<class>/*")
+            raise DataError(f"data.root {root} has no {' or '.join(n + '/' for n in names)} folder: evaluation "
+                            "needs held-out images as root/val/<class>/* or root/test/<class>/*")
         split_dir = found[0]
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     if not classes:

@@ -7,6 +7,7 @@ mid-write (or a full disk) never leaves a folder that :func:`latest_checkpoint` 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -17,11 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from mimkit.engine.run_folder import describe_error
-from mimkit.errors import CheckpointError, NonFiniteError
+from mimkit.errors import CheckpointError, CheckpointMismatchError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,14 @@ def nonfinite_tensors(tensors: dict[str, Any], limit: int = 3) -> list[str]:
     return bad
 
 
+def write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and flush it to the disk (``fsync``) before returning."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def save_checkpoint(
     ckpt_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep_last: int = 2
 ) -> Path:
@@ -120,11 +130,12 @@ def save_checkpoint(
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(weights, str(tmp / MODEL_FILE))
-        torch.save(state, tmp / STATE_FILE)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        # Serialised in memory, written by Python: a full disk then raises OSError (ENOSPC), where
+        # torch.save writing a file itself raised a RuntimeError with no cause in it.
+        write_file(tmp / MODEL_FILE, safetensors_bytes(weights))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_file(tmp / STATE_FILE, buffer.getvalue())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -148,7 +159,7 @@ def save_checkpoint(
 
 def checkpoint_bytes(model: nn.Module) -> int:
     """About what one checkpoint of ``model`` takes on disk: weights plus AdamW's two moments."""
-    return 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (1 << 20)
+    return 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (64 << 10)
 
 
 def remove_temporaries(ckpt_dir: Path) -> list[Path]:
@@ -243,7 +254,7 @@ def read_weights(model: nn.Module, ckpt: Path, prefix: str = "") -> dict[str, to
             parts.append(f"unexpected keys {_short(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches {_short(shapes)}")
-        raise CheckpointError(f"{file} does not fit this architecture: " + "; ".join(parts))
+        raise CheckpointMismatchError(f"{file} does not fit this architecture: " + "; ".join(parts))
     bad = nonfinite_tensors(weights)
     if bad:
         raise CheckpointError(f"{file}: {', '.join(bad)} hold NaN or inf")

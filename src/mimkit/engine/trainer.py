@@ -37,7 +37,14 @@ from mimkit.engine.logging import RunLogger, truncate_metrics
 from mimkit.engine.optim import build_optimizer, cosine_lr, scaled_lr
 from mimkit.engine.precision import autocast, resolve_precision
 from mimkit.engine.run_folder import RunFolder
-from mimkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, RunFolderError
+from mimkit.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ConfigError,
+    DataError,
+    NonFiniteError,
+    RunFolderError,
+)
 from mimkit.methods import PretrainOutput
 from mimkit.models import method_from_config
 
@@ -155,10 +162,13 @@ class Trainer:
     def find_resume_point(self, resume: str | None) -> ResumePoint | None:
         """Read and verify the checkpoint to resume from, without applying it.
 
-        ``auto`` walks back from the newest checkpoint past any that cannot be read, do not fit the
-        model, or hold NaN/inf, and remembers those to set aside. A named checkpoint must be usable.
+        ``auto`` walks back from the newest checkpoint past any that cannot be read, lack part of
+        their state or hold NaN/inf, and remembers those to set aside. A checkpoint that is sound
+        but does not fit the model means the settings differ from the run's: that is refused, and
+        nothing is set aside. A named checkpoint must be usable.
 
         Raises:
+            CheckpointMismatchError: A sound checkpoint of another architecture or optimizer.
             CheckpointError: The named checkpoint is unusable, or every checkpoint in the folder is.
 
         """
@@ -171,6 +181,11 @@ class Trainer:
         for ckpt in reversed(list_checkpoints(self.ckpt_dir)):
             try:
                 return ResumePoint(ckpt, *self._verify(ckpt), set_aside=skipped)
+            except CheckpointMismatchError as err:
+                # Not damage: this config is not the run's. Nothing is set aside.
+                raise CheckpointMismatchError(
+                    f"{err}; resume with the run's own settings ({self.run_dir / CONFIG_FILE}) or choose "
+                    "another run_dir") from None
             except CheckpointError as err:
                 skipped.append((ckpt, str(err)))
         if skipped:
@@ -190,7 +205,7 @@ class Trainer:
         try:
             scratch.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{ckpt}: optimizer state does not fit this model ({err})") from None
+            raise CheckpointMismatchError(f"{ckpt}: optimizer state does not fit this model ({err})") from None
         return weights, state
 
     def open_run(self, resume: str | None = None, overwrite: bool = False) -> None:
@@ -204,6 +219,25 @@ class Trainer:
         """
         if resume is not None and overwrite:
             raise ConfigError("--resume continues a run and --overwrite replaces it; give one of them")
+        if not self.info.is_main:
+            # Rank 0 alone judges the folder (the other ranks would see it half-prepared), and only
+            # then do they read the checkpoint it settled on.
+            if not broadcast_from_main([0], self.info)[0]:
+                raise RunFolderError(f"rank 0 refused run folder {self.run_dir}")
+            self.logger = RunLogger(self.run_dir, enabled=False)
+            point = self.find_resume_point(resume)
+        else:
+            try:
+                point = self._check_and_prepare(resume, overwrite)
+            except BaseException:
+                self.folder.release()
+                broadcast_from_main([0], self.info)
+                raise
+            broadcast_from_main([1], self.info)
+        if point is not None:
+            self._apply(point)
+
+    def _check_and_prepare(self, resume: str | None, overwrite: bool) -> ResumePoint | None:
         self.folder.check_not_in_use()
         point = self.find_resume_point(resume)
         existing = self.folder.contents()
@@ -214,22 +248,8 @@ class Trainer:
             raise RunFolderError(
                 f"run folder {self.run_dir} already holds a run ({', '.join(existing)}); {how}, "
                 "--overwrite replaces it, or choose another run_dir")
-        ok = 1
-        if self.info.is_main:
-            try:
-                self._prepare_folder(point, overwrite)
-            except BaseException:
-                self.folder.release()
-                broadcast_from_main([0], self.info)
-                raise
-        else:
-            self.logger = RunLogger(self.run_dir, enabled=False)
-        # The other ranks must not train on (or wait forever for) a folder rank 0 refused.
-        ok = broadcast_from_main([ok], self.info)[0]
-        if not ok:
-            raise RunFolderError(f"rank 0 could not open run folder {self.run_dir}")
-        if point is not None:
-            self._apply(point)
+        self._prepare_folder(point, overwrite)
+        return point
 
     def _prepare_folder(self, point: ResumePoint | None, overwrite: bool) -> None:
         self.folder.lock()
@@ -353,10 +373,15 @@ class Trainer:
             if bad:
                 raise NonFiniteError(
                     f"the weights {', '.join(bad)} became NaN or inf by step {self.step} although the loss "
-                    f"and gradient were finite; the last checkpoint, {latest_checkpoint(self.ckpt_dir) or 'none'}, "
-                    "was checked finite when written; lower optim.base_lr or set optim.clip_grad, then "
-                    "resume with --resume auto")
+                    f"and gradient were finite. {self._last_good()}; lower optim.base_lr or set "
+                    "optim.clip_grad, then resume with --resume auto")
         return True
+
+    def _last_good(self) -> str:
+        last = latest_checkpoint(self.ckpt_dir)
+        if last is None:
+            return "No checkpoint was written yet"
+        return f"The last checkpoint, {last}, was checked finite when written"
 
     def _skip_nonfinite(self) -> None:
         self.bad_steps += 1
@@ -364,11 +389,10 @@ class Trainer:
         if self.info.is_main:
             self.logger.log(self.step, {"skipped_nonfinite": self.bad_steps})
         if self.bad_steps >= self.cfg.train.max_bad_steps:
-            last = latest_checkpoint(self.ckpt_dir)
             raise NonFiniteLossError(
-                f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopping. The last "
-                f"checkpoint, {last or 'none yet'}, was checked finite when written; lower optim.base_lr, "
-                "set optim.clip_grad or use train.precision=fp32, then resume with --resume auto"
+                f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopping. {self._last_good()}; "
+                "lower optim.base_lr, set optim.clip_grad or use train.precision=fp32, then resume with "
+                "--resume auto"
             )
 
     def log_step(self, out: PretrainOutput, lr: float, epoch_pos: float) -> str:

@@ -1,0 +1,175 @@
+"""Bad input through the real command line: exit 2, one line naming the problem, nothing touched.
+
+The cases are the table in ``reliability_cases.py``. Every case runs as a subprocess of
+``python -m mimkit`` in its own copy of a workspace (a finished tiny run, small image folders, a
+truncated archive); the workspace is hashed before and after, so a refusal that wrote, moved or
+deleted anything fails. The subprocesses run two at a time (one per core), once per session.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from reliability_cases import CASES, CLASSES, Case
+
+from mimkit.config import load_config
+from mimkit.data.datasets import DEBIAN_FASHION_MNIST
+from mimkit.engine import pretrain
+from mimkit.engine.checkpoint import list_checkpoints
+
+pytestmark = [pytest.mark.fmnist, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _images(root: Path, classes: dict[str, tuple[str, ...]], write_image) -> None:
+    for split, names in classes.items():
+        for k, cls in enumerate(names):
+            for i in range(4):
+                write_image(root / split / cls / f"{i}.png", value=30 + 150 * k + i, size=(8, 8))
+
+
+def _make_template(base: Path, tiny_overrides: list[str], write_image) -> Path:
+    ws = base / "template"
+    pretrain(load_config(None, [f"run_dir={ws / 'run'}", *tiny_overrides, "train.epochs=1",
+                                "train.ckpt_every_steps=6"]))
+    _images(ws / "imgs", {"train": ("a", "b"), "val": ("a", "b")}, write_image)
+    _images(ws / "noval", {"train": ("a", "b")}, write_image)
+    _images(ws / "oneclass", {"train": ("a",), "val": ("a",)}, write_image)
+    _images(ws / "mismatch", {"train": ("a", "b"), "val": ("a", "c")}, write_image)
+    for i in range(3):
+        write_image(ws / "few" / f"{i}.png", value=60 + i, size=(8, 8))
+    (ws / "corrupt").mkdir()
+    for i in range(4):
+        (ws / "corrupt" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(40))
+    (ws / "broken_ckpt").mkdir()
+    (ws / "broken_ckpt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    (ws / "broken_ckpt" / "state.pt").write_bytes(b"nor a state")
+    trunc = ws / "fmnist_trunc"
+    trunc.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        # A download cut short: the first 2 KiB of the gzip stream.
+        (trunc / name).write_bytes((DEBIAN_FASHION_MNIST / name).read_bytes()[:2048])
+    assert gzip.decompress((DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").read_bytes())[:4] == b"\0\0\x08\x01"
+    (ws / "bad.yaml").write_text("optim:\n  base_lr: [1e-3\n")
+    (ws / "cache_no.yaml").write_text("base: mae_fmnist\ndata:\n  cache: no\n")
+    (ws / "afile").write_text("a file where a folder is expected\n")
+    return ws
+
+
+def _digest(root: Path) -> dict[str, str]:
+    """Every file and folder below ``root`` with its content hash: any change shows."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _hold_lock(ws: Path):
+    fd = os.open(ws / "run" / ".lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return lambda: os.close(fd)
+
+
+def _other_run(ws: Path):
+    ckpt = list_checkpoints(ws / "run" / "checkpoints")[-1]
+    shutil.copytree(ckpt, ws / "other" / ckpt.name)
+    return None
+
+
+def _corrupt_all(ws: Path):
+    for ckpt in list_checkpoints(ws / "run" / "checkpoints"):
+        (ckpt / "model.safetensors").write_bytes(b"\0" * 64)
+    return None
+
+
+SETUPS = {"hold_lock": _hold_lock, "other_run": _other_run, "corrupt_all": _corrupt_all}
+
+
+@dataclass
+class Outcome:
+    rc: int
+    out: str
+    err: str
+    before: dict[str, str]
+    after: dict[str, str]
+    ws: Path
+
+
+def _run_case(case: Case, template: Path, base: Path) -> Outcome:
+    ws = base / case.id
+    shutil.copytree(template, ws)
+    release = SETUPS[case.setup](ws) if case.setup else None
+    before = _digest(ws)
+    fill = {"ws": str(ws), "run": str(ws / "run")}
+    argv = [a.format(**fill) for a in case.argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mimkit", *argv], capture_output=True, text=True, env=env,
+                              cwd=ws, timeout=120)
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as timeout:  # a hang is a failure of its case, not of the table
+        rc, out, err = -1, str(timeout.stdout), f"timed out after 120 s: {timeout.stderr}"
+    finally:
+        if release:
+            release()
+    return Outcome(rc, out, err, before, _digest(ws), ws)
+
+
+@pytest.fixture(scope="session")
+def outcomes(tmp_path_factory, write_image_session) -> dict[str, Outcome]:
+    from conftest import TINY_RUN_OVERRIDES
+
+    base = tmp_path_factory.mktemp("reliability")
+    template = _make_template(base, list(TINY_RUN_OVERRIDES), write_image_session)
+    # Two at a time: the machine has two cores, and each case is mostly the interpreter starting.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {c.id: pool.submit(_run_case, c, template, base) for c in CASES}
+    return {k: f.result() for k, f in futures.items()}
+
+
+def test_case_ids_are_unique_and_classified():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids))
+    assert {c.klass for c in CASES} == set(CLASSES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_case(case: Case, outcomes: dict[str, Outcome]):
+    got = outcomes[case.id]
+    assert "Traceback" not in got.err, got.err
+    if case.rc == 0:
+        assert got.rc == 0, got.err
+        assert re.search(case.expect, got.out), got.out
+        return
+    lines = [line for line in got.err.splitlines() if "error:" in line]
+    assert got.rc == 2, f"exit {got.rc}\n{got.err}"
+    assert len(lines) == 1, got.err
+    assert lines[0].startswith(f"mimkit {case.argv[0]}: error: ") or lines[0].startswith("mimkit "), lines[0]
+    assert re.search(case.expect, lines[0]), lines[0]
+    changed = sorted(k for k in set(got.before) | set(got.after) if got.before.get(k) != got.after.get(k))
+    if case.writes:  # the stopped run's own new files, and nothing else
+        changed = [k for k in changed if k in got.before]
+    assert not changed, f"the refused command changed {changed}"
+
+
+def test_reliability_md_lists_every_case():
+    """RELIABILITY.md states the table; it must name every case and count them right."""
+    text = (ROOT / "RELIABILITY.md").read_text()
+    missing = [c.id for c in CASES if f"`{c.id}`" not in text]
+    assert not missing, f"RELIABILITY.md does not list {missing}"
+    listed = set(re.findall(r"^\| `([\w-]+)` \|", text, re.M))
+    extra = listed - {c.id for c in CASES} - set(re.findall(r"^\| `([\w-]+)` \|.*\| test: ", text, re.M))
+    assert not extra, f"RELIABILITY.md lists cases the table does not have: {sorted(extra)}"
