@@ -158,6 +158,7 @@ def resources(out: Path, configs: tuple[str, ...] = (VIT, CVT), batch: int = 64)
 
 
 def _measure(config: str, batch: int, steps: int = 6) -> None:
+    from common import engine_step
     from torch.utils.flop_counter import FlopCounterMode
 
     from mimkit.engine.optim import build_optimizer
@@ -173,9 +174,7 @@ def _measure(config: str, batch: int, steps: int = 6) -> None:
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        method(x).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        engine_step(method, x, opt, torch.device("cpu"), "fp32")
         times.append(time.perf_counter() - t0)
     times = sorted(times[1:])
     peak = vm_hwm_mib()

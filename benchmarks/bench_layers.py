@@ -30,7 +30,8 @@ def block_features(enc: torch.nn.Module, loader) -> tuple[dict[str, torch.Tensor
     """Mean-pooled patch tokens of every block and the final class token, ``{name: [N, D]}``."""
     out: dict[str, list[torch.Tensor]] = {}
     labels = []
-    for x, y in loader:
+    for batch in loader:
+        x, y = batch.images, batch.labels
         t = enc.embed(x)
         t = torch.cat([enc.cls_token.expand(t.shape[0], -1, -1), t], 1)
         for i, block in enumerate(enc.blocks):

@@ -26,12 +26,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import markdown_table
+from common import engine_step, markdown_table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mimkit.config import load_config, resolve_config_path
 from mimkit.engine.optim import build_optimizer
-from mimkit.engine.precision import autocast
 from mimkit.models import method_from_config
 
 
@@ -68,11 +67,7 @@ def train_step(config: str, batch: int) -> dict[str, Callable[[], None]]:
     x = torch.randn(batch, cfg.data.channels, cfg.data.img_size, cfg.data.img_size)
 
     def step(bf16: bool) -> None:
-        with autocast(torch.device("cpu"), "bf16" if bf16 else "fp32"):  # the engine's autocast
-            loss = method(x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        engine_step(method, x, opt, torch.device("cpu"), "bf16" if bf16 else "fp32")
 
     return {"fp32": lambda: step(False), "bf16": lambda: step(True)}
 

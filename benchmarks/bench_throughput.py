@@ -2,8 +2,10 @@
 
 Both models get the identical configuration (ViT 192-d, depth 6, 3 heads, MLP 768; decoder 128-d x 2,
 4 heads, MLP 512; 32 px RGB, patch 4, mask 0.75, per-patch normalised target) and the same AdamW
-step under bf16 autocast where asked (mimkit's model picks its CPU attention kernel itself, see
-``mimkit.backbones.layers.cpu_kernels``). Timing alternates between the two in one process, round
+step under bf16 autocast where asked; mimkit's side is the engine's own training step
+(``mimkit.engine.step.train_step``: it also measures the gradient norm every step, which the plain HF
+loop does not), and its model picks its CPU attention kernel itself
+(``mimkit.backbones.layers.cpu_kernels``). Timing alternates between the two in one process, round
 after round, so machine noise hits both alike; the reported figure is the median over rounds and
 the ratio mimkit / HF. Peak memory is the peak resident set (VmHWM) of a fresh child process per
 model (CPU; it includes the ~500 MiB of the torch runtime that both share) or the CUDA allocator's
@@ -61,10 +63,21 @@ def build(which: str) -> torch.nn.Module:
 
 
 def make_step(which: str, model: torch.nn.Module, precision: str, device: torch.device):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    if which.startswith("mimkit"):
+        # mimkit's side is the engine's own step (its AdamW groups, autocast, grad norm, after_step).
+        from mimkit.data import Batch
+        from mimkit.engine.step import train_step
 
+        method = getattr(model, "_orig_mod", model)
+        opt = torch.optim.AdamW(method.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95))
+
+        def engine_step(x: torch.Tensor) -> None:
+            train_step(model, method, [Batch(x)], opt, device=device, precision=precision, lr=1e-4, step=0,
+                       total_steps=1)
+
+        return engine_step
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     force_math = which == "hf_math_attention"
-    which = "hf" if force_math else which
 
     def ctx() -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -75,7 +88,7 @@ def make_step(which: str, model: torch.nn.Module, precision: str, device: torch.
 
     def step(x: torch.Tensor) -> None:
         with ctx():
-            loss = model(pixel_values=x).loss if which == "hf" else model(x).loss
+            loss = model(pixel_values=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

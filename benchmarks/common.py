@@ -6,19 +6,22 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from mimkit.config import PretrainConfig
-from mimkit.data import build_dataset, build_loader
+from mimkit.data import Batch, build_dataset, build_loader
 from mimkit.engine.checkpoint import load_state
 from mimkit.engine.distributed import resolve_device
 from mimkit.engine.logging import read_metrics
 from mimkit.engine.optim import build_optimizer
-from mimkit.engine.precision import autocast, resolve_precision
+from mimkit.engine.precision import resolve_precision
+from mimkit.engine.step import StepResult, train_step
 from mimkit.evaluation.runner import Subject, features_for, result_name, run_knn, run_linprobe, write_result
 from mimkit.models import method_from_config
 
 
 def measure_img_per_s(cfg: PretrainConfig, steps: int = 8) -> float:
-    """Training images/s of the configured method (forward, backward, AdamW) on real batches."""
+    """Training images/s of the configured method: the engine's own step on real batches."""
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     batches = iter(build_loader(build_dataset(cfg.data, "train"), cfg.data, cfg.optim.batch_size, train=True))
@@ -28,14 +31,15 @@ def measure_img_per_s(cfg: PretrainConfig, steps: int = 8) -> float:
     for i in range(steps + 2):
         if i == 2:  # the first steps warm up allocator and kernels
             t0, seen = time.perf_counter(), 0
-        x, _ = next(batches)
-        with autocast(device, precision):
-            loss = method(x.to(device)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seen += x.shape[0]
+        seen += engine_step(method, next(batches), opt, device, precision).images
     return seen / (time.perf_counter() - t0)
+
+
+def engine_step(method: torch.nn.Module, batch: Batch | torch.Tensor, optimizer: torch.optim.Optimizer,
+                device: torch.device, precision: str) -> StepResult:
+    """One step of the engine's :func:`~mimkit.engine.step.train_step` (no accumulation, no clipping)."""
+    return train_step(method, method, [Batch.of(batch)], optimizer, device=device, precision=precision,
+                      lr=optimizer.param_groups[0]["lr"], step=0, total_steps=1)
 
 
 def vm_hwm_mib() -> float:
@@ -71,7 +75,7 @@ def evaluate_subject(subject: Subject, train_fraction: float = 1.0) -> dict[str,
     feats = features_for(subject, "auto", "auto", 512, progress=False, train_fraction=train_fraction)
     knn = run_knn(subject, (20, 200), 0.07, feats)
     lin = run_linprobe(feats, 100, 0.1, 1024, 0)
-    precision = resolve_precision("auto", resolve_device("auto"))
+    precision = resolve_precision("auto", resolve_device("auto")) if subject.encoder is not None else "fp32"
     settings = {"train_fraction": train_fraction, "precision": precision}
     write_result(subject, result_name(subject, "knn", settings), knn)
     write_result(subject, result_name(subject, "linprobe", settings), lin)

@@ -119,7 +119,7 @@ def test_method_interface(name, backbone):
     if out.mask is not None:
         assert out.mask.shape[0] == 3
         assert set(torch.unique(out.mask).tolist()) <= {0.0, 1.0}
-    method.after_step(0)  # the hook exists for every method
+    method.after_step(0, 10)  # the hook exists for every method
 
     recon, pixel_mask = method.reconstruct(images, out)
     assert recon.shape == images.shape and torch.isfinite(recon).all()
@@ -137,3 +137,40 @@ def test_method_refuses_an_incompatible_backbone(name):
     enc = create_backbone(other[0], img_size=16, in_chans=1, **TINY_FAMILY[kind])
     with pytest.raises(ConfigError, match="Valid backbones"):
         create_method(_tiny_method_cfg(name), enc)
+
+
+@pytest.mark.parametrize("name, backbone", METHOD_BACKBONE_PAIRS)
+def test_method_contract_v2(name, backbone):
+    """The engine's view of every method: a Batch in, param groups covering each parameter once,
+    an eval module with the backbone interface, and one engine step that changes the weights."""
+    from mimkit.config import OptimConfig
+    from mimkit.data import Batch
+    from mimkit.engine.optim import build_optimizer
+    from mimkit.engine.step import train_step
+
+    torch.manual_seed(0)
+    kwargs, img = _tiny_backbone_kwargs(backbone, in_chans=1)
+    method = create_method(_tiny_method_cfg(name), create_backbone(backbone, **kwargs))
+    batch = Batch(torch.randn(4, 1, img, img), torch.tensor([0, 1, 2, 3]))
+    torch.manual_seed(1)
+    with_labels = method(batch).loss
+    torch.manual_seed(1)
+    assert torch.equal(with_labels, method(batch.images).loss), "a bare tensor and a Batch must agree"
+
+    groups = method.param_groups(0.05)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in method.parameters() if p.requires_grad]
+    assert sorted(grouped) == sorted(trainable), "param_groups must cover every trainable parameter once"
+    assert {g["weight_decay"] for g in groups} <= {0.0, 0.05}
+
+    evaluated = method.eval_module
+    assert hasattr(evaluated, "forward_features") and hasattr(evaluated, "forward_head")
+    assert evaluated is getattr(method, method.eval_module_name)
+
+    optimizer = build_optimizer(method, OptimConfig(), 1e-3)
+    before = [p.detach().clone() for p in method.parameters()]
+    result = train_step(method, method, [batch], optimizer, device=torch.device("cpu"), precision="fp32",
+                        lr=1e-3, step=0, total_steps=10)
+    assert result.taken and result.images == 4 and torch.isfinite(result.grad_norm)
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.parameters(), strict=True))
+    assert all(p.grad is None for p in method.parameters())

@@ -199,7 +199,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mimkit.engine.distributed import resolve_device
     from mimkit.engine.precision import resolve_precision
 
-    precision = resolve_precision(args.precision, resolve_device(args.device))
+    # Raw pixels are read, not computed: autocast does not touch them, so no precision in their name.
+    precision = resolve_precision(args.precision, resolve_device(args.device)) if subject.encoder else "fp32"
     settings = {"train_fraction": args.train_fraction, "blocks": args.blocks, "precision": precision}
     if args.command == "knn":
         # The seed draws a random-init encoder's weights; for anything else kNN has no randomness.
@@ -239,7 +240,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     train = build_dataset(cfg.data, "train")
     data = build_dataset(cfg.data, args.split) if args.split != "train" else train
     loader = build_loader(data, cfg.data, args.num, train=False, normalize=normalizer_for(train, cfg.data.channels))
-    images, _ = next(iter(loader))
+    images = next(iter(loader)).images
     torch.manual_seed(args.seed)
     run_dir = cfg_path.parent
     out = Path(args.out) if args.out else run_dir / "reconstructions.png"

@@ -203,8 +203,8 @@ def test_corrupt_image_skipped_streamed(tmp_path, write_image, data_cfg):
     loader = BatchLoader(data, cfg, 4, train=False, normalize=normalizer_for(data, 3))
     batches = list(loader)
     assert loader.skipped == 1
-    images = torch.cat([b[0] for b in batches])
-    labels = torch.cat([b[1] for b in batches])
+    images = torch.cat([b.images for b in batches])
+    labels = torch.cat([b.labels for b in batches])
     assert images.shape == (9, 3, 8, 8) and images.dtype == torch.float32
     assert torch.bincount(labels).tolist() == [5, 4]
     # the dark class stays dark after normalisation, the bright one bright

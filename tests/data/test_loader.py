@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mimkit.data import BatchLoader, ImageSet, build_loader, normalizer_for
+from mimkit.data import Batch, BatchLoader, ImageSet, build_loader, normalizer_for
 from mimkit.data.transforms import IMAGENET_MEAN, Normalize
 
 
@@ -21,8 +21,9 @@ def _loader(data, data_cfg, batch=8, train=True, seed=0, rank=0, world_size=1, *
 
 
 def _epoch(loader, epoch, start_batch=0):
+    """One epoch as ``(images, labels)`` pairs."""
     loader.set_epoch(epoch, start_batch)
-    return list(loader)
+    return [(b.images, b.labels) for b in loader]
 
 
 def test_len_and_shapes(data_cfg):
@@ -37,7 +38,9 @@ def test_len_and_shapes(data_cfg):
     evaluation = _loader(data, data_cfg, train=False)
     assert len(evaluation) == 7
     batches = list(evaluation)
-    assert [len(b[1]) for b in batches] == [8] * 6 + [2]
+    assert all(isinstance(b, Batch) for b in batches)
+    assert [b.size for b in batches] == [8] * 6 + [2]
+    batches = [(b.images, b.labels) for b in batches]
     # evaluation keeps the order and every sample, unaugmented
     assert torch.equal(torch.cat([b[1] for b in batches]), torch.arange(50))
     torch.testing.assert_close(torch.cat([b[0] for b in batches]), (data.images.float() / 255 - 0.5) / 0.25)
@@ -105,7 +108,7 @@ def test_resume_inside_epoch(data_cfg):
 def test_eval_resizes(data_cfg):
     data = _indexed_set(4, size=12)
     loader = _loader(data, data_cfg, batch=4, train=False, channels=1, img_size=6)
-    images, _ = next(iter(loader))
+    images = next(iter(loader)).images
     assert images.shape == (4, 1, 6, 6)
 
 
@@ -128,5 +131,5 @@ def test_normalizer_for():
 def test_build_loader_uses_dataset_stats(data_cfg):
     data = _indexed_set(16)
     loader = build_loader(data, data_cfg(channels=1), 4, train=False)
-    x = torch.cat([b[0] for b in loader])
+    x = torch.cat([b.images for b in loader])
     assert abs(float(x.mean())) < 1e-4

@@ -15,9 +15,11 @@ import torch
 import torch.multiprocessing as mp
 
 from mimkit.config import load_config
+from mimkit.data import Batch
 from mimkit.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state
 from mimkit.engine.distributed import cleanup, init_distributed
 from mimkit.engine.logging import read_metrics
+from mimkit.engine.step import forward_backward
 from mimkit.engine.trainer import Trainer, pretrain
 from mimkit.models import method_from_config
 
@@ -50,7 +52,7 @@ def _grad_worker(rank: int, port: int, overrides: list[str], out: str) -> None:
         trainer = Trainer(load_config(None, overrides), info)
         x = _global_batch()[rank * PER_RANK:(rank + 1) * PER_RANK]
         torch.manual_seed(100 + rank)  # this rank's masks
-        trainer.accumulate(x, last_micro=True)
+        forward_backward(trainer.model, Batch(x), trainer.device, trainer.precision)
         grads = {n: p.grad.clone() for n, p in trainer.method.named_parameters() if p.grad is not None}
         torch.save(grads, Path(out) / f"grads{rank}.pt")
     finally:

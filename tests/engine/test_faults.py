@@ -68,8 +68,8 @@ def test_nan_stop_then_resume(tmp_path, tiny_run_overrides, reference, monkeypat
     calls = {"n": 0}
     forward = MAE.forward
 
-    def nan_from_call_10(self, images):
-        out = forward(self, images)
+    def nan_from_call_10(self, batch):
+        out = forward(self, batch)
         calls["n"] += 1
         if calls["n"] >= 10:
             out.loss = out.loss * float("nan")
@@ -90,8 +90,8 @@ def test_nonfinite_update_from_finite_loss(tmp_path, tiny_run_overrides, referen
     """A finite loss whose update leaves NaN weights: the run stops, no NaN checkpoint is written."""
     after_step = MAE.after_step
 
-    def poison(self, step):
-        after_step(self, step)
+    def poison(self, step, total_steps):
+        after_step(self, step, total_steps)
         if step == poison_after:
             with torch.no_grad():
                 next(self.encoder.parameters()).view(-1)[0] = float("nan")

@@ -64,3 +64,27 @@ def test_build_optimizer_weight_decay_groups(tiny_mae):
     assert "encoder.patch_embed.proj.weight" in decay
     assert "encoder.blocks.0.attn.qkv.weight" in decay
     assert "decoder.pred.weight" in decay
+
+
+def test_group_lr_scale_and_weight_decay_schedule():
+    """A group's lr_scale multiplies the scheduled lr (0 freezes it), and a weight_decay_end moves
+    its decay on a cosine from the start value to the end value."""
+    import torch
+
+    from mimkit.engine.optim import apply_schedules
+
+    a, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2, 2))
+    opt = torch.optim.AdamW([{"params": [a], "lr_scale": 0.5, "weight_decay": 0.04, "weight_decay_end": 0.4,
+                              "weight_decay_start": 0.04},
+                             {"params": [b], "lr_scale": 0.0, "weight_decay": 0.05, "weight_decay_start": 0.05}])
+    apply_schedules(opt, 1e-3, 0.0)
+    assert [g["lr"] for g in opt.param_groups] == [5e-4, 0.0]
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.04)
+    apply_schedules(opt, 1e-3, 0.5)
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.22)
+    apply_schedules(opt, 1e-3, 1.0)
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.4)
+    assert opt.param_groups[1]["weight_decay"] == 0.05
+    b.grad = torch.ones_like(b)
+    opt.step()
+    assert torch.equal(b.detach(), torch.ones(2, 2)), "lr_scale 0 must leave the group unchanged"

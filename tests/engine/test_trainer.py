@@ -282,9 +282,11 @@ def test_accumulation_does_not_leak_across_epochs(tiny_run_config, monkeypatch):
     run = pretrain(tiny_run_config("method.name=spy", "optim.batch_size=40", "optim.accum_steps=2",
                                    "train.epochs=2"))
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 14
-    # the first micro-batch of every optimizer step must start from zeroed gradients
-    assert grads_before_forward[:15] == [False, True] * 7 + [False]
-    assert grads_before_forward[15] is False, "epoch 2 started with the left-over gradients of epoch 1"
+    # the first micro-batch of every optimizer step must start from zeroed gradients; the left-over
+    # 15th micro-batch is not even run, so epoch 2 starts clean at the 15th forward
+    assert grads_before_forward[:14] == [False, True] * 7
+    assert len(grads_before_forward) == 28
+    assert grads_before_forward[14] is False, "epoch 2 started with the left-over gradients of epoch 1"
 
 
 def test_accumulation_gives_the_large_batch_gradient_and_lr(tiny_run_config):
@@ -298,14 +300,25 @@ def test_accumulation_gives_the_large_batch_gradient_and_lr(tiny_run_config):
     assert small.peak_lr == large.peak_lr == pytest.approx(8e-3 * 32 / 256)
     x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
 
+    from mimkit.data import Batch
+    from mimkit.engine.step import forward_backward, train_step
+
+    start = {k: v.clone() for k, v in small.method.state_dict().items()}
     torch.manual_seed(11)
-    small.accumulate(x[:16], last_micro=False)
-    small.accumulate(x[16:], last_micro=True)
+    forward_backward(small.model, Batch(x[:16]), small.device, "fp32", scale=0.5, sync=False)
+    forward_backward(small.model, Batch(x[16:]), small.device, "fp32", scale=0.5)
     # the large-batch loss with the very same masks: the mean over both halves
-    large.method.load_state_dict(small.method.state_dict())
+    large.method.load_state_dict(start)
     torch.manual_seed(11)
     loss = sum(large.method(x[i:i + 16]).loss for i in (0, 16)) / 2
     loss.backward()
     for (name, p), q in zip(small.method.named_parameters(), large.method.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
-    assert small.step_loss == pytest.approx(float(loss.detach()), rel=1e-5)
+    # the engine's step over the two micro-batches reports that mean loss
+    small.method.load_state_dict(start)
+    small.optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(11)
+    result = train_step(small.model, small.method, [Batch(x[:16]), Batch(x[16:])], small.optimizer,
+                        device=small.device, precision="fp32", lr=1e-3, step=0, total_steps=10)
+    assert result.taken and result.images == 32
+    assert float(result.loss) == pytest.approx(float(loss.detach()), rel=1e-5)

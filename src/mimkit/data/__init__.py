@@ -1,5 +1,6 @@
 """Datasets and batch loaders."""
 
+from mimkit.data.batch import Batch
 from mimkit.data.datasets import DATASETS, ImageSet, build_dataset, per_class_subset
 from mimkit.data.loader import BatchLoader, normalizer_for
 from mimkit.data.transforms import Normalize
@@ -12,5 +13,5 @@ def build_loader(data: ImageSet, cfg, batch_size: int, train: bool, seed: int = 
                        seed=seed, rank=rank, world_size=world_size)
 
 
-__all__ = ["DATASETS", "BatchLoader", "ImageSet", "Normalize", "build_dataset", "build_loader",
+__all__ = ["DATASETS", "Batch", "BatchLoader", "ImageSet", "Normalize", "build_dataset", "build_loader",
            "normalizer_for", "per_class_subset"]

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from mimkit.config import DataConfig
+from mimkit.data.batch import Batch
 from mimkit.data.datasets import FileDataset, ImageSet
 from mimkit.data.transforms import (
     IMAGENET_MEAN,
@@ -40,7 +41,7 @@ def _collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 class BatchLoader:
-    """Yields ``(images [B, C, S, S] float32 normalised, labels [B] int64)`` batches.
+    """Yields a :class:`Batch` at a time: ``images [B, C, S, S]`` float32 normalised, ``labels [B]`` int64.
 
     In-memory data is shuffled with a generator seeded by ``(seed, epoch)``, sharded by rank like
     ``DistributedSampler`` and augmented per batch; streamed data goes through a ``DataLoader``.
@@ -113,13 +114,13 @@ class BatchLoader:
         n = len(self._rank_indices()) if not self.train else len(self.data) // self.world_size
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         size = self.cfg.img_size
         if self._loader is not None:
             for images, labels, skipped in self._loader:
                 self.skipped += skipped
                 if images.numel():
-                    yield self.normalize(images), labels
+                    yield Batch(self.normalize(images), labels)
             return
         idx = self._rank_indices()
         for b in range(self.start_batch, len(self)):
@@ -133,4 +134,4 @@ class BatchLoader:
                 )
             else:
                 images = resize_batch(images, size)
-            yield self.normalize(images), self.data.labels[sel]
+            yield Batch(self.normalize(images), self.data.labels[sel])

@@ -20,20 +20,42 @@ def scaled_lr(cfg: OptimConfig, world_size: int = 1) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW with weight decay off for biases, norms, 1-D parameters and the encoder's exemptions.
+    """AdamW over the method's :meth:`~mimkit.methods.PretrainMethod.param_groups`.
+
+    Each group's starting weight decay is kept as ``weight_decay_start`` so that
+    :func:`apply_schedules` can move it towards a ``weight_decay_end``; every value a group holds is
+    a number, so the optimizer's state dict stays loadable with ``weights_only=True``.
 
     Args:
-        model: The method (its encoder's ``no_weight_decay()`` names are honoured).
+        model: The method (a module without ``param_groups`` gets timm's split of its parameters).
         cfg: Optimizer settings.
         lr: Peak learning rate (see :func:`scaled_lr`).
 
     """
-    skip: set[str] = set()
-    encoder = getattr(model, "encoder", None)
-    if encoder is not None and hasattr(encoder, "no_weight_decay"):
-        skip = {f"encoder.{name}" for name in encoder.no_weight_decay()}
-    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    if hasattr(model, "param_groups"):
+        groups = model.param_groups(cfg.weight_decay)
+    else:
+        groups = param_groups_weight_decay(model, cfg.weight_decay)
+    for group in groups:
+        group.setdefault("lr_scale", 1.0)
+        group["weight_decay_start"] = group.get("weight_decay", cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, progress: float) -> None:
+    """Set every group's lr (``lr x lr_scale``) and, where it has a ``weight_decay_end``, its decay.
+
+    Args:
+        optimizer: Built by :func:`build_optimizer`.
+        lr: The scheduled learning rate of this step.
+        progress: ``step / total_steps`` in [0, 1], for the weight-decay cosine.
+
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if "weight_decay_end" in group:
+            start, end = group["weight_decay_start"], group["weight_decay_end"]
+            group["weight_decay"] = end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float = 0.0) -> float:

@@ -12,10 +12,9 @@ from mimkit.config import PretrainConfig
 from mimkit.data import build_dataset, build_loader
 from mimkit.engine.distributed import resolve_device
 from mimkit.engine.optim import build_optimizer, scaled_lr
-from mimkit.engine.precision import autocast, resolve_precision
+from mimkit.engine.precision import resolve_precision
+from mimkit.engine.step import PHASES, train_step
 from mimkit.models import method_from_config
-
-PHASES = ("data", "forward", "backward", "optimizer")
 
 
 @dataclass
@@ -41,7 +40,7 @@ class StepProfile:
 def profile_steps(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, top: int = 15) -> StepProfile:
     """Profile ``steps`` training steps of ``cfg`` (after ``warmup`` unprofiled ones) with torch.profiler.
 
-    The step is the engine's: a batch from the same loader, autocast forward, backward, AdamW.
+    The step is the engine's own :func:`~mimkit.engine.step.train_step` on batches from the same loader.
 
     Args:
         cfg: A validated config.
@@ -63,18 +62,13 @@ def profile_steps(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, top: int
 
     def step() -> int:
         with record_function("data"):
-            images, _ = next(batches)
-            images = images.to(device, non_blocking=True)
-        with record_function("forward"), autocast(device, precision):
-            loss = method(images).loss
-        with record_function("backward"):
-            loss.backward()
-        with record_function("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            batch = next(batches).to(device)
+        result = train_step(method, method, [batch], optimizer, device=device, precision=precision,
+                            lr=optimizer.param_groups[0]["lr"], step=0, total_steps=1,
+                            clip_grad=cfg.optim.clip_grad)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return images.shape[0]
+        return result.images
 
     for _ in range(warmup):
         step()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -17,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mimkit.config import PretrainConfig, to_yaml
-from mimkit.data import build_dataset, build_loader
+from mimkit.data import Batch, build_dataset, build_loader
 from mimkit.engine.checkpoint import (
     checkpoint_bytes,
     latest_checkpoint,
@@ -35,8 +34,9 @@ from mimkit.engine.checkpoint import (
 from mimkit.engine.distributed import DistInfo, all_reduce_mean, broadcast_from_main, cleanup, init_distributed
 from mimkit.engine.logging import RunLogger, truncate_metrics
 from mimkit.engine.optim import build_optimizer, cosine_lr, scaled_lr
-from mimkit.engine.precision import autocast, resolve_precision
+from mimkit.engine.precision import resolve_precision
 from mimkit.engine.run_folder import RunFolder
+from mimkit.engine.step import StepResult, train_step
 from mimkit.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -148,16 +148,11 @@ class Trainer:
         self.grad_norm: torch.Tensor | None = None
         self.t_start, self.step_at_start, self.minutes_before = time.perf_counter(), 0, 0.0
         self._reset_window()
-        self._reset_accumulation()
 
     def _reset_window(self) -> None:
         """Start a new logging window (images seen and losses since the last log line)."""
         self.t_log, self.seen, self.loss_n = time.perf_counter(), 0, 0
         self.loss_sum = torch.zeros((), device=self.device)
-
-    def _reset_accumulation(self) -> None:
-        self.step_loss = torch.zeros((), device=self.device)
-        self.step_finite = torch.ones((), dtype=torch.bool, device=self.device)
 
     def find_resume_point(self, resume: str | None) -> ResumePoint | None:
         """Read and verify the checkpoint to resume from, without applying it.
@@ -321,52 +316,28 @@ class Trainer:
             return False
         return bool(broadcast_from_main([int(self.minutes() >= min(limits))], self.info)[0])
 
-    def accumulate(self, images: torch.Tensor, last_micro: bool) -> PretrainOutput:
-        """Forward and backward one micro-batch, adding its share to the step's gradient."""
-        images = images.to(self.device, non_blocking=True)
-        # DDP all-reduces gradients only on the last micro-batch of a step.
-        sync = contextlib.nullcontext() if last_micro or not self.info.distributed else self.model.no_sync()
-        with sync:
-            with autocast(self.device, self.precision):
-                out = self.forward(images)
-            (out.loss / self.accum).backward()
-        # Every micro-batch must be finite: one NaN would poison the accumulated gradient.
-        self.step_finite &= torch.isfinite(out.loss.detach().float())
-        self.step_loss += out.loss.detach().float() / self.accum
-        self.seen += images.shape[0]
-        return out
-
-    def optimizer_step(self, lr: float) -> bool:
-        """Clip, check, and apply the accumulated gradient at ``lr`` (the norm goes to ``self.grad_norm``).
+    def optimizer_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+        """One step of the engine's :func:`~mimkit.engine.step.train_step` over ``micro_batches`` at ``lr``.
 
         Returns:
-            Whether the step was taken (False: skipped as non-finite).
+            The step's result (``taken`` False: skipped as non-finite).
 
         Raises:
             NonFiniteLossError: After ``train.max_bad_steps`` skipped steps in a row.
+            NonFiniteError: The weights became NaN/inf although the loss and gradient were finite.
 
         """
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        clip = self.cfg.optim.clip_grad
-        # The norm is taken even without clipping: a finite loss can still give an inf gradient.
-        params = [p for p in self.method.parameters() if p.grad is not None]
-        self.grad_norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0
-                          else torch.nn.utils.get_total_norm([p.grad for p in params]))
-        finite = self.step_finite & torch.isfinite(self.grad_norm)
-        step_loss = self.step_loss
-        self._reset_accumulation()
-        # Every rank must take the same decision, or DDP would deadlock on the next step.
-        if not bool(all_reduce_mean(finite.float(), self.info) == 1.0):
-            self.optimizer.zero_grad(set_to_none=True)
+        result = train_step(self.forward, self.method, micro_batches, self.optimizer, device=self.device,
+                            precision=self.precision, lr=lr, step=self.step, total_steps=self.total_steps,
+                            clip_grad=self.cfg.optim.clip_grad, info=self.info)
+        self.grad_norm = result.grad_norm
+        self.seen += result.images
+        if not result.taken:
             self._skip_nonfinite()
-            return False
+            return result
         self.bad_steps = 0
-        self.loss_sum += step_loss
+        self.loss_sum += result.loss
         self.loss_n += 1
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.method.after_step(self.step)
         self.step += 1
         if self.step % self.cfg.train.log_every == 0:
             bad = nonfinite_tensors(dict(self.method.named_parameters()))
@@ -375,7 +346,7 @@ class Trainer:
                     f"the weights {', '.join(bad)} became NaN or inf by step {self.step} although the loss "
                     f"and gradient were finite. {self._last_good()}; lower optim.base_lr or set "
                     "optim.clip_grad, then resume with --resume auto")
-        return True
+        return result
 
     def _last_good(self) -> str:
         last = latest_checkpoint(self.ckpt_dir)
@@ -409,6 +380,44 @@ class Trainer:
         self._reset_window()
         return f"loss={loss:.4f} img/s={ips:.0f} lr={lr:.2e}"
 
+    def _run_epoch(self, bar: tqdm) -> bool:
+        """Train from ``self.start_batch`` to the end of the epoch; returns whether the run is over."""
+        tc, steps_before = self.cfg.train, self.step
+        self.loader.set_epoch(self.epoch, self.start_batch)
+        pending: list[Batch] = []
+        for batch_idx, batch in enumerate(self.loader, start=self.start_batch):
+            pending.append(batch)
+            if len(pending) < self.accum:
+                continue
+            self.fit_schedule_to_budget()
+            bar.total = self.total_steps
+            lr = cosine_lr(self.step, self.total_steps, self.warmup, self.peak_lr, self.cfg.optim.min_lr)
+            result, pending = self.optimizer_step(pending, lr), []
+            if not result.taken:
+                continue
+            bar.update(1)
+            if self.step % tc.log_every == 0 or self.step == self.total_steps:
+                bar.set_postfix_str(self.log_step(result.out, lr, self.epoch + (batch_idx + 1) / len(self.loader)))
+            out_of_time = self.out_of_time()
+            if self.step >= self.total_steps or out_of_time:
+                self.checkpoint(batch_idx + 1)
+                if out_of_time and self.info.is_main:
+                    log.info("time limit reached after %.1f min at step %d; checkpoint saved", self.minutes(),
+                             self.step)
+                return True
+            if tc.ckpt_every_steps and self.step % tc.ckpt_every_steps == 0:
+                self.checkpoint(batch_idx + 1)
+        if self.step == steps_before and self.start_batch == 0:
+            # e.g. a streamed folder whose images all fail to decode: never loop forever.
+            raise DataError(f"epoch {self.epoch} took no optimizer step ({self.loader.skipped} unreadable images "
+                            f"skipped of {len(self.data)}); check the images under data.root")
+        # Micro-batches left over when an epoch is not a multiple of accum_steps are dropped.
+        self.epoch, self.start_batch = self.epoch + 1, 0
+        self.checkpoint(0)
+        if self.loader.skipped and self.info.is_main:
+            log.warning("%d unreadable images skipped so far", self.loader.skipped)
+        return False
+
     def fit(self, resume: str | None = None, overwrite: bool = False) -> Path:
         """Run (or resume) the schedule to its end or to ``train.max_minutes``; returns the run folder.
 
@@ -435,47 +444,9 @@ class Trainer:
         self.method.train()
         self.t_start, self.step_at_start = time.perf_counter(), self.step
         self._reset_window()
-        stop = self.step >= self.total_steps
         try:
-            while not stop:
-                self.loader.set_epoch(self.epoch, self.start_batch)
-                steps_before = self.step
-                for i, (batch_idx, (images, _)) in enumerate(enumerate(self.loader, start=self.start_batch)):
-                    out = self.accumulate(images, last_micro=(i + 1) % self.accum == 0)
-                    if (i + 1) % self.accum:
-                        continue
-                    self.fit_schedule_to_budget()
-                    bar.total = self.total_steps
-                    lr = cosine_lr(self.step, self.total_steps, self.warmup, self.peak_lr, cfg.optim.min_lr)
-                    if not self.optimizer_step(lr):
-                        continue
-                    bar.update(1)
-                    if self.step % tc.log_every == 0 or self.step == self.total_steps:
-                        epoch_pos = self.epoch + (batch_idx + 1) / len(self.loader)
-                        bar.set_postfix_str(self.log_step(out, lr, epoch_pos))
-                    out_of_time = self.out_of_time()
-                    if self.step >= self.total_steps or out_of_time:
-                        stop = True
-                        self.checkpoint(batch_idx + 1)
-                        if out_of_time and info.is_main:
-                            log.info("time limit reached after %.1f min at step %d; checkpoint saved",
-                                     self.minutes(), self.step)
-                        break
-                    if tc.ckpt_every_steps and self.step % tc.ckpt_every_steps == 0:
-                        self.checkpoint(batch_idx + 1)
-                else:
-                    if self.step == steps_before and self.start_batch == 0:
-                        # e.g. a streamed folder whose images all fail to decode: never loop forever.
-                        raise DataError(
-                            f"epoch {self.epoch} took no optimizer step ({self.loader.skipped} unreadable "
-                            f"images skipped of {len(self.data)}); check the images under data.root")
-                    # Micro-batches left over when an epoch is not a multiple of accum_steps are dropped.
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self._reset_accumulation()
-                    self.epoch, self.start_batch = self.epoch + 1, 0
-                    self.checkpoint(0)
-                    if self.loader.skipped and info.is_main:
-                        log.warning("%d unreadable images skipped so far", self.loader.skipped)
+            while self.step < self.total_steps and not self._run_epoch(bar):
+                pass
         finally:
             bar.close()
         if info.is_main:

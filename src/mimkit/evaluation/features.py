@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mimkit.config import DataConfig
-from mimkit.data import build_dataset, build_loader, normalizer_for, per_class_subset
+from mimkit.data import Batch, build_dataset, build_loader, normalizer_for, per_class_subset
 from mimkit.engine.precision import autocast
 from mimkit.errors import DataError
 
@@ -33,7 +33,8 @@ def extract_features(
 
     Args:
         encoder: A backbone with ``forward_features``/``forward_head``; None for raw pixels.
-        loader: Yields ``(images [B, C, H, W], labels [B])`` (no augmentation).
+        loader: Yields :class:`~mimkit.data.Batch` es or ``(images [B, C, H, W], labels [B])`` pairs
+            (no augmentation).
         device: Where to run the encoder.
         precision: ``bf16`` or ``fp32`` autocast for the forward pass.
         progress: Show a progress bar.
@@ -48,7 +49,9 @@ def extract_features(
         # Frozen means eval mode: BatchNorm statistics and dropout must not move.
         encoder.eval().to(device)
     feats, labels = [], []
-    for images, y in tqdm(loader, desc="features", disable=not progress, leave=False):
+    for item in tqdm(loader, desc="features", disable=not progress, leave=False):
+        batch = Batch.of(item)
+        images, y = batch.images, batch.labels
         if encoder is None:
             f = images.flatten(1)
         else:

@@ -1,18 +1,25 @@
 """The one contract between a pre-training method and the training engine.
 
-The engine calls ``method(images)`` and reads ``out.loss`` (and ``out.logs`` for logging); it never
-runs a method's backward, never passes it method settings, and never reaches into its submodules.
-Evaluation only uses ``method.encoder`` through the backbone interface.
+The engine calls ``method(batch)`` with a :class:`~mimkit.data.Batch` (images, and labels where the
+dataset has them) and reads ``out.loss`` (and ``out.logs`` for logging). It never runs a method's
+backward, never passes it method settings, never computes its schedules and never reaches into its
+submodules. The hooks are optional: :meth:`PretrainMethod.after_step` once per optimizer step with
+the step and the current schedule length, :meth:`PretrainMethod.param_groups` for the optimizer
+(a group may carry ``lr_scale`` and ``weight_decay_end``, which the engine applies), and
+:attr:`PretrainMethod.eval_module_name`, the module evaluation reads through the backbone interface.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from mimkit.config import ConfigError
+from mimkit.data.batch import Batch
 
 
 @dataclass
@@ -61,12 +68,44 @@ class PretrainMethod(nn.Module):
     def check_image_size(self, height: int, width: int) -> None:
         """Refuse (with a :class:`ConfigError`) training images this method cannot mask; all sizes by default."""
 
-    def forward(self, images: torch.Tensor) -> PretrainOutput:  # pragma: no cover - abstract
-        """Compute the pre-training loss on a batch of normalised images ``[N, C, H, W]``."""
+    def forward(self, batch: Batch | torch.Tensor) -> PretrainOutput:  # pragma: no cover - abstract
+        """Compute the pre-training loss on a :class:`~mimkit.data.Batch` (or bare images ``[N, C, H, W]``)."""
         raise NotImplementedError
 
-    def after_step(self, step: int) -> None:
-        """Per-optimizer-step hook (e.g. an EMA teacher update); a no-op by default."""
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Per-optimizer-step hook (an EMA teacher, a centre, a schedule); a no-op by default.
+
+        Args:
+            step: The optimizer step just taken, counting from 0.
+            total_steps: The schedule's current length; under ``train.budget_minutes`` it is
+                re-estimated as the run goes, so schedules should be functions of ``step / total_steps``.
+
+        """
+
+    #: The attribute evaluation and export read (a backbone): the encoder, or a teacher's for DINO.
+    eval_module_name: str = "encoder"
+
+    @property
+    def eval_module(self) -> nn.Module:
+        """The module kNN, the linear probe, fine-tuning and export use."""
+        return getattr(self, self.eval_module_name)
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Parameter groups for the optimizer: timm's split, no decay on 1-D parameters and biases.
+
+        The encoder's ``no_weight_decay()`` names are exempted too. A method may return its own
+        groups; each may carry ``lr_scale`` (multiplies the scheduled lr: layer-wise decay, a
+        frozen part at 0) and ``weight_decay_end`` (the engine moves the group's weight decay from
+        its ``weight_decay`` to this value on a cosine over the schedule, as DINO does).
+
+        Args:
+            weight_decay: ``optim.weight_decay``.
+
+        """
+        skip: set[str] = set()
+        if hasattr(self.eval_module, "no_weight_decay"):
+            skip = {f"{self.eval_module_name}.{name}" for name in self.eval_module.no_weight_decay()}
+        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=skip)
 
     def reconstruct(
         self, images: torch.Tensor, out: PretrainOutput

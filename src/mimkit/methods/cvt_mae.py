@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mimkit.config import ConfigError, check_positive
+from mimkit.data.batch import Batch
 from mimkit.masking import pixel_block_mask
 from mimkit.methods.base import PretrainMethod, PretrainOutput
 from mimkit.methods.losses import inpainting_loss, masked_mse, patch_norm_stats, patchify, unpatchify
@@ -87,16 +88,18 @@ class CvTMAE(PretrainMethod):
             raise ConfigError(f"method.mask_size {b} does not tile {height}x{width} training images; "
                               f"valid mask sizes: {', '.join(map(str, valid)) or 'none (change data.img_size)'}")
 
-    def forward(self, images: torch.Tensor) -> PretrainOutput:
+    def forward(self, batch: Batch | torch.Tensor) -> PretrainOutput:
         """Blank pixel blocks, encode the whole image, decode through the skips, score.
 
         Args:
-            images: Normalised images ``[N, C, H, W]`` (H, W divisible by ``mask_size``).
+            batch: A :class:`~mimkit.data.Batch` of normalised images ``[N, C, H, W]`` (H, W divisible
+                by ``mask_size``; labels are not used), or the images alone.
 
         Returns:
             ``PretrainOutput`` with ``pred [N, C, H, W]`` and ``mask [N, 1, H, W]`` (1 = masked).
 
         """
+        images = Batch.of(batch).images
         n, _, h, w = images.shape
         hole = pixel_block_mask(n, h, w, self.cfg.mask_size, self.cfg.mask_ratio, self.cfg.mask_mode,
                                 images.device)  # [N, 1, H, W] float32, 1 = masked

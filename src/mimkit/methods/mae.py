@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from mimkit.config import ConfigError, check_heads, check_positive
+from mimkit.data.batch import Batch
 from mimkit.masking import random_masking
 from mimkit.methods.base import PretrainMethod, PretrainOutput
 from mimkit.methods.decoders import MaskTokenDecoder
@@ -57,16 +58,18 @@ class MAE(PretrainMethod):
             encoder.embed_dim, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, p * p * c
         )
 
-    def forward(self, images: torch.Tensor) -> PretrainOutput:
+    def forward(self, batch: Batch | torch.Tensor) -> PretrainOutput:
         """Mask, encode the visible patches, decode all, score the masked ones.
 
         Args:
-            images: Normalised images ``[N, C, H, W]``.
+            batch: A :class:`~mimkit.data.Batch` of normalised images ``[N, C, H, W]`` (labels are
+                not used), or the images alone.
 
         Returns:
             ``PretrainOutput`` with ``pred [N, L, p*p*C]`` and ``mask [N, L]`` (1 = masked).
 
         """
+        images = Batch.of(batch).images
         n, _, h, w = images.shape
         grid = self.encoder.grid_size(h, w)
         m = random_masking(n, grid[0] * grid[1], self.cfg.mask_ratio, images.device)

@@ -1,0 +1,47 @@
+"""The one structure the engine hands a method: a batch of images, with labels where there are any."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch, moved to a device as a whole.
+
+    Attributes:
+        images: ``[N, C, H, W]`` float32, normalised.
+        labels: ``[N]`` int64 class indices (-1 where the dataset has none), or None.
+
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """Images in the batch (what the engine counts for throughput and schedules)."""
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        """The same batch on ``device`` (tensors already there are not copied)."""
+        labels = None if self.labels is None else self.labels.to(device, non_blocking=non_blocking)
+        return replace(self, images=self.images.to(device, non_blocking=non_blocking), labels=labels)
+
+    @classmethod
+    def of(cls, batch: Batch | torch.Tensor | tuple | list) -> Batch:
+        """A :class:`Batch` from a batch, a bare image tensor, or an ``(images, labels)`` pair.
+
+        The library accepts a bare tensor (``mae(images)``) so that a method can be called by hand.
+        """
+        if isinstance(batch, Batch):
+            return batch
+        if isinstance(batch, torch.Tensor):
+            return cls(batch)
+        images, labels = batch
+        return cls(images, labels)
+
+
+__all__ = ["Batch"]
