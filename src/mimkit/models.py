@@ -6,7 +6,7 @@ from torch import nn
 
 from mimkit.backbones import create_backbone
 from mimkit.config import PretrainConfig
-from mimkit.methods import PretrainMethod, create_method
+from mimkit.methods import METHODS, PretrainMethod, create_method
 
 
 def encoder_from_config(cfg: PretrainConfig) -> nn.Module:
@@ -15,6 +15,11 @@ def encoder_from_config(cfg: PretrainConfig) -> nn.Module:
     settings.setdefault("img_size", cfg.data.img_size)
     settings.setdefault("in_chans", cfg.data.channels)
     return create_backbone(cfg.backbone["name"], **settings)
+
+
+def eval_prefix(cfg: PretrainConfig) -> str:
+    """Where the evaluated module's weights sit in a checkpoint of ``cfg``'s method, e.g. ``encoder.``."""
+    return f"{METHODS[cfg.method['name']].eval_module_name}."
 
 
 def method_from_config(cfg: PretrainConfig) -> PretrainMethod:

@@ -21,7 +21,7 @@ from mimkit.engine.trainer import CONFIG_FILE, seed_everything
 from mimkit.evaluation.features import dataset_features
 from mimkit.evaluation.knn import knn_accuracy
 from mimkit.evaluation.linear_probe import linear_probe
-from mimkit.models import encoder_from_config
+from mimkit.models import encoder_from_config, eval_prefix
 
 log = logging.getLogger(__name__)
 BASELINES = ("pixels", "random")
@@ -66,7 +66,7 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, PretrainConfig, Path]:
     ckpt = resolve_checkpoint(path)
     cfg = load_config(run_config_for(ckpt))
     encoder = encoder_from_config(cfg)
-    load_weights(encoder, ckpt, prefix="encoder.")
+    load_weights(encoder, ckpt, prefix=eval_prefix(cfg))
     return encoder, cfg, ckpt
 
 
@@ -97,7 +97,7 @@ def resolve_subject(
     changes = {k: v for k, v in asdict(cfg.data).items() if asdict(base.data)[k] != v}
     if run is not None and baseline is None:
         encoder = encoder_from_config(cfg)
-        load_weights(encoder, ckpt, prefix="encoder.")
+        load_weights(encoder, ckpt, prefix=eval_prefix(cfg))
         return Subject(encoder, cfg, ckpt, str(ckpt.resolve()), f"{cfg.method['name']} {ckpt.name}", changes)
     out = Path(cfg.run_dir) / f"baseline-{baseline}"
     if baseline == "pixels":
