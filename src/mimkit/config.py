@@ -9,12 +9,8 @@ each method owns its settings; they are validated against the registries in :fun
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import re
-import typing
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,32 +18,9 @@ from typing import Any
 import yaml
 
 from mimkit.errors import ConfigError
+from mimkit.schema import from_dict, require, yaml_load
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's booleans and floats.
-
-    YAML 1.1 reads ``no``, ``off`` and ``yes`` as booleans (so ``data.cache=no`` arrived as False)
-    and ``1e-3`` as a string; YAML 1.2, and every user, reads them as a word and a number.
-    """
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def resolve_config_path(name: str | Path | None, relative_to: Path | None = None) -> Path | None:
@@ -151,80 +124,6 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-_BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check ``value`` against a field type, converting where the YAML reading is unambiguous."""
-    origin = typing.get_origin(typ)
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if typ is float and isinstance(value, str):
-        try:  # "nan" or "inf" written without YAML's leading dot
-            value = float(value)
-        except ValueError:
-            pass
-    if typ is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    if typ is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
-        return _BOOL_WORDS[value.lower()]
-    if typ in (int, float, str, bool):
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
-        return value
-    if origin is list:
-        (item,) = typing.get_args(typ)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "", also_valid: tuple[str, ...] = ()) -> Any:
-    """Build dataclass ``cls`` from a nested dict, refusing unknown keys.
-
-    Args:
-        cls: A dataclass type.
-        data: Values to set; missing keys keep their defaults.
-        prefix: Dotted path used in error messages.
-        also_valid: Keys the caller handles itself (listed as valid in the error, e.g. ``name``).
-
-    Returns:
-        An instance of ``cls``.
-
-    Raises:
-        ConfigError: On an unknown key (the valid keys are listed) or a value of the wrong type.
-
-    """
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    types = _field_types(cls)
-    unknown = sorted(set(data) - set(types))
-    if unknown:
-        where = prefix.rstrip(".") or "config"
-        raise ConfigError(
-            f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
-            f"valid keys: {', '.join([*also_valid, *sorted(types)])}"
-        )
-    kwargs = {}
-    for key, value in data.items():
-        typ = types[key]
-        if dataclasses.is_dataclass(typ):
-            kwargs[key] = from_dict(typ, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, typ, prefix + key)
-    return cls(**kwargs)
-
-
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     *parents, leaf = dotted.split(".")
@@ -247,7 +146,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         try:
-            value = _yaml_load(raw) if raw != "" else ""
+            value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: the value is not a valid YAML scalar or list") from None
         key = key.strip()
@@ -279,7 +178,7 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = _yaml_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -320,75 +219,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def _require(ok: bool, key: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key} must be {rule}, got {value!r}")
-
-
-def check_positive(section: str, **values: float | Sequence[float]) -> None:
-    """Refuse a zero or negative size (a depth, a width, a head count) as ``section.key``.
-
-    Raises:
-        ConfigError: Naming the first setting (or list entry) that is not positive.
-
-    """
-    for key, value in values.items():
-        items = list(value) if isinstance(value, list | tuple) else [value]
-        _require(bool(items) and all(v > 0 for v in items), f"{section}.{key}",
-                 "positive" if not isinstance(value, list | tuple) else "a non-empty list of positive values", value)
-
-
-def check_heads(dim_key: str, dim: int, heads_key: str, heads: int) -> None:
-    """Refuse a head count that does not divide the token width, naming the counts that would."""
-    if dim % heads:
-        valid = [h for h in range(1, min(dim, 16) + 1) if dim % h == 0]
-        raise ConfigError(f"{heads_key} {heads} does not divide {dim_key} {dim}; valid head counts include "
-                          f"{', '.join(map(str, valid))}")
-
-
 def validate(cfg: PretrainConfig) -> None:
     """Check values against what the registries and the engine accept, before any work starts.
 
-    Every range is checked here, once; the registries check the backbone's and method's own settings.
+    Every range is checked here, once; :func:`mimkit.models.check_model_config` checks the backbone's
+    and method's own settings against their registries.
     """
-    from mimkit.backbones import check_backbone_cfg, check_backbone_input
-    from mimkit.methods import check_method_cfg
+    # The composition root checks the backbone and method settings against their registries.
+    from mimkit.models import check_model_config
 
-    check_backbone_cfg(cfg.backbone)
-    check_method_cfg(cfg.method)
     d, o, t = cfg.data, cfg.optim, cfg.train
-    _require(d.img_size > 0, "data.img_size", "positive", d.img_size)
-    check_backbone_input(cfg.backbone, d.img_size)
-    _require(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
-    _require(0.0 < d.subset_fraction <= 1.0, "data.subset_fraction", "in (0, 1]", d.subset_fraction)
-    _require(len(d.crop_scale) == 2 and 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, "data.crop_scale",
+    require(d.img_size > 0, "data.img_size", "positive", d.img_size)
+    check_model_config(cfg)
+    require(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
+    require(0.0 < d.subset_fraction <= 1.0, "data.subset_fraction", "in (0, 1]", d.subset_fraction)
+    require(len(d.crop_scale) == 2 and 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, "data.crop_scale",
              "[lo, hi] with 0 < lo <= hi <= 1", d.crop_scale)
-    _require(d.cache in ("auto", "yes", "no"), "data.cache", "auto, yes or no", d.cache)
-    _require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
-    _require(o.batch_size > 0, "optim.batch_size", "positive", o.batch_size)
-    _require(o.accum_steps > 0, "optim.accum_steps", "positive", o.accum_steps)
-    _require(o.base_lr > 0, "optim.base_lr", "positive", o.base_lr)
-    _require(o.min_lr >= 0, "optim.min_lr", ">= 0", o.min_lr)
+    require(d.cache in ("auto", "yes", "no"), "data.cache", "auto, yes or no", d.cache)
+    require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+    require(o.batch_size > 0, "optim.batch_size", "positive", o.batch_size)
+    require(o.accum_steps > 0, "optim.accum_steps", "positive", o.accum_steps)
+    require(o.base_lr > 0, "optim.base_lr", "positive", o.base_lr)
+    require(o.min_lr >= 0, "optim.min_lr", ">= 0", o.min_lr)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     peak = o.base_lr * o.batch_size * o.accum_steps * world / 256
-    _require(o.min_lr <= peak, "optim.min_lr",
+    require(o.min_lr <= peak, "optim.min_lr",
              f"at most the peak lr {peak:.3g} (optim.base_lr x effective batch / 256)", o.min_lr)
-    _require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
-    _require(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas",
+    require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    require(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas",
              "two values in [0, 1)", o.betas)
-    _require(o.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0", o.warmup_epochs)
-    _require(o.clip_grad >= 0, "optim.clip_grad", ">= 0 (0 disables clipping)", o.clip_grad)
-    _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "auto, fp32 or bf16", t.precision)
-    _require(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)
-    _require(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device)), "train.device", "auto, cpu, cuda or cuda:N",
+    require(o.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0", o.warmup_epochs)
+    require(o.clip_grad >= 0, "optim.clip_grad", ">= 0 (0 disables clipping)", o.clip_grad)
+    require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "auto, fp32 or bf16", t.precision)
+    require(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)
+    require(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device)), "train.device", "auto, cpu, cuda or cuda:N",
              t.device)
-    _require(t.epochs > 0, "train.epochs", "positive", t.epochs)
-    _require(t.budget_minutes >= 0, "train.budget_minutes", ">= 0 (0 = schedule by epochs)", t.budget_minutes)
-    _require(t.max_minutes >= 0, "train.max_minutes", ">= 0 (0 = no limit)", t.max_minutes)
-    _require(t.ckpt_every_steps >= 0, "train.ckpt_every_steps", ">= 0 (0 = epoch ends only)", t.ckpt_every_steps)
-    _require(t.keep_last >= 0, "train.keep_last", ">= 0 (0 keeps all)", t.keep_last)
-    _require(t.max_bad_steps >= 1, "train.max_bad_steps", "at least 1", t.max_bad_steps)
-    _require(bool(cfg.run_dir.strip()), "run_dir", "a folder path", cfg.run_dir)
+    require(t.epochs > 0, "train.epochs", "positive", t.epochs)
+    require(t.budget_minutes >= 0, "train.budget_minutes", ">= 0 (0 = schedule by epochs)", t.budget_minutes)
+    require(t.max_minutes >= 0, "train.max_minutes", ">= 0 (0 = no limit)", t.max_minutes)
+    require(t.ckpt_every_steps >= 0, "train.ckpt_every_steps", ">= 0 (0 = epoch ends only)", t.ckpt_every_steps)
+    require(t.keep_last >= 0, "train.keep_last", ">= 0 (0 keeps all)", t.keep_last)
+    require(t.max_bad_steps >= 1, "train.max_bad_steps", "at least 1", t.max_bad_steps)
+    require(bool(cfg.run_dir.strip()), "run_dir", "a folder path", cfg.run_dir)
 
 
 def to_yaml(cfg: Any) -> str:

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from torch import nn
 
-from mimkit.backbones import create_backbone
+from mimkit.backbones import check_backbone_cfg, check_backbone_input, create_backbone
 from mimkit.config import PretrainConfig
-from mimkit.methods import METHODS, PretrainMethod, create_method
+from mimkit.methods import METHODS, PretrainMethod, check_method_cfg, create_method
+
+
+def check_model_config(cfg: PretrainConfig) -> None:
+    """Check ``backbone:`` and ``method:`` against their registries, and the image size against both.
+
+    Raises:
+        ConfigError: An unknown name or setting (the valid ones listed), or an image size the
+            backbone's patch does not divide.
+
+    """
+    check_backbone_cfg(cfg.backbone)
+    check_method_cfg(cfg.method)
+    check_backbone_input(cfg.backbone, cfg.data.img_size)
 
 
 def encoder_from_config(cfg: PretrainConfig) -> nn.Module:

@@ -15,7 +15,7 @@ from torch import nn
 
 from mimkit.backbones.cvt import CVT_PRESETS, ConvVisionTransformer
 from mimkit.backbones.vit import VIT_PRESETS, VisionTransformer
-from mimkit.config import ConfigError
+from mimkit.errors import ConfigError
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     **{name: functools.partial(VisionTransformer, **preset) for name, preset in VIT_PRESETS.items()},

@@ -15,7 +15,8 @@ from torch import nn
 from mimkit.backbones.layers.conv_attention import ConvBlock
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.partial_conv import ConvEmbed
-from mimkit.config import ConfigError, check_heads, check_positive
+from mimkit.errors import ConfigError
+from mimkit.schema import check_heads, check_positive
 
 
 class CvTStage(nn.Module):

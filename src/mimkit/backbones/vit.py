@@ -15,7 +15,8 @@ from torch import nn
 from mimkit.backbones.layers.cpu_kernels import attention_kernel
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.pos_embed import sincos_2d
-from mimkit.config import ConfigError, check_heads, check_positive
+from mimkit.errors import ConfigError
+from mimkit.schema import check_heads, check_positive
 
 
 class VisionTransformer(nn.Module):

@@ -14,14 +14,17 @@ import pickle
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from mimkit.config import DataConfig
 from mimkit.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # the data layer takes a DataConfig, but does not import the config module
+    from mimkit.config import DataConfig
 
 log = logging.getLogger(__name__)
 

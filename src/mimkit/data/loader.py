@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from mimkit.config import DataConfig
 from mimkit.data.batch import Batch
 from mimkit.data.datasets import FileDataset, ImageSet
 from mimkit.data.transforms import (
@@ -21,6 +21,9 @@ from mimkit.data.transforms import (
     resize_batch,
 )
 from mimkit.errors import ConfigError
+
+if TYPE_CHECKING:  # the data layer takes a DataConfig, but does not import the config module
+    from mimkit.config import DataConfig
 
 
 def normalizer_for(data: ImageSet, channels: int) -> Normalize:

@@ -7,10 +7,11 @@ from typing import Any
 
 from torch import nn
 
-from mimkit.config import ConfigError, from_dict
+from mimkit.errors import ConfigError
 from mimkit.methods.base import PretrainMethod, PretrainOutput
 from mimkit.methods.cvt_mae import CvTMAE
 from mimkit.methods.mae import MAE
+from mimkit.schema import from_dict
 
 METHODS: dict[str, type[PretrainMethod]] = {"mae": MAE, "cvt_mae": CvTMAE}
 

@@ -18,8 +18,8 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from mimkit.config import ConfigError
 from mimkit.data.batch import Batch
+from mimkit.errors import ConfigError
 
 
 @dataclass

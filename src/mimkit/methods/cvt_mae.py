@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from mimkit.config import ConfigError, check_positive
 from mimkit.data.batch import Batch
+from mimkit.errors import ConfigError
 from mimkit.masking import pixel_block_mask
 from mimkit.methods.base import PretrainMethod, PretrainOutput
 from mimkit.methods.losses import inpainting_loss, masked_mse, patch_norm_stats, patchify, unpatchify
 from mimkit.methods.unet_decoder import UNetDecoder
+from mimkit.schema import check_positive
 
 LOSSES = ("inpainting", "mae")
 

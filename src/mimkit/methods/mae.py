@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from mimkit.config import ConfigError, check_heads, check_positive
 from mimkit.data.batch import Batch
+from mimkit.errors import ConfigError
 from mimkit.masking import random_masking
 from mimkit.methods.base import PretrainMethod, PretrainOutput
 from mimkit.methods.decoders import MaskTokenDecoder
 from mimkit.methods.losses import masked_mse, patch_norm_stats, patchify, unpatchify
+from mimkit.schema import check_heads, check_positive
 
 
 class MAE(PretrainMethod):
