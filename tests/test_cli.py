@@ -141,7 +141,7 @@ def test_report_without_results(capsys, tmp_path):
     if "report" not in SUBCOMMANDS:
         pytest.skip("no report subcommand")
     assert main(["report", str(tmp_path)]) == 2
-    assert "no knn.json" in capsys.readouterr().err
+    assert "no knn.json, linprobe.json or finetune.json" in capsys.readouterr().err
 
 
 def _folder(root, write_image):

@@ -1,4 +1,4 @@
-"""``mimkit`` command line: pretrain, config, knn, linprobe, report, profile, visualize."""
+"""``mimkit`` command line: pretrain, finetune, config, knn, linprobe, report, profile, visualize."""
 
 from __future__ import annotations
 
@@ -87,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in run_dir (its checkpoints, logs and config are deleted)")
 
+    p = sub.add_parser("finetune", help="fine-tune a run's encoder (or the backbone from scratch) and score it",
+                       description="Fine-tune a pre-training run's encoder with a linear head (layer-wise lr "
+                       "decay, label smoothing, optional Mixup/CutMix, partial fine-tuning with "
+                       "method.trainable_blocks=K), then report top-1 on the test split. Settings: the run's "
+                       "config, then --config, then key=value overrides.")
+    p.add_argument("run", nargs="?", help="pre-training run folder or checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5 method.layer_decay=0.65")
+    p.add_argument("--config", default="fmnist", help="fine-tuning config: configs/finetune/NAME.yaml or a path")
+    p.add_argument("--scratch", action="store_true", help="random initialisation: the supervised baseline")
+    p.add_argument("--arch", help="with --scratch and no run: a pre-training config naming backbone and data")
+    p.add_argument("--resume", help="'auto' or a checkpoint path, as for pretrain")
+    p.add_argument("--overwrite", action="store_true", help="replace a fine-tuning run already there")
+
     p = sub.add_parser("config", help="print the resolved config", description="Print the resolved config as YAML.")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--config")
@@ -127,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Where each command collects ``key=value`` settings; commands not listed take none.
-_SETTINGS_DEST = {"pretrain": "overrides", "config": "overrides", "profile": "overrides", "knn": "args",
-                  "linprobe": "args"}
+_SETTINGS_DEST = {"pretrain": "overrides", "finetune": "overrides", "config": "overrides", "profile": "overrides",
+                  "knn": "args", "linprobe": "args"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,6 +179,22 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     run_dir = pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run folder: {run_dir}")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from mimkit.engine import pretrain
+    from mimkit.evaluation.finetune import finetune_config, finished_checkpoint, test_accuracy, write_finetune_result
+    from mimkit.viz import save_loss_curve
+
+    cfg = finetune_config(args.run, args.config, args.overrides, args.scratch, args.arch)
+    run_dir = pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
+    ckpt = finished_checkpoint(cfg)
+    result = test_accuracy(cfg, ckpt, cfg.train.device, cfg.train.precision)
+    path = write_finetune_result(cfg, ckpt, result)
+    curve = save_loss_curve(run_dir)
+    print(f"finetune [{'scratch' if args.scratch else ckpt.parent.parent.parent.name}] {cfg.data.name}: "
+          f"top-1 {result['top1']:.2f}%  -> {path}  (loss curve {curve})")
     return 0
 
 
@@ -274,9 +303,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
             knn, lin = res.get("knn", {}), res.get("linprobe", {})
             cell = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
             rows.append(f"| {label} | {cell(knn, 'top1_k20')} | {cell(knn, 'top1_k200')} | {cell(lin, 'top1')} |")
-    if not rows:
-        raise ConfigError(f"no knn.json or linprobe.json found for run {run_dir}")
-    print("| encoder | kNN k=20 (%) | kNN k=200 (%) | linear probe (%) |\n|---|---|---|---|")
+    # Fine-tunings of this run (and from-scratch baselines kept beside it): a column of their own.
+    tuned = []
+    for folder in sorted(run_dir.glob("finetune-*")):
+        last = latest_checkpoint(folder / "checkpoints")
+        if last is not None and (last / "finetune.json").is_file():
+            res = json.loads((last / "finetune.json").read_text())
+            tuned.append(f"| {res['subject']} ({folder.name}, {last.name}) | - | - | - | {res['top1']:.2f} |")
+    if not rows and not tuned:
+        raise ConfigError(f"no knn.json, linprobe.json or finetune.json found for run {run_dir}")
+    header = "| encoder | kNN k=20 (%) | kNN k=200 (%) | linear probe (%) |"
+    if tuned:
+        header, rows = header + " fine-tune (%) |", [r + " - |" for r in rows] + tuned
+    print(header + "\n" + "|---" * header.count(" |") + "|")
     print("\n".join(rows))
     return 0
 
@@ -292,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             return _cmd_pretrain(args)
+        if args.command == "finetune":
+            return _cmd_finetune(args)
         if args.command == "config":
             print(to_yaml(load_config(resolve_config_path(args.config), args.overrides)), end="")
             return 0

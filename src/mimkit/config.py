@@ -117,6 +117,9 @@ class PretrainConfig:
 
     run_dir: str = "runs/default"
     seed: int = 0
+    init: str = ""
+    """A checkpoint (or run) whose evaluated module initialises this method's (fine-tuning from a
+    pre-trained encoder); empty = random initialisation."""
     data: DataConfig = field(default_factory=DataConfig)
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "vit_tiny_p4"})
     method: dict[str, Any] = field(default_factory=lambda: {"name": "mae"})
@@ -210,9 +213,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         The resolved :class:`PretrainConfig`.
 
     """
+    return compose_config([load_yaml(path)] if path is not None else [], overrides)
+
+
+def compose_config(layers: list[dict[str, Any]], overrides: list[str] | None = None) -> PretrainConfig:
+    """Defaults, then each mapping of ``layers`` merged over the last, then ``key=value`` overrides; validated.
+
+    A layer replaces a whole ``method`` or ``backbone`` section when it names another ``name``: the
+    settings of one method mean nothing to another. Overrides are merged key by key.
+    """
     tree: dict[str, Any] = asdict(PretrainConfig())
-    if path is not None:
-        tree = _merge(tree, load_yaml(path))
+    for layer in layers:
+        for section in ("method", "backbone"):
+            named = layer.get(section)
+            if isinstance(named, dict) and "name" in named and named["name"] != tree[section].get("name"):
+                tree[section] = {}
+        tree = _merge(tree, layer)
     tree = _merge(tree, parse_overrides(overrides or []))
     cfg = from_dict(PretrainConfig, tree)
     validate(cfg)

@@ -29,10 +29,10 @@ def _valid_keys(name: str) -> list[str]:
     return sorted(inspect.signature(target).parameters)
 
 
-def backbones_taking(mask_input: str) -> list[str]:
-    """Names of the registered backbones whose ``mask_input`` is ``keep_idx`` or ``pixels``."""
+def backbones_taking(mask_input: str | None) -> list[str]:
+    """Names of the registered backbones whose ``mask_input`` is ``keep_idx`` or ``pixels``; all for None."""
     return sorted(name for name, b in BACKBONES.items()
-                  if getattr(getattr(b, "func", b), "mask_input", None) == mask_input)
+                  if mask_input is None or getattr(getattr(b, "func", b), "mask_input", None) == mask_input)
 
 
 def check_backbone_cfg(cfg: dict[str, Any]) -> None:

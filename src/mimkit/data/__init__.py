@@ -1,7 +1,7 @@
 """Datasets and batch loaders."""
 
 from mimkit.data.batch import Batch
-from mimkit.data.datasets import DATASETS, ImageSet, build_dataset, per_class_subset
+from mimkit.data.datasets import DATASETS, ImageSet, build_dataset, check_labelled, per_class_subset
 from mimkit.data.loader import BatchLoader, normalizer_for
 from mimkit.data.transforms import Normalize
 
@@ -14,4 +14,4 @@ def build_loader(data: ImageSet, cfg, batch_size: int, train: bool, seed: int = 
 
 
 __all__ = ["DATASETS", "Batch", "BatchLoader", "ImageSet", "Normalize", "build_dataset", "build_loader",
-           "normalizer_for", "per_class_subset"]
+           "check_labelled", "normalizer_for", "per_class_subset"]

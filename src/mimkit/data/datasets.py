@@ -311,6 +311,33 @@ def _match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 
+def check_labelled(train: ImageSet, test: ImageSet, what: str) -> None:
+    """Refuse splits that cannot score a classifier: unlabelled, one class, or other classes held out.
+
+    Args:
+        train: The labelled training split (kNN bank, probe or fine-tuning set).
+        test: The held-out split.
+        what: Who needs the labels, for the message (``"fine-tuning"``).
+
+    Raises:
+        DataError: Naming the dataset and the classes.
+
+    """
+    name = train.name
+    if not (train.labelled and test.labelled):
+        raise DataError(f"dataset {name} has no labels; {what} needs a labelled dataset "
+                        "(e.g. data.name=imagefolder with root/train/<class>/* and root/val/<class>/*)")
+    if len(train.classes) < 2:
+        raise DataError(f"dataset {name} has {len(train.classes)} class ({', '.join(train.classes)}); {what} "
+                        "needs at least 2, or every prediction is right")
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise DataError(f"dataset {name}: the train and held-out splits have different classes (only in "
+                        f"train: {only_train or 'none'}; only held out: {only_test or 'none'}); labels would not "
+                        "match")
+
+
 FILE_SOURCES = {"imagefolder": _image_folder, "tiny_imagenet": _tiny_imagenet, "unlabelled": _unlabelled}
 DATASETS = ["fashion_mnist", "cifar10", "cifar100", "stl10", *FILE_SOURCES]
 

@@ -17,14 +17,30 @@ import os
 import shutil
 from pathlib import Path
 
-from mimkit.errors import RunFolderError
+from mimkit.errors import ConfigError, RunFolderError
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
-#: What a run writes into its folder; ``--overwrite`` removes exactly these.
+CONFIG_FILE = "config.yaml"
+#: What a run writes into its folder; ``--overwrite`` removes exactly these, and the fine-tunings
+#: of its checkpoints (``finetune-*``), which belong to the run they started from.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "tb", "checkpoints", "reconstructions.png",
              "loss_curve.png")
+DERIVED = "finetune-*"
+
+
+def run_config_for(ckpt: Path) -> Path:
+    """The ``config.yaml`` of the run a checkpoint belongs to (beside it, or up to three folders up).
+
+    Raises:
+        ConfigError: No run config is found.
+
+    """
+    for folder in (ckpt, *ckpt.parents[:3]):
+        if (folder / CONFIG_FILE).is_file():
+            return folder / CONFIG_FILE
+    raise ConfigError(f"no {CONFIG_FILE} found beside checkpoint {ckpt} or in its run folder")
 
 
 def describe_error(err: OSError) -> str:
@@ -133,13 +149,13 @@ class RunFolder:
     def clear(self) -> list[str]:
         """Remove the previous run's files (``--overwrite``); returns what was removed."""
         removed = self.contents()
-        for name in RUN_FILES:
-            item = self.path / name
+        derived = sorted(self.path.glob(DERIVED))
+        for item in [*(self.path / name for name in RUN_FILES), *derived]:
             if item.is_dir():
                 shutil.rmtree(item)
             elif item.exists():
                 item.unlink()
-        return removed
+        return removed + [d.name for d in derived]
 
     def release(self) -> None:
         """Drop the lock (the lock file stays: removing it would race with a process opening it)."""
@@ -149,4 +165,4 @@ class RunFolder:
             self._fd = None
 
 
-__all__ = ["LOCK_FILE", "RUN_FILES", "RunFolder", "describe_error"]
+__all__ = ["CONFIG_FILE", "LOCK_FILE", "RUN_FILES", "RunFolder", "describe_error", "run_config_for"]

@@ -22,6 +22,7 @@ from mimkit.engine.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_state,
+    load_weights,
     nonfinite_tensors,
     read_weights,
     remove_temporaries,
@@ -35,7 +36,7 @@ from mimkit.engine.distributed import DistInfo, all_reduce_mean, broadcast_from_
 from mimkit.engine.logging import RunLogger, truncate_metrics
 from mimkit.engine.optim import build_optimizer, cosine_lr, scaled_lr
 from mimkit.engine.precision import resolve_precision
-from mimkit.engine.run_folder import RunFolder
+from mimkit.engine.run_folder import CONFIG_FILE, RunFolder, run_config_for
 from mimkit.engine.step import StepResult, train_step
 from mimkit.errors import (
     CheckpointError,
@@ -49,7 +50,6 @@ from mimkit.methods import PretrainOutput
 from mimkit.models import method_from_config
 
 log = logging.getLogger(__name__)
-CONFIG_FILE = "config.yaml"
 
 
 class NonFiniteLossError(NonFiniteError):
@@ -119,6 +119,8 @@ class Trainer:
         # open_run() has checked everything, so a bad setting leaves nothing behind.
         self.method = method_from_config(cfg).to(self.device)
         self.method.check_image_size(cfg.data.img_size, cfg.data.img_size)
+        if cfg.init:
+            self._initialise_from(cfg.init)
         self.data = build_dataset(cfg.data, "train")
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -148,6 +150,16 @@ class Trainer:
         self.grad_norm: torch.Tensor | None = None
         self.t_start, self.step_at_start, self.minutes_before = time.perf_counter(), 0, 0.0
         self._reset_window()
+
+    def _initialise_from(self, path: str) -> None:
+        """Load another run's evaluated module (its encoder, or teacher) into this method's."""
+        from mimkit.config import load_config
+        from mimkit.models import eval_prefix
+
+        ckpt = resolve_checkpoint(path)
+        source = load_config(run_config_for(ckpt))
+        load_weights(self.method.eval_module, ckpt, prefix=eval_prefix(source))
+        log.info("initialised %s from %s (%s)", self.method.eval_module_name, ckpt, source.method["name"])
 
     def _reset_window(self) -> None:
         """Start a new logging window (images seen and losses since the last log line)."""

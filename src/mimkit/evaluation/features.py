@@ -13,9 +13,8 @@ from torch import nn
 from tqdm import tqdm
 
 from mimkit.config import DataConfig
-from mimkit.data import Batch, build_dataset, build_loader, normalizer_for, per_class_subset
+from mimkit.data import Batch, build_dataset, build_loader, check_labelled, normalizer_for, per_class_subset
 from mimkit.engine.precision import autocast
-from mimkit.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +133,7 @@ def dataset_features(
                 return cached
     train = build_dataset(cfg, "train")
     test = build_dataset(cfg, "test")
-    if not (train.labelled and test.labelled):
-        raise DataError(f"dataset {cfg.name} has no labels; kNN and linear probe need a labelled dataset "
-                        "(e.g. data.name=imagefolder with root/train/<class>/* and root/val/<class>/*)")
-    if len(train.classes) < 2:
-        raise DataError(f"dataset {cfg.name} has {len(train.classes)} class ({', '.join(train.classes)}); kNN and "
-                        "linear probe need at least 2, or every prediction is right")
-    if train.classes != test.classes:
-        only_train = sorted(set(train.classes) - set(test.classes))
-        only_test = sorted(set(test.classes) - set(train.classes))
-        raise DataError(f"dataset {cfg.name}: the train and held-out splits have different classes (only in "
-                        f"train: {only_train or 'none'}; only held out: {only_test or 'none'}); labels would not "
-                        "match")
+    check_labelled(train, test, "evaluation (kNN, linear probe)")
     norm = normalizer_for(train, cfg.channels)
     if train_fraction < 1.0:
         keep = per_class_subset(train.labels, train_fraction, seed=0)

@@ -17,7 +17,8 @@ from torch import nn
 from mimkit.config import ConfigError, PretrainConfig, load_config
 from mimkit.engine.checkpoint import load_weights, resolve_checkpoint
 from mimkit.engine.distributed import resolve_device
-from mimkit.engine.trainer import CONFIG_FILE, seed_everything
+from mimkit.engine.run_folder import run_config_for
+from mimkit.engine.trainer import seed_everything
 from mimkit.evaluation.features import dataset_features
 from mimkit.evaluation.knn import knn_accuracy
 from mimkit.evaluation.linear_probe import linear_probe
@@ -43,14 +44,6 @@ class Subject:
     tag: str
     label: str
     data_changes: dict[str, Any] = field(default_factory=dict)
-
-
-def run_config_for(ckpt: Path) -> Path:
-    """The ``config.yaml`` of the run a checkpoint belongs to."""
-    for folder in (ckpt, *ckpt.parents[:3]):
-        if (folder / CONFIG_FILE).is_file():
-            return folder / CONFIG_FILE
-    raise ConfigError(f"no {CONFIG_FILE} found beside checkpoint {ckpt} or in its run folder")
 
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, PretrainConfig, Path]:

@@ -50,13 +50,14 @@ class PretrainMethod(nn.Module):
 
     encoder: nn.Module
     #: How the encoder must take the mask: ``keep_idx`` (drops tokens, ViT) or ``pixels`` (a dense
-    #: visible-pixel mask, CvT). Backbones declare the same attribute.
-    mask_input: str = "keep_idx"
+    #: visible-pixel mask, CvT); None for a method that masks nothing and takes any backbone.
+    #: Backbones declare the same attribute.
+    mask_input: str | None = "keep_idx"
 
     def check_encoder(self, encoder: nn.Module) -> None:
         """Refuse an encoder that cannot take this method's kind of mask, naming the ones that can."""
         kind = getattr(encoder, "mask_input", None)
-        if kind != self.mask_input:
+        if self.mask_input is not None and kind != self.mask_input:
             from mimkit.backbones import backbones_taking
 
             raise ConfigError(

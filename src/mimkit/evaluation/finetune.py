@@ -1,0 +1,152 @@
+"""Fine-tune a pre-trained encoder (or the same backbone from scratch) and score it on the test split.
+
+The fine-tuning run is an ordinary engine run (resume, DDP, bf16, time budget, NaN guard and
+checkpoints all come with it) of the ``finetune`` method, configured by layering a fine-tuning
+config (``configs/finetune/*.yaml``) over the pre-training run's own: the backbone and data stay,
+the method, optimizer and schedule are replaced. It lives in ``<run>/finetune-<config>[-scratch]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimkit.config import CONFIG_ROOT, PretrainConfig, compose_config, load_yaml, resolve_config_path
+from mimkit.data import build_dataset, build_loader, check_labelled, normalizer_for
+from mimkit.engine.checkpoint import latest_checkpoint, load_weights, resolve_checkpoint
+from mimkit.engine.distributed import resolve_device
+from mimkit.engine.precision import autocast, resolve_precision
+from mimkit.engine.run_folder import run_config_for
+from mimkit.errors import ConfigError
+from mimkit.models import method_from_config
+
+RESULT_FILE = "finetune.json"
+
+
+def finetune_config_path(name: str) -> Path:
+    """A fine-tuning config: a YAML path, or a name under ``configs/finetune/``."""
+    packaged = CONFIG_ROOT / "finetune" / f"{name}.yaml"
+    if packaged.is_file():
+        return packaged
+    try:
+        return resolve_config_path(name)
+    except ConfigError:
+        known = sorted(p.stem for p in (CONFIG_ROOT / "finetune").glob("*.yaml"))
+        raise ConfigError(f"fine-tuning config {name!r} not found: not a file, and not a packaged one "
+                          f"({', '.join(known)})") from None
+
+
+def finetune_config(run: str | None, config: str = "fmnist", overrides: list[str] | None = None,
+                    scratch: bool = False, arch: str | None = None) -> PretrainConfig:
+    """The config of fine-tuning ``run``'s encoder (or, ``scratch``, its backbone from random weights).
+
+    Args:
+        run: A pre-training run folder or checkpoint; None with ``scratch`` and ``arch``.
+        config: The fine-tuning config (``configs/finetune/<name>.yaml`` or a path).
+        overrides: ``key=value`` settings applied last.
+        scratch: Random initialisation: the supervised baseline of the same backbone.
+        arch: A pre-training config naming the backbone and data, for ``scratch`` without a run.
+
+    Raises:
+        ConfigError: Neither a run nor ``--scratch --arch``, or a setting that is refused.
+
+    """
+    if run is None and not (scratch and arch):
+        raise ConfigError("give a pre-training run to fine-tune, or --scratch with --arch CONFIG for a "
+                          "backbone trained from random weights")
+    if run is not None and arch is not None:
+        raise ConfigError("--arch names the backbone of a run-less --scratch baseline; a run brings its own")
+    ckpt = resolve_checkpoint(run) if run is not None else None
+    base_path = run_config_for(ckpt) if ckpt is not None else resolve_config_path(arch)
+    base = load_yaml(base_path)
+    ft_path = finetune_config_path(config)
+    root = base_path.parent if ckpt is not None else Path(base.get("run_dir", "runs/default"))
+    layers = [base, load_yaml(ft_path), {
+        "init": "" if scratch else str(ckpt.resolve()),  # absolute: a resume may start elsewhere
+        "run_dir": str(root / f"finetune-{ft_path.stem}{'-scratch' if scratch else ''}"),
+    }]
+    cfg = compose_config(layers, overrides)
+    if cfg.method.get("name") != "finetune":
+        raise ConfigError(f"{ft_path}: method.name must be finetune, got {cfg.method.get('name')!r}")
+    return _with_classes(cfg)
+
+
+def _with_classes(cfg: PretrainConfig) -> PretrainConfig:
+    """Check the dataset can be scored and size the head by its classes (or check the given size)."""
+    whole = dataclasses.replace(cfg.data, subset_fraction=1.0)
+    train, test = build_dataset(cfg.data, "train"), build_dataset(whole, "test")
+    check_labelled(train, test, "fine-tuning")
+    given = int(cfg.method.get("num_classes", 0))
+    if given and given != len(train.classes):
+        raise ConfigError(f"method.num_classes {given} does not match the {len(train.classes)} classes of "
+                          f"dataset {cfg.data.name}; leave it at 0 to take them from the dataset")
+    return dataclasses.replace(cfg, method={**cfg.method, "num_classes": len(train.classes)})
+
+
+@torch.no_grad()
+def test_accuracy(cfg: PretrainConfig, ckpt: Path, device: str = "auto", precision: str = "auto",
+                  batch_size: int = 512) -> dict[str, Any]:
+    """Top-1 of a fine-tuned checkpoint on the whole test split (no test-time augmentation).
+
+    Returns:
+        ``{"top1": %, "test_images": N, "precision": resolved}``.
+
+    """
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    method = method_from_config(dataclasses.replace(cfg, init=""))
+    load_weights(method, ckpt)
+    method.to(dev).eval()
+    train = build_dataset(cfg.data, "train")
+    test = build_dataset(dataclasses.replace(cfg.data, subset_fraction=1.0), "test")
+    # The statistics the fine-tuning run normalised with: its own training set's.
+    loader = build_loader(test, cfg.data, batch_size, train=False, normalize=normalizer_for(train, cfg.data.channels))
+    correct = total = 0
+    for batch in loader:
+        batch = batch.to(dev)
+        with autocast(dev, prec):
+            logits = method.logits(batch.images)
+        correct += int((logits.argmax(-1) == batch.labels).sum())
+        total += batch.size
+    return {"top1": 100.0 * correct / total, "test_images": total, "precision": prec}
+
+
+def write_finetune_result(cfg: PretrainConfig, ckpt: Path, result: dict[str, Any]) -> Path:
+    """``finetune.json`` beside the fine-tuned checkpoint, with what was fine-tuned and how."""
+    source = "scratch" if not cfg.init else str(resolve_checkpoint(cfg.init))
+    row = {"evaluation": "finetune", "subject": _label(cfg), "init": source, "dataset": cfg.data.name,
+           "img_size": cfg.data.img_size, "checkpoint": str(ckpt), **result,
+           "method": cfg.method, "optim": asdict(cfg.optim), "epochs": cfg.train.epochs,
+           "budget_minutes": cfg.train.budget_minutes,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(), "torch": torch.__version__}
+    path = ckpt / RESULT_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(row, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _label(cfg: PretrainConfig) -> str:
+    part = cfg.method.get("trainable_blocks", -1)
+    what = "fine-tune" if part == -1 else f"partial fine-tune (last {part})"
+    origin = "scratch" if not cfg.init else Path(cfg.init).name
+    return f"{what} {cfg.backbone['name']} from {origin}"
+
+
+def finished_checkpoint(cfg: PretrainConfig) -> Path:
+    """The newest checkpoint of a fine-tuning run (raises if it has none)."""
+    ckpt = latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
+    if ckpt is None:
+        raise ConfigError(f"fine-tuning run {cfg.run_dir} has no checkpoint to score")
+    return ckpt
+
+
+__all__ = ["RESULT_FILE", "finetune_config", "finetune_config_path", "finished_checkpoint", "test_accuracy",
+           "write_finetune_result"]
