@@ -45,7 +45,10 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained):
     pre = _encoder_weights(latest_checkpoint(pretrained / "checkpoints"))
     own = trainer.method.encoder.state_dict()
     assert all(torch.equal(own[k], v) for k, v in pre.items())
-    scratch = Trainer(finetune_config(str(pretrained), overrides=SHORT, scratch=True), DistInfo())
+    scratch_cfg = finetune_config(str(pretrained), overrides=SHORT, scratch=True)
+    assert scratch_cfg.method["layer_decay"] == 1.0 and scratch_cfg.init == ""
+    assert scratch_cfg.method["label_smoothing"] == 0.1, "the rest of the recipe is the same"
+    scratch = Trainer(scratch_cfg, DistInfo())
     assert not all(torch.equal(scratch.method.encoder.state_dict()[k], v) for k, v in pre.items())
 
 

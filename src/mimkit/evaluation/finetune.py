@@ -51,7 +51,8 @@ def finetune_config(run: str | None, config: str = "fmnist", overrides: list[str
         run: A pre-training run folder or checkpoint; None with ``scratch`` and ``arch``.
         config: The fine-tuning config (``configs/finetune/<name>.yaml`` or a path).
         overrides: ``key=value`` settings applied last.
-        scratch: Random initialisation: the supervised baseline of the same backbone.
+        scratch: Random initialisation: the supervised baseline of the same backbone, with no
+            layer-wise lr decay (``method.layer_decay=1``; an override still wins).
         arch: A pre-training config naming the backbone and data, for ``scratch`` without a run.
 
     Raises:
@@ -72,6 +73,10 @@ def finetune_config(run: str | None, config: str = "fmnist", overrides: list[str
         "init": "" if scratch else str(ckpt.resolve()),  # absolute: a resume may start elsewhere
         "run_dir": str(root / f"finetune-{ft_path.stem}{'-scratch' if scratch else ''}"),
     }]
+    if scratch:
+        # Layer-wise decay protects pre-trained lower layers; random ones have nothing to protect and
+        # would learn at a fraction of the lr. The baseline trains every layer at the full lr.
+        layers.append({"method": {"name": "finetune", "layer_decay": 1.0}})
     cfg = compose_config(layers, overrides)
     if cfg.method.get("name") != "finetune":
         raise ConfigError(f"{ft_path}: method.name must be finetune, got {cfg.method.get('name')!r}")
