@@ -36,14 +36,16 @@ def test_a_dead_writer_leaves_no_lock(tmp_path):
     RunFolder(tmp_path / "run").lock()
 
 
-def test_contents_and_clear_keep_baselines(tmp_path):
+def test_contents_and_clear_keep_baselines_and_drop_finetunings(tmp_path):
     run = RunFolder(tmp_path)
     assert run.contents() == []
     (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     (tmp_path / "baseline-pixels").mkdir()
+    (tmp_path / "finetune-fmnist" / "checkpoints").mkdir(parents=True)
     assert run.contents() == ["metrics.jsonl", "checkpoints (1)"]
-    assert run.clear() == ["metrics.jsonl", "checkpoints (1)"]
+    # the fine-tunings of a replaced run's checkpoints go with it; baselines depend on the data alone
+    assert run.clear() == ["metrics.jsonl", "checkpoints (1)", "finetune-fmnist"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["baseline-pixels"]
 
 
