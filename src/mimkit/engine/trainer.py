@@ -388,6 +388,8 @@ class Trainer:
         row.update({k: float(v) for k, v in out.logs.items()})
         if self.grad_norm is not None:
             row["grad_norm"] = float(self.grad_norm)
+        if self.device.type == "cuda":  # what the source documents report as a method's memory cost
+            row["cuda_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.logger.log(self.step, row)
         self._reset_window()
         return f"loss={loss:.4f} img/s={ips:.0f} lr={lr:.2e}"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The device check for a lent GPU, in one call of a few minutes: CUDA, bf16 and the torchrun (NCCL)
+# path; a few hundred steps of every method at 224 px with its throughput and peak CUDA memory
+# (`cuda_peak_mib` in each run's metrics.jsonl); the pre-training step against HuggingFace's.
+#
+# Here, once (copies the Fashion-MNIST files into the ignored, carried folder .gpu_data):
+#   bash benchmarks/gpu_check.sh prepare
+# Then through the device tool, with carry [".gpu_data"] and a timeout that leaves room to rerun:
+#   bash benchmarks/gpu_check.sh
+# Everything lands under $OUT (the device tool's folder), logs included.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ "${1:-}" = prepare ]; then
+  mkdir -p .gpu_data
+  cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .gpu_data/
+  grep -qxF ".gpu_data/" .git/info/exclude 2>/dev/null || echo ".gpu_data/" >> .git/info/exclude
+  du -sh .gpu_data
+  exit 0
+fi
+PY=${PY:-python3}
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+nvidia-smi || true
+$PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0),
+'bf16', torch.cuda.is_bf16_supported())"
+# 320 steps of 64: 224 px RGB (Fashion-MNIST resized), bf16 autocast on CUDA.
+GPU=(data.root=.gpu_data data.img_size=224 data.channels=3 optim.batch_size=64 train.epochs=0.35
+     train.device=cuda train.precision=bf16 train.progress=false train.log_every=40 train.keep_last=1)
+last() { tail -n 1 "$1/metrics.jsonl"; }
+t0=$(date +%s)
+$PY -m mimkit pretrain --config mae_fmnist "run_dir=$OUT/mae_vitb" backbone.name=vit_base_patch16 \
+    backbone.patch_size=16 method.decoder_dim=512 method.decoder_depth=4 method.decoder_heads=8 "${GPU[@]}"
+echo "MAE ViT-B/16: $(last "$OUT/mae_vitb")"
+$PY -m mimkit pretrain --config cvt_mae_fmnist "run_dir=$OUT/cvt_mae_cvt13" backbone.name=cvt_13 \
+    method.mask_size=16 "${GPU[@]}"
+echo "CvT-MAE CvT-13: $(last "$OUT/cvt_mae_cvt13")"
+$PY -m mimkit finetune "$OUT/mae_vitb" "run_dir=$OUT/mae_vitb/finetune-fmnist" "${GPU[@]}" train.epochs=0.2
+echo "fine-tune ViT-B/16: $(last "$OUT/mae_vitb/finetune-fmnist")"
+# The torchrun path: NCCL with one process (the lent machine has one GPU), 60 steps.
+torchrun --nproc_per_node 1 -m mimkit pretrain --config mae_fmnist "run_dir=$OUT/mae_torchrun" "${GPU[@]}" \
+    train.epochs=0.07
+echo "torchrun MAE: $(last "$OUT/mae_torchrun")"
+# The same pre-training step against HuggingFace's ViTMAEForPreTraining, side by side in one process.
+$PY benchmarks/bench_throughput.py --device cuda --precision bf16 fp32 --batch 256 --rounds 3 --steps 20
+echo "gpu_check: $(( $(date +%s) - t0 )) s"
