@@ -141,7 +141,7 @@ CASES: list[Case] = [
     Case("zero-batch-size", 5, ("knn", "{run}", "--batch-size", "0"),
          r"argument --batch-size: must be a positive integer"),
     Case("negative-train-fraction", 5, ("knn", "{run}", "--train-fraction", "-0.5"),
-         r"argument --train-fraction: must be > 0\.0, got -0\.5"),
+         r"argument --train-fraction: must be in \(0, 1\], got -0\.5"),
     Case("zero-probe-epochs", 5, ("linprobe", "{run}", "--epochs", "0"),
          r"argument --epochs: must be a positive integer"),
     Case("probe-batch-of-one", 5, ("linprobe", "{run}", "--probe-batch-size", "1"),

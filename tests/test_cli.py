@@ -181,7 +181,7 @@ def test_baseline_evaluations_on_a_folder(tmp_path, write_image, capsys):
     result = json.loads(frac_file.read_text())
     assert result["train_fraction"] == 0.5
     capsys.readouterr()
-    assert main(["knn", "--baseline", "pixels", *data, *common, "--train-fraction", "1.5"]) == 2
+    assert _exit_code(["knn", "--baseline", "pixels", *data, *common, "--train-fraction", "1.5"]) == 2
     assert "--train-fraction" in capsys.readouterr().err
 
 

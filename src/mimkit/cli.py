@@ -23,8 +23,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _number(kind: type, low: float, inclusive: bool = True, what: str | None = None):
-    """An argparse type: a ``kind`` number >= ``low`` (> ``low`` unless ``inclusive``)."""
+def _number(kind: type, low: float, inclusive: bool = True, what: str | None = None, high: float | None = None):
+    """An argparse type: a ``kind`` number >= ``low`` (> ``low`` unless ``inclusive``), at most ``high``."""
 
     def parse(text: str) -> float | int:
         try:
@@ -32,7 +32,8 @@ def _number(kind: type, low: float, inclusive: bool = True, what: str | None = N
         except ValueError:
             noun = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")) or (value < low if inclusive else value <= low):
+        below = value < low if inclusive else value <= low
+        if value != value or value in (float("inf"), float("-inf")) or below or (high is not None and value > high):
             rule = what or (f">= {low}" if inclusive else f"> {low}")
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
@@ -64,7 +65,8 @@ def _eval_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> 
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--batch-size", type=POSITIVE_INT, default=512, help="images per feature-extraction pass")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-fraction", type=_number(float, 0.0, inclusive=False), default=1.0,
+    p.add_argument("--train-fraction", type=_number(float, 0.0, inclusive=False, what="in (0, 1]", high=1.0),
+                   default=1.0,
                    help="per-class fraction in (0, 1] of the labelled train split to use (kNN bank / probe "
                    "training set)")
     p.add_argument("--blocks", type=POSITIVE_INT, default=1,
@@ -193,7 +195,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     result = test_accuracy(cfg, ckpt, cfg.train.device, cfg.train.precision)
     path = write_finetune_result(cfg, ckpt, result)
     curve = save_loss_curve(run_dir)
-    print(f"finetune [{'scratch' if args.scratch else ckpt.parent.parent.parent.name}] {cfg.data.name}: "
+    print(f"finetune [{'scratch' if args.scratch else Path(cfg.run_dir).parent.name}] {cfg.data.name}: "
           f"top-1 {result['top1']:.2f}%  -> {path}  (loss curve {curve})")
     return 0
 
@@ -209,8 +211,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
 
     run, overrides = _split_args(args.args)
-    if args.train_fraction > 1.0:
-        raise ConfigError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.baseline == "pixels" and args.blocks > 1:
         raise ConfigError(f"--blocks {args.blocks} does not apply to --baseline pixels (raw pixels have no blocks)")
     subject = resolve_subject(run, args.baseline, str(resolve_config_path(args.config)) if args.config else None,
@@ -246,7 +246,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         result = run_linprobe(feats, args.epochs, args.lr, args.probe_batch_size, args.seed)
         summary = f"top-1 {result['top1']:.2f}% (train {result['train_top1']:.2f}%)"
-    result |= {"train_fraction": args.train_fraction, "blocks": args.blocks, "precision": precision}
+    result |= settings
     path = write_result(subject, result_name(subject, args.command, settings), result)
     print(f"{args.command} [{subject.label}] {subject.cfg.data.name}: {summary}  -> {path}")
     return 0
@@ -286,6 +286,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     import json
 
     from mimkit.engine.checkpoint import latest_checkpoint
+    from mimkit.engine.run_folder import DERIVED
+    from mimkit.evaluation.finetune import RESULT_FILE
 
     run_dir = Path(args.run)
     rows = []
@@ -305,10 +307,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
             rows.append(f"| {label} | {cell(knn, 'top1_k20')} | {cell(knn, 'top1_k200')} | {cell(lin, 'top1')} |")
     # Fine-tunings of this run (and from-scratch baselines kept beside it): a column of their own.
     tuned = []
-    for folder in sorted(run_dir.glob("finetune-*")):
+    for folder in sorted(run_dir.glob(DERIVED)):
         last = latest_checkpoint(folder / "checkpoints")
-        if last is not None and (last / "finetune.json").is_file():
-            res = json.loads((last / "finetune.json").read_text())
+        if last is not None and (last / RESULT_FILE).is_file():
+            res = json.loads((last / RESULT_FILE).read_text())
             tuned.append(f"| {res['subject']} ({folder.name}, {last.name}) | - | - | - | {res['top1']:.2f} |")
     if not rows and not tuned:
         raise ConfigError(f"no knn.json, linprobe.json or finetune.json found for run {run_dir}")

@@ -117,7 +117,7 @@ def save_checkpoint(
 
     """
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    bad = nonfinite_tensors(weights) or nonfinite_tensors(state.get("optimizer", {}), 3)
+    bad = nonfinite_tensors(weights) or nonfinite_tensors(state.get("optimizer", {}))
     if bad:
         prev = latest_checkpoint(ckpt_dir)
         raise NonFiniteError(

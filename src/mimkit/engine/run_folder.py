@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+from mimkit.engine.logging import METRICS_FILE
 from mimkit.errors import ConfigError, RunFolderError
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,7 @@ LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
 #: What a run writes into its folder; ``--overwrite`` removes exactly these, and the fine-tunings
 #: of its checkpoints (``finetune-*``), which belong to the run they started from.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "tb", "checkpoints", "reconstructions.png",
-             "loss_curve.png")
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, "train.log", "tb", "checkpoints", "reconstructions.png", "loss_curve.png")
 DERIVED = "finetune-*"
 
 

@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mimkit.config import PretrainConfig, to_yaml
+from mimkit.config import PretrainConfig, load_config, to_yaml
 from mimkit.data import Batch, build_dataset, build_loader
 from mimkit.engine.checkpoint import (
     checkpoint_bytes,
@@ -47,7 +47,7 @@ from mimkit.errors import (
     RunFolderError,
 )
 from mimkit.methods import PretrainOutput
-from mimkit.models import method_from_config
+from mimkit.models import eval_prefix, method_from_config
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,6 @@ class Trainer:
 
     def _initialise_from(self, path: str) -> None:
         """Load another run's evaluated module (its encoder, or teacher) into this method's."""
-        from mimkit.config import load_config
-        from mimkit.models import eval_prefix
-
         ckpt = resolve_checkpoint(path)
         source = load_config(run_config_for(ckpt))
         load_weights(self.method.eval_module, ckpt, prefix=eval_prefix(source))
