@@ -195,8 +195,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     result = test_accuracy(cfg, ckpt, cfg.train.device, cfg.train.precision)
     path = write_finetune_result(cfg, ckpt, result)
     curve = save_loss_curve(run_dir)
+    ema = f", weight average {result['top1_ema']:.2f}%" if "top1_ema" in result else ""
     print(f"finetune [{'scratch' if args.scratch else Path(cfg.run_dir).parent.name}] {cfg.data.name}: "
-          f"top-1 {result['top1']:.2f}%  -> {path}  (loss curve {curve})")
+          f"top-1 {result['top1']:.2f}%{ema}  -> {path}  (loss curve {curve})")
     return 0
 
 

@@ -61,6 +61,12 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
     """RandomResizedCrop area range; [1, 1] disables cropping."""
     hflip: bool = True
+    randaugment_ops: int = 0
+    """RandAugment's N, operations per training image (0 = off); fine-tuning recipes use 2."""
+    randaugment_magnitude: int = 9
+    """RandAugment's M, in [0, 30]."""
+    random_erasing: float = 0.0
+    """Probability of erasing a random box of a training image (0 = off; MAE's fine-tuning uses 0.25)."""
     cache: str = "auto"
     """Decode the dataset once into a uint8 tensor: auto (when small) | yes | no."""
     num_workers: int = 0
@@ -251,6 +257,9 @@ def validate(cfg: PretrainConfig) -> None:
     require(0.0 < d.subset_fraction <= 1.0, "data.subset_fraction", "in (0, 1]", d.subset_fraction)
     require(len(d.crop_scale) == 2 and 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, "data.crop_scale",
              "[lo, hi] with 0 < lo <= hi <= 1", d.crop_scale)
+    require(d.randaugment_ops >= 0, "data.randaugment_ops", ">= 0 (0 = off)", d.randaugment_ops)
+    require(0 <= d.randaugment_magnitude <= 30, "data.randaugment_magnitude", "in [0, 30]", d.randaugment_magnitude)
+    require(0.0 <= d.random_erasing <= 1.0, "data.random_erasing", "in [0, 1]", d.random_erasing)
     require(d.cache in ("auto", "yes", "no"), "data.cache", "auto, yes or no", d.cache)
     require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
     require(o.batch_size > 0, "optim.batch_size", "positive", o.batch_size)

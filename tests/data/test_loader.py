@@ -93,16 +93,33 @@ def test_rank_sharding(data_cfg, train):
     assert a | b == set(range(48))
 
 
-def test_resume_inside_epoch(data_cfg):
+RECIPES = {"crop+flip": {}, "+randaugment+erasing": {"randaugment_ops": 2, "random_erasing": 0.5}}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_resume_inside_epoch(data_cfg, recipe):
     data = _indexed_set(56)
-    full = _epoch(_loader(data, data_cfg, seed=7), 3)
+    settings = {"crop_scale": [0.3, 1.0], "hflip": True, "channels": 1, **RECIPES[recipe]}
+    full = _epoch(_loader(data, data_cfg, seed=7, **settings), 3)
     assert len(full) == 7
     for k in (1, 4, 6):
-        resumed = _epoch(_loader(data, data_cfg, seed=7), 3, start_batch=k)
+        resumed = _epoch(_loader(data, data_cfg, seed=7, **settings), 3, start_batch=k)
         assert len(resumed) == len(full) - k
         for (xa, ya), (xb, yb) in zip(resumed, full[k:], strict=True):
             assert torch.equal(ya, yb)
             assert torch.equal(xa, xb)
+
+
+def test_randaugment_and_erasing_apply_in_training_only(data_cfg):
+    data = _indexed_set(32)
+    plain = {"crop_scale": [1.0, 1.0], "hflip": False, "channels": 1}
+    base, _ = _epoch(_loader(data, data_cfg, batch=32, seed=1, **plain), 0)[0]
+    for extra in ({"randaugment_ops": 2}, {"random_erasing": 1.0}):
+        augmented, _ = _epoch(_loader(data, data_cfg, batch=32, seed=1, **plain, **extra), 0)[0]
+        changed = (augmented != base).flatten(1).any(1).float().mean()
+        assert changed > 0.5, (extra, changed)
+        evaluation = [b.images for b in _loader(data, data_cfg, batch=32, train=False, **plain, **extra)]
+        torch.testing.assert_close(evaluation[0], (data.images.float() / 255 - 0.5) / 0.25)
 
 
 def test_eval_resizes(data_cfg):

@@ -5,10 +5,13 @@ import torch
 from PIL import Image
 
 from mimkit.data.transforms import (
+    _RAND_AUGMENT_OPS,
     Normalize,
     channel_stats,
     pil_eval_transform,
     pil_train_transform,
+    rand_augment_batch,
+    random_erasing_batch,
     random_resized_crop_batch,
     resize_batch,
 )
@@ -97,3 +100,42 @@ def test_pil_transforms():
     assert out[0].float().mean() == pytest.approx(10, abs=1)
     out = pil_train_transform(16, (0.5, 1.0), True)(img)
     assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_rand_augment_gives_each_image_one_of_its_own_operations(channels):
+    """Batched by operation, yet per image: every output is one RandAugment operation of that image."""
+    images = _images(n=24, c=channels, h=16, w=16).to(torch.uint8)
+    out = rand_augment_batch(images, 1, 9, generator=torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    strength = 9 / 30
+    for i in range(len(images)):
+        x = images[i : i + 1]
+        candidates = [op(x, m) for _, op in _RAND_AUGMENT_OPS for m in (strength, -strength)]
+        assert any(torch.equal(out[i : i + 1], c) for c in candidates), i
+    assert (out != images).flatten(1).any(1).float().mean() > 0.5
+
+
+def test_rand_augment_is_reproducible_and_refuses_float():
+    images = _images(n=16).to(torch.uint8)
+    a = rand_augment_batch(images, 2, 9, generator=torch.Generator().manual_seed(3))
+    b = rand_augment_batch(images, 2, 9, generator=torch.Generator().manual_seed(3))
+    c = rand_augment_batch(images, 2, 9, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(TypeError, match="uint8"):
+        rand_augment_batch(images.float(), 2, 9)
+
+
+def test_random_erasing_erases_one_box_and_leaves_the_global_rng():
+    x = torch.randn(32, 3, 16, 16)
+    assert random_erasing_batch(x, 0.0) is x
+    state = torch.get_rng_state()
+    out = random_erasing_batch(x, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)
+    again = random_erasing_batch(x, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    for o, i in zip(out, x, strict=True):
+        rows, cols = (o != i).any(0).nonzero(as_tuple=True)
+        assert len(rows), "p=1 erases every image"
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert len(rows) == box, "one rectangle"

@@ -105,14 +105,17 @@ def test_finetune_refuses_what_it_cannot_score(pretrained, tmp_path, write_image
         finetune_config(str(pretrained), overrides=[*SHORT, "data.name=unlabelled", f"data.root={tmp_path / 'u'}"])
 
 
-def test_finetune_with_mixup_resumes_exactly(pretrained, tmp_path):
-    """Mixup and CutMix draw from NumPy's RNG, which the checkpoint carries: a resume is bit-identical."""
+def test_finetune_with_mixup_augmentation_and_ema_resumes_exactly(pretrained, tmp_path):
+    """Mixup and CutMix draw from NumPy's RNG, which the checkpoint carries, RandAugment and erasing from
+    per-batch generators, and the weight average is in the checkpoint: a resume is bit-identical."""
     import shutil
 
     from mimkit.engine.checkpoint import list_checkpoints
+    from mimkit.evaluation.finetune import test_accuracy
 
     settings = [*SHORT, "method.mixup=0.8", "method.cutmix=1.0", "train.ckpt_every_steps=4", "train.keep_last=0",
-                "train.deterministic=true"]
+                "train.deterministic=true", "data.randaugment_ops=2", "data.random_erasing=0.25",
+                "method.ema_decay=0.8"]
     full = pretrain(finetune_config(str(pretrained), overrides=[*settings, f"run_dir={tmp_path / 'full'}"]))
     last = latest_checkpoint(full / "checkpoints")
     part = tmp_path / "part"
@@ -124,3 +127,19 @@ def test_finetune_with_mixup_resumes_exactly(pretrained, tmp_path):
     a = load_file(str(last / "model.safetensors"))
     b = load_file(str(part / "checkpoints" / last.name / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert "ema.module.head.weight" in a and not torch.equal(a["ema.module.head.weight"], a["head.weight"])
+    result = test_accuracy(finetune_config(str(pretrained), overrides=[*settings, f"run_dir={part}"]), last)
+    assert 10.0 < result["top1_ema"] <= 100.0 and "top1" in result
+
+
+def test_the_weight_average_starts_from_the_trained_weights(pretrained, tmp_path):
+    """The first steps copy the weights, so the average never holds the head's random initialisation."""
+    cfg = finetune_config(str(pretrained), overrides=[*SHORT, "method.ema_decay=0.99", f"run_dir={tmp_path / 'e'}"])
+    method = Trainer(cfg, DistInfo()).method
+    method.head.weight.data.add_(1.0)
+    method.after_step(0, 10)
+    assert torch.equal(method.ema.module["head"].weight, method.head.weight)
+    before = method.ema.module["head"].weight.clone()
+    method.head.weight.data.add_(1.0)
+    method.after_step(5, 10)
+    torch.testing.assert_close(method.ema.module["head"].weight, before + 0.01)

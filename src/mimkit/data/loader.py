@@ -17,6 +17,8 @@ from mimkit.data.transforms import (
     channel_stats,
     pil_eval_transform,
     pil_train_transform,
+    rand_augment_batch,
+    random_erasing_batch,
     random_resized_crop_batch,
     resize_batch,
 )
@@ -70,7 +72,8 @@ class BatchLoader:
         self.skipped = data.skipped
         self._loader: DataLoader | None = None
         if data.images is None:
-            tf = (pil_train_transform(cfg.img_size, tuple(cfg.crop_scale), cfg.hflip) if train
+            tf = (pil_train_transform(cfg.img_size, tuple(cfg.crop_scale), cfg.hflip,
+                                      (cfg.randaugment_ops, cfg.randaugment_magnitude)) if train
                   else pil_eval_transform(cfg.img_size))
             ds = FileDataset(data, tf, cfg.channels)
             if world_size > 1:
@@ -117,24 +120,34 @@ class BatchLoader:
         n = len(self._rank_indices()) if not self.train else len(self.data) // self.world_size
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
+    def _batch_generator(self, b: int) -> torch.Generator:
+        # One generator per batch: a run resumed mid-epoch draws exactly the same augmentation.
+        return torch.Generator().manual_seed(hash((self.seed, self.epoch, b, self.rank)) & 0x7FFFFFFF)
+
+    def _erase(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return random_erasing_batch(x, self.cfg.random_erasing, gen) if self.train else x
+
     def __iter__(self) -> Iterator[Batch]:
         size = self.cfg.img_size
         if self._loader is not None:
-            for images, labels, skipped in self._loader:
+            for b, (images, labels, skipped) in enumerate(self._loader):
                 self.skipped += skipped
                 if images.numel():
-                    yield Batch(self.normalize(images), labels)
+                    yield Batch(self._erase(self.normalize(images), self._batch_generator(b)), labels)
             return
         idx = self._rank_indices()
         for b in range(self.start_batch, len(self)):
-            # One generator per batch: a run resumed mid-epoch draws exactly the same crops.
-            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, b, self.rank)) & 0x7FFFFFFF)
+            gen = self._batch_generator(b)
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.data.images[sel].float()
             if self.train:
                 images = random_resized_crop_batch(
                     images, size, tuple(self.cfg.crop_scale), self.cfg.hflip, generator=gen
                 )
+                if self.cfg.randaugment_ops > 0:
+                    as_uint8 = images.round_().clamp_(0, 255).to(torch.uint8)
+                    images = rand_augment_batch(as_uint8, self.cfg.randaugment_ops, self.cfg.randaugment_magnitude,
+                                                generator=gen).float()
             else:
                 images = resize_batch(images, size)
-            yield Batch(self.normalize(images), self.data.labels[sel])
+            yield Batch(self._erase(self.normalize(images), gen), self.data.labels[sel])

@@ -101,7 +101,8 @@ def test_accuracy(cfg: PretrainConfig, ckpt: Path, device: str = "auto", precisi
     """Top-1 of a fine-tuned checkpoint on the whole test split (no test-time augmentation).
 
     Returns:
-        ``{"top1": %, "test_images": N, "precision": resolved}``.
+        ``{"top1": %, "test_images": N, "precision": resolved}``, and ``"top1_ema"`` for the
+        weight average when the run kept one.
 
     """
     dev = resolve_device(device)
@@ -113,14 +114,19 @@ def test_accuracy(cfg: PretrainConfig, ckpt: Path, device: str = "auto", precisi
     test = build_dataset(dataclasses.replace(cfg.data, subset_fraction=1.0), "test")
     # The statistics the fine-tuning run normalised with: its own training set's.
     loader = build_loader(test, cfg.data, batch_size, train=False, normalize=normalizer_for(train, cfg.data.channels))
-    correct = total = 0
+    scored = [False, True] if method.ema is not None else [False]
+    correct, total = dict.fromkeys(scored, 0), 0
     for batch in loader:
         batch = batch.to(dev)
-        with autocast(dev, prec):
-            logits = method.logits(batch.images)
-        correct += int((logits.argmax(-1) == batch.labels).sum())
+        for ema in scored:
+            with autocast(dev, prec):
+                logits = method.logits(batch.images, ema=ema)
+            correct[ema] += int((logits.argmax(-1) == batch.labels).sum())
         total += batch.size
-    return {"top1": 100.0 * correct / total, "test_images": total, "precision": prec}
+    result = {"top1": 100.0 * correct[False] / total, "test_images": total, "precision": prec}
+    if True in correct:
+        result["top1_ema"] = 100.0 * correct[True] / total
+    return result
 
 
 def write_finetune_result(cfg: PretrainConfig, ckpt: Path, result: dict[str, Any]) -> Path:

@@ -5,7 +5,9 @@ and Bao et al., "BEiT: BERT Pre-Training of Image Transformers" (ICLR 2022): lay
 (timm's ``param_groups_layer_decay``, by the backbone's ``group_matcher``), label smoothing, Mixup
 (Zhang et al., ICLR 2018) and CutMix (Yun et al., ICCV 2019) through timm's ``Mixup``, and drop path
 set on the backbone. Partial fine-tuning trains only the last ``trainable_blocks`` parameter groups
-of the backbone (0 = a linear head on the frozen encoder), as He et al. (Sec. 4.3) do.
+of the backbone (0 = a linear head on the frozen encoder), as He et al. (Sec. 4.3) do. An optional
+exponential moving average of the weights (timm's ``ModelEmaV3``; Polyak and Juditsky, "Acceleration
+of stochastic approximation by averaging", 1992) is kept in the checkpoint and scored beside them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from mimkit.data.batch import Batch
@@ -58,6 +61,9 @@ class FineTune(PretrainMethod):
         """CutMix alpha; 0 = off."""
         head_init_std: float = 2e-5
         """Std of the head's initial weights (MAE's fine-tuning uses 2e-5: the head starts near 0)."""
+        ema_decay: float = 0.0
+        """Decay of an exponential moving average of the weights, per step (0 = off); the first two
+        steps copy the weights. Pick it by the run's length: the average spans about 1/(1-decay) steps."""
 
         def __post_init__(self) -> None:
             require(self.num_classes >= 0, "method.num_classes", ">= 0 (0 = from the dataset)", self.num_classes)
@@ -68,6 +74,7 @@ class FineTune(PretrainMethod):
             require(self.mixup >= 0 and self.cutmix >= 0, "method.mixup and method.cutmix", ">= 0",
                     (self.mixup, self.cutmix))
             require(self.head_init_std > 0, "method.head_init_std", "positive", self.head_init_std)
+            require(0.0 <= self.ema_decay < 1.0, "method.ema_decay", "in [0, 1) (0 = off)", self.ema_decay)
 
     def __init__(self, encoder: nn.Module, cfg: Config) -> None:
         """Put a linear head on ``encoder``'s pooled features and freeze what ``trainable_blocks`` leaves out."""
@@ -89,6 +96,8 @@ class FineTune(PretrainMethod):
             frozen = {name for i in frozen_ids for name in self.groups[i]}
             for name, p in encoder.named_parameters():
                 p.requires_grad_(name not in frozen)
+        # A copy of encoder and head; the live weights are averaged into it after every step.
+        self.ema = ModelEmaV3(self._live(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                             num_classes=cfg.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
 
@@ -98,11 +107,30 @@ class FineTune(PretrainMethod):
         for m in self.encoder.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
                 m.eval()
+        if self.ema is not None:
+            self.ema.module.eval()
         return self
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Class scores ``[N, num_classes]`` of normalised images ``[N, C, H, W]``."""
-        return self.head(self.encoder.forward_head(self.encoder.forward_features(images), pre_logits=True))
+    def _live(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"encoder": self.encoder, "head": self.head})
+
+    def logits(self, images: torch.Tensor, ema: bool = False) -> torch.Tensor:
+        """Class scores ``[N, num_classes]`` of normalised images ``[N, C, H, W]``.
+
+        Args:
+            images: ``[N, C, H, W]``.
+            ema: Score with the moving average of the weights (``method.ema_decay`` > 0) instead.
+
+        """
+        if ema and self.ema is None:
+            raise ConfigError("this fine-tuning keeps no weight average: set method.ema_decay > 0")
+        encoder, head = (self.ema.module["encoder"], self.ema.module["head"]) if ema else (self.encoder, self.head)
+        return head(encoder.forward_head(encoder.forward_features(images), pre_logits=True))
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Fold the weights just updated into their moving average (when one is kept)."""
+        if self.ema is not None:
+            self.ema.update(self._live(), step=step)
 
     def forward(self, batch: Batch | torch.Tensor) -> PretrainOutput:
         """Cross-entropy of the head's logits against the labels (mixed, in training, when asked).
