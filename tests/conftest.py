@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -12,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mimkit.backbones import create_backbone
+from mimkit.backbones import BACKBONES, backbones_taking, create_backbone
 from mimkit.config import DataConfig, PretrainConfig, load_config
 from mimkit.data.datasets import DEBIAN_FASHION_MNIST
-from mimkit.methods import create_method
+from mimkit.methods import METHODS, create_method
 
 # The machine is shared and has 2 cores: OpenMP threads spinning against other processes made a
 # tiny forward/backward ~20x slower than with one thread. One thread keeps the suite fast and
@@ -43,6 +46,44 @@ TINY_RUN_OVERRIDES = [
     "train.progress=false",
     "train.log_every=3",
 ]
+
+# Tiny per-family settings; every registered backbone is built from its own preset plus these.
+TINY_FAMILY = {
+    "keep_idx": dict(embed_dim=32, depth=1, num_heads=2),
+    "pixels": dict(dims=(16, 32, 64), num_heads=(1, 2, 2), depths=(1, 1, 1)),
+}
+
+
+def preset(name: str) -> dict:
+    """The settings a registry entry fixes for its backbone."""
+    builder = BACKBONES[name]
+    return dict(builder.keywords) if isinstance(builder, functools.partial) else {}
+
+
+def _accepted(name: str) -> set[str]:
+    builder = BACKBONES[name]
+    target = builder.func if isinstance(builder, functools.partial) else builder
+    return set(inspect.signature(target).parameters)
+
+
+def tiny_backbone_kwargs(name: str, in_chans: int = 3) -> tuple[dict, int]:
+    """Small settings a builder accepts, and an image size its patch size divides."""
+    patch = preset(name).get("patch_size", 16)
+    img = 2 * patch if patch >= 8 else 4 * patch
+    kind = getattr(BACKBONES[name], "func", BACKBONES[name]).mask_input
+    wanted = {**TINY_FAMILY[kind], "img_size": img, "in_chans": in_chans}
+    return {k: v for k, v in wanted.items() if k in _accepted(name)}, img
+
+
+def tiny_method_cfg(name: str) -> dict:
+    """``method:`` settings that make method ``name`` small (a one-block decoder, three classes)."""
+    fields = {f.name for f in dataclasses.fields(METHODS[name].Config)}
+    small = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "num_classes": 3}
+    return {"name": name, **{k: v for k, v in small.items() if k in fields}}
+
+
+#: Every registered method with every backbone that can take it.
+METHOD_BACKBONE_PAIRS = [(m, b) for m in sorted(METHODS) for b in backbones_taking(METHODS[m].mask_input)]
 
 HAVE_FMNIST = (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file()
 

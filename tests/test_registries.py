@@ -6,43 +6,17 @@ file.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import inspect
-
 import pytest
 import torch
+from conftest import METHOD_BACKBONE_PAIRS, TINY_FAMILY
+from conftest import preset as _preset
+from conftest import tiny_backbone_kwargs as _tiny_backbone_kwargs
+from conftest import tiny_method_cfg as _tiny_method_cfg
 
 from mimkit.backbones import BACKBONES, backbones_taking, create_backbone
 from mimkit.config import ConfigError
 from mimkit.data import Batch
 from mimkit.methods import METHODS, PretrainMethod, PretrainOutput, check_method_cfg, create_method
-
-# Tiny per-family settings; every registered backbone is built from its own preset plus these.
-TINY_FAMILY = {
-    "keep_idx": dict(embed_dim=32, depth=1, num_heads=2),
-    "pixels": dict(dims=(16, 32, 64), num_heads=(1, 2, 2), depths=(1, 1, 1)),
-}
-
-
-def _preset(name: str) -> dict:
-    builder = BACKBONES[name]
-    return dict(builder.keywords) if isinstance(builder, functools.partial) else {}
-
-
-def _accepted(name: str) -> set[str]:
-    builder = BACKBONES[name]
-    target = builder.func if isinstance(builder, functools.partial) else builder
-    return set(inspect.signature(target).parameters)
-
-
-def _tiny_backbone_kwargs(name: str, in_chans: int = 3) -> tuple[dict, int]:
-    """Small settings a builder accepts, and an image size its patch size divides."""
-    patch = _preset(name).get("patch_size", 16)
-    img = 2 * patch if patch >= 8 else 4 * patch
-    kind = getattr(BACKBONES[name], "func", BACKBONES[name]).mask_input
-    wanted = {**TINY_FAMILY[kind], "img_size": img, "in_chans": in_chans}
-    return {k: v for k, v in wanted.items() if k in _accepted(name)}, img
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -78,15 +52,6 @@ def test_backbone_preset_is_used(name):
     enc = create_backbone(name, **kwargs)
     if "patch_size" in preset:
         assert enc.patch_size == preset["patch_size"]
-
-
-def _tiny_method_cfg(name: str) -> dict:
-    fields = {f.name for f in dataclasses.fields(METHODS[name].Config)}
-    small = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "num_classes": 3}
-    return {"name": name, **{k: v for k, v in small.items() if k in fields}}
-
-
-METHOD_BACKBONE_PAIRS = [(m, b) for m in sorted(METHODS) for b in backbones_taking(METHODS[m].mask_input)]
 
 
 def test_every_method_has_a_backbone():

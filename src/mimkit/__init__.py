@@ -1,3 +1,19 @@
 """mimkit: self-supervised visual pre-training by masked image modeling."""
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # ``import mimkit`` stays light; the encoder loader pulls in torch only when asked for.
+    if name == "load_encoder":
+        from mimkit.export import load_encoder
+
+        return load_encoder
+    raise AttributeError(f"module 'mimkit' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "load_encoder"]

@@ -1,4 +1,4 @@
-"""``mimkit`` command line: pretrain, finetune, config, knn, linprobe, report, profile, visualize."""
+"""``mimkit`` command line: pretrain, finetune, config, knn, linprobe, report, profile, visualize, export."""
 
 from __future__ import annotations
 
@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out", help="PNG path (default: reconstructions.png in the run folder)")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("export", help="release an encoder: safetensors + config, loadable by mimkit.load_encoder",
+                       description="Write a run's encoder (safetensors and encoder.json), its whole model and "
+                       "config (a checkpoint every command reads), and for ViT backbones timm-keyed weights.")
+    p.add_argument("run", help="run folder or checkpoint")
+    p.add_argument("--out", required=True, help="export folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an export folder that holds files")
     for p in sub.choices.values():
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     parser.commands = dict(sub.choices)
@@ -348,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(resolve_config_path(args.config), args.overrides)
             print(profile_steps(cfg, steps=args.steps, top=args.top).table())
+            return 0
+        if args.command == "export":
+            from mimkit.export import export_checkpoint
+
+            out = export_checkpoint(args.run, args.out, args.overwrite)
+            print(f"export -> {out}  (load with mimkit.load_encoder({str(out)!r}))")
             return 0
         return _cmd_visualize(args)
     except MimkitError as err:

@@ -40,6 +40,10 @@ class Normalize:
         """Standardise a batch."""
         return (images.float() - self.mean.to(images.device)) / self.std.to(images.device)
 
+    def stats(self) -> tuple[list[float], list[float]]:
+        """The per-channel ``(mean, std)`` in [0, 1] units, as given."""
+        return (self.mean / 255).flatten().tolist(), (self.std / 255).flatten().tolist()
+
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse map to [0, 1] pixel values, clamped."""
         return ((x.float() * self.std.to(x.device) + self.mean.to(x.device)) / 255).clamp(0, 1)

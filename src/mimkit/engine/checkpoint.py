@@ -233,12 +233,28 @@ def read_weights(model: nn.Module, ckpt: Path, prefix: str = "") -> dict[str, to
 
     """
     file = ckpt / MODEL_FILE
-    try:
-        weights = load_file(str(file))
-    except Exception as err:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"{file}: cannot read weights ({err})") from None
+    weights = read_safetensors(file)
     if prefix:
         weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    return check_weights(model, weights, file)
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, any failure a :class:`CheckpointError` naming it."""
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{file}: cannot read weights ({err})") from None
+
+
+def check_weights(model: nn.Module, weights: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    """``weights`` if they fit ``model`` exactly (keys, shapes) and are finite; else an error naming ``file``.
+
+    Raises:
+        CheckpointMismatchError: Missing or unexpected keys, or shape mismatches, listed by name.
+        CheckpointError: NaN/inf values.
+
+    """
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))

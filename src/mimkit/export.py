@@ -1,0 +1,183 @@
+"""Release a trained encoder: ``mimkit export`` writes it, :func:`load_encoder` reads it back.
+
+An export folder holds
+
+- ``encoder.safetensors`` and ``encoder.json``: the evaluated module's weights (the encoder, or the
+  teacher's for methods that evaluate one) and what is needed to build and feed it: the backbone's
+  registry name and settings, the input size and channels, and the per-channel normalisation the
+  run trained with. :func:`load_encoder` needs nothing else.
+- ``model.safetensors`` and ``config.yaml``: the whole method (decoder included) and the run's
+  resolved config, so the folder is itself a checkpoint every command reads (``mimkit visualize``
+  draws reconstructions from a released model, ``mimkit knn`` and ``mimkit finetune`` take it).
+- ``timm/`` for ViT backbones: the same weights keyed for timm's ``VisionTransformer`` (the fixed
+  sin-cos position embedding written out as its ``pos_embed``) and the ``timm.create_model``
+  arguments that give the same features.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from mimkit.backbones import create_backbone
+from mimkit.backbones.layers.pos_embed import sincos_2d
+from mimkit.backbones.vit import VisionTransformer
+from mimkit.engine.checkpoint import MODEL_FILE, check_weights, load_weights, read_safetensors, resolve_checkpoint
+from mimkit.engine.run_folder import CONFIG_FILE, run_config_for
+from mimkit.errors import CheckpointError, ConfigError
+
+ENCODER_WEIGHTS = "encoder.safetensors"
+ENCODER_META = "encoder.json"
+FORMAT = "mimkit-encoder"
+FORMAT_VERSION = 1
+#: timm's ViT with mimkit's choices: mean of the patch tokens after the final norm, no fc norm, no head.
+_TIMM_VIT_DEFAULTS = {"class_token": True, "global_pool": "avg", "fc_norm": False, "num_classes": 0,
+                      "no_embed_class": False, "dynamic_img_size": False}
+
+
+def timm_vit_weights(encoder: VisionTransformer, img_size: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Mimkit's ViT as timm's ``VisionTransformer``: its state dict and ``create_model`` arguments.
+
+    The parameter names are timm's already (the blocks are timm's ``Block``); timm learns a position
+    embedding ``[1, 1 + L, D]`` where mimkit adds a fixed sin-cos one to the patch tokens only, so
+    it is written out for ``img_size``, with zeros at the class token.
+
+    Args:
+        encoder: A mimkit :class:`~mimkit.backbones.vit.VisionTransformer`.
+        img_size: The input side the position embedding is written for.
+
+    Returns:
+        ``(state_dict, model_args)`` for ``timm.create_model("vit_base_patch16_224", **model_args)``.
+
+    """
+    gh, gw = encoder.grid_size(img_size, img_size)
+    state = {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
+    pos = sincos_2d(gh, gw, encoder.embed_dim, torch.device("cpu")).reshape(1, gh * gw, encoder.embed_dim)
+    pos = torch.cat([torch.zeros(1, 1, encoder.embed_dim), pos], dim=1)
+    state["pos_embed"] = pos.to(state["cls_token"].dtype).contiguous()
+    block = encoder.blocks[0]
+    args = {
+        "img_size": img_size, "patch_size": encoder.patch_size, "in_chans": encoder.in_chans,
+        "embed_dim": encoder.embed_dim, "depth": len(encoder.blocks), "num_heads": block.attn.num_heads,
+        "mlp_ratio": block.mlp.fc1.out_features / encoder.embed_dim,
+        "qkv_bias": block.attn.qkv.bias is not None, **_TIMM_VIT_DEFAULTS,
+    }
+    if encoder.global_pool == "token":
+        args["global_pool"] = "token"
+    return state, args
+
+
+def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the export folder of a run's newest checkpoint (or of a given checkpoint) to ``out``.
+
+    Args:
+        run: A run folder or checkpoint.
+        out: The export folder to create.
+        overwrite: Replace ``out`` if it already holds files.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ConfigError: ``out`` is not empty and ``overwrite`` is not set.
+        CheckpointError: No complete checkpoint, or weights that do not fit the run's config.
+
+    """
+    from mimkit.config import load_config
+    from mimkit.data import build_dataset, normalizer_for
+    from mimkit.models import method_from_config
+
+    ckpt = resolve_checkpoint(run)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"export folder {out} already holds files; pass --overwrite to replace them, "
+                          "or choose another --out")
+    cfg_path = run_config_for(ckpt)
+    cfg = load_config(cfg_path)
+    method = method_from_config(cfg)
+    load_weights(method, ckpt)
+    encoder = method.eval_module.eval()
+    train = build_dataset(cfg.data, "train")
+    mean, std = normalizer_for(train, cfg.data.channels).stats()
+    settings = {k: v for k, v in cfg.backbone.items() if k != "name"}
+    settings.update(img_size=cfg.data.img_size, in_chans=cfg.data.channels)
+    settings.pop("drop_path_rate", None)  # a training-time setting; an exported encoder is for inference
+    meta = {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "backbone": {"name": cfg.backbone["name"], **settings}, "num_features": int(encoder.num_features),
+        "input": {"img_size": cfg.data.img_size, "channels": cfg.data.channels, "mean": mean, "std": std,
+                  "range": "pixels in [0, 1], then (x - mean) / std per channel"},
+        "source": {"checkpoint": str(ckpt.resolve()), "method": cfg.method["name"],
+                   "module": method.eval_module_name, "dataset": cfg.data.name},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+    }
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / ENCODER_WEIGHTS))
+    (tmp / ENCODER_META).write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.copyfile(ckpt / MODEL_FILE, tmp / MODEL_FILE)
+    shutil.copyfile(cfg_path, tmp / CONFIG_FILE)
+    if isinstance(encoder, VisionTransformer):
+        state, args = timm_vit_weights(encoder, cfg.data.img_size)
+        (tmp / "timm").mkdir()
+        save_file(state, str(tmp / "timm" / "model.safetensors"))
+        overlay = {"input_size": [cfg.data.channels, cfg.data.img_size, cfg.data.img_size], "num_classes": 0,
+                   "mean": mean, "std": std}
+        (tmp / "timm" / "config.json").write_text(json.dumps(
+            {"architecture": "vit_base_patch16_224", "model_args": args, "pretrained_cfg_overlay": overlay,
+             "usage": "timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay={**overlay, "
+                      "'file': '<this folder>/model.safetensors'}, **model_args)"}, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The encoder of an export folder, in eval mode, without the run it came from.
+
+    Example:
+        >>> enc = load_encoder("exports/cvt_mae_fmnist_s4")  # doctest: +SKIP
+        >>> feats = enc.forward_head(enc.forward_features(images), pre_logits=True)  # [N, num_features]
+
+    Args:
+        path: An export folder (``mimkit export``) or its ``encoder.json``.
+        device: Where to put the weights.
+
+    Returns:
+        The backbone with the backbone interface (``forward_features``, ``forward_head``); its
+        expected input normalisation is in ``encoder.json`` (and on the module as ``input_stats``).
+
+    Raises:
+        CheckpointError: Not an export folder, or weights that do not fit the recorded backbone.
+
+    """
+    folder = Path(path)
+    if folder.is_file():
+        folder = folder.parent
+    meta_file = folder / ENCODER_META
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{meta_file}: not a mimkit export ({err}); `mimkit export RUN --out DIR` writes "
+                              "one") from None
+    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r}; "
+                              f"this mimkit reads {FORMAT!r} up to version {FORMAT_VERSION}")
+    settings = dict(meta["backbone"])
+    encoder = create_backbone(settings.pop("name"), **settings)
+    weights = folder / ENCODER_WEIGHTS
+    encoder.load_state_dict(check_weights(encoder, read_safetensors(weights), weights))
+    encoder.input_stats = meta["input"]
+    return encoder.to(device).eval()
+
+
+__all__ = ["ENCODER_META", "ENCODER_WEIGHTS", "export_checkpoint", "load_encoder", "timm_vit_weights"]
