@@ -27,19 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import checkpoint_minutes, evaluate_subject, markdown_table, measure_img_per_s, vm_hwm_mib
+from common import checkpoint_minutes, evaluate_subject, markdown_table, measure_img_per_s
 
 from mimkit.config import load_config, resolve_config_path
 from mimkit.engine import pretrain
 from mimkit.engine.checkpoint import list_checkpoints, load_state
 from mimkit.engine.logging import read_metrics
+from mimkit.evaluation.resources import measure_configs, resources_table
 from mimkit.evaluation.runner import resolve_subject
 from mimkit.viz import first_minutes_at, save_accuracy_curves
 
@@ -143,50 +142,6 @@ def knn_curve(cell: Cell, out: Path, budget: float, train_fraction: float, point
     return rows
 
 
-def resources(out: Path, configs: tuple[str, ...] = (VIT, CVT), batch: int = 64) -> list[dict]:
-    """Encoder parameters, training FLOPs per image, img/s and peak memory of each config."""
-    rows = []
-    for name in configs:
-        # A child process per model, so that the resident-set high-water mark is this model's alone.
-        code = (f"import sys; sys.argv=['x']; from bench_cvt_mae import _measure; "
-                f"_measure({name!r}, {batch})")
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent)
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
-def _measure(config: str, batch: int, steps: int = 6) -> None:
-    from common import engine_step
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from mimkit.engine.optim import build_optimizer
-    from mimkit.models import method_from_config
-
-    cfg = load_config(str(resolve_config_path(config)), ["train.device=cpu"])
-    method = method_from_config(cfg).train()
-    opt = build_optimizer(method, cfg.optim, 1e-4)
-    x = torch.randn(batch, cfg.data.channels, cfg.data.img_size, cfg.data.img_size)
-    with FlopCounterMode(display=False) as fc:
-        method(x).loss.backward()
-    opt.zero_grad(set_to_none=True)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine_step(method, x, opt, torch.device("cpu"), "fp32")
-        times.append(time.perf_counter() - t0)
-    times = sorted(times[1:])
-    peak = vm_hwm_mib()
-    print(json.dumps({
-        "config": config, "method": cfg.method["name"], "backbone": cfg.backbone["name"],
-        "encoder_params": sum(p.numel() for p in method.encoder.parameters()),
-        "total_params": sum(p.numel() for p in method.parameters()),
-        "train_gflop_per_img": fc.get_total_flops() / batch / 1e9,
-        "img_per_s": batch / times[len(times) // 2], "peak_rss_mib": round(peak),
-    }))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("experiment", choices=["ablation", "recipe", *EXPERIMENTS, "resources"])
@@ -237,11 +192,8 @@ def main() -> None:
         png = save_accuracy_curves(by_model, out / "accuracy_vs_minutes.png",
                                    f"{args.budget_min:g}-minute budget, {args.train_fraction:.0%} bank")
         print(f"\n# figure: {png}")
-        rows = resources(out, (args.vit_config, args.cvt_config))
-        print("\n" + markdown_table(
-            ["config", "encoder params", "total params", "train GFLOP/img", "img/s", "peak RSS MiB"],
-            [[r["config"], f"{r['encoder_params']:,}", f"{r['total_params']:,}", f"{r['train_gflop_per_img']:.3f}",
-              round(r["img_per_s"]), r["peak_rss_mib"]] for r in rows]))
+        # The same measurement as `mimkit resources`, each model in its own process.
+        print("\n" + resources_table(measure_configs([args.vit_config, args.cvt_config], batch=64)))
         return
     rows = []
     all_cells = (cvt_cells(args.experiment, args.cvt_config) if args.experiment in ("ablation", "recipe")

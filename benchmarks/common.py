@@ -16,6 +16,7 @@ from mimkit.engine.logging import read_metrics
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.precision import resolve_precision
 from mimkit.engine.step import StepResult, train_step
+from mimkit.evaluation.resources import peak_rss_mib as vm_hwm_mib  # noqa: F401 (benchmarks' name)
 from mimkit.evaluation.runner import Subject, features_for, result_name, run_knn, run_linprobe, write_result
 from mimkit.models import method_from_config
 
@@ -40,19 +41,6 @@ def engine_step(method: torch.nn.Module, batch: Batch | torch.Tensor, optimizer:
     """One step of the engine's :func:`~mimkit.engine.step.train_step` (no accumulation, no clipping)."""
     return train_step(method, method, [Batch.of(batch)], optimizer, device=device, precision=precision,
                       lr=optimizer.param_groups[0]["lr"], step=0, total_steps=1)
-
-
-def vm_hwm_mib() -> float:
-    """Peak resident set of this process in MiB (Linux ``VmHWM``).
-
-    ``ru_maxrss`` would be wrong here: Linux carries it over from the parent across fork + exec,
-    so every child would report the (larger) benchmark parent's peak.
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def checkpoint_minutes(ckpt: Path, run_dir: Path) -> float:

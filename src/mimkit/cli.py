@@ -1,4 +1,6 @@
-"""``mimkit`` command line: pretrain, finetune, config, knn, linprobe, report, profile, visualize, export."""
+"""``mimkit`` command line: pretrain, finetune, config, knn, linprobe, report, profile, visualize, export,
+resources.
+"""
 
 from __future__ import annotations
 
@@ -142,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder or checkpoint")
     p.add_argument("--out", required=True, help="export folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an export folder that holds files")
+
+    p = sub.add_parser("resources", help="parameters, FLOPs, peak memory and images/s of configs",
+                       description="Measure each config in its own process on synthetic batches: encoder and "
+                       "total parameters, training and encoder FLOPs per image, peak memory (CPU resident set, "
+                       "CUDA max allocated), training and inference images/s. CONFIG@BACKBONE swaps in that "
+                       "backbone's preset; key=value settings apply to every config.")
+    p.add_argument("configs", nargs="+", metavar="CONFIG[@BACKBONE]", help="e.g. mae_fmnist cvt_mae_fmnist_s4")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.channels=3")
+    p.add_argument("--img-size", type=POSITIVE_INT, default=0, help="input side (default: each config's own)")
+    p.add_argument("--batch", type=POSITIVE_INT, default=64)
+    p.add_argument("--steps", type=POSITIVE_INT, default=5, help="timed steps after two warm-up steps (median)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--threads", type=_number(int, 0), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", help="also write the rows as JSON here")
     for p in sub.choices.values():
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     parser.commands = dict(sub.choices)
@@ -150,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Where each command collects ``key=value`` settings; commands not listed take none.
 _SETTINGS_DEST = {"pretrain": "overrides", "finetune": "overrides", "config": "overrides", "profile": "overrides",
-                  "knn": "args", "linprobe": "args"}
+                  "knn": "args", "linprobe": "args", "resources": "overrides"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -290,6 +306,22 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_resources(args: argparse.Namespace) -> int:
+    import json
+
+    from mimkit.evaluation.resources import measure_configs, resources_table
+
+    rows = measure_configs(args.configs, args.img_size, args.batch, args.steps, args.precision, args.overrides,
+                           args.threads)
+    print(resources_table(rows))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"rows -> {out}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     import json
 
@@ -356,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(resolve_config_path(args.config), args.overrides)
             print(profile_steps(cfg, steps=args.steps, top=args.top).table())
             return 0
+        if args.command == "resources":
+            return _cmd_resources(args)
         if args.command == "export":
             from mimkit.export import export_checkpoint
 

@@ -1,0 +1,225 @@
+"""What a pre-training config costs: parameters, FLOPs, peak memory and images/s (``mimkit resources``).
+
+The table the source documents print beside their accuracies (memory and time per method). Every
+config is measured in its own child process, so that one model's memory high-water mark is not
+another's, on synthetic batches (the cost of a step does not depend on the pixels), with the
+engine's own :func:`~mimkit.engine.step.train_step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from mimkit.errors import ConfigError
+
+#: The columns of :func:`resources_table`, and the keys of a row.
+COLUMNS = (
+    ("config", "config"), ("encoder_params", "encoder params"), ("total_params", "total params"),
+    ("train_gflop_per_img", "train GFLOP/img"), ("infer_gflop_per_img", "encoder GFLOP/img"),
+    ("train_img_per_s", "train img/s"), ("infer_img_per_s", "inference img/s"),
+    ("peak_mib", "peak MiB"),
+)
+
+
+def cpu_flags() -> str:
+    """``avx512_bf16``, ``avx512`` or ``avx2``: which kind of CPU host measured (bf16 is native on the first)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    return next((f for f in ("avx512_bf16", "avx512f", "avx2") if f in flags), platform.machine())
+
+
+def config_spec(spec: str, img_size: int, overrides: list[str]):
+    """The config a spec names: ``CONFIG`` or ``CONFIG@BACKBONE`` (that backbone's preset swapped in).
+
+    Args:
+        spec: A packaged config name or YAML path, optionally ``@`` a registered backbone name.
+        img_size: ``data.img_size`` to measure at (0 = the config's own).
+        overrides: ``key=value`` settings applied to every config.
+
+    """
+    from mimkit.config import compose_config, load_yaml, resolve_config_path
+
+    name, _, backbone = spec.partition("@")
+    layers = [load_yaml(resolve_config_path(name))]
+    if backbone:
+        layers.append({"backbone": {"name": backbone}})
+    if img_size:
+        layers.append({"data": {"img_size": img_size}})
+    cfg = compose_config(layers, overrides)
+    if cfg.method.get("name") == "finetune" and not cfg.method.get("num_classes"):
+        # A head of some size (a classifier's cost barely depends on it); no dataset is read here.
+        cfg = dataclasses.replace(cfg, method={**cfg.method, "num_classes": 10})
+    return cfg
+
+
+def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, precision: str = "auto",
+            overrides: list[str] | None = None) -> dict[str, Any]:
+    """Measure one config in this process (call it in a fresh process for a true memory peak).
+
+    Args:
+        spec: ``CONFIG`` or ``CONFIG@BACKBONE`` (see :func:`config_spec`).
+        img_size: Input side (0 = the config's).
+        batch: Images per training step and per inference pass.
+        steps: Timed steps after two warm-up steps; the median is reported.
+        precision: ``auto``, ``bf16`` or ``fp32`` for the timed steps (FLOPs are counted in fp32).
+        overrides: ``key=value`` settings for the config.
+
+    Returns:
+        A row with the :data:`COLUMNS` keys and the settings measured under.
+
+    """
+    from mimkit.data import Batch
+    from mimkit.engine.distributed import resolve_device
+    from mimkit.engine.optim import build_optimizer
+    from mimkit.engine.precision import autocast, resolve_precision
+    from mimkit.engine.step import train_step
+    from mimkit.models import method_from_config
+
+    cfg = config_spec(spec, img_size, overrides or [])
+    device = resolve_device(cfg.train.device)
+    prec = resolve_precision(precision, device)
+    size, channels = cfg.data.img_size, cfg.data.channels
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, channels, size, size, generator=gen)
+    labels = torch.randint(0, int(cfg.method.get("num_classes") or 10), (batch,), generator=gen)
+    data = Batch(images, labels)
+    method = method_from_config(cfg).train()
+    encoder = method.eval_module
+    row: dict[str, Any] = {
+        "config": spec, "method": cfg.method["name"], "backbone": cfg.backbone["name"], "img_size": size,
+        "channels": channels, "batch": batch, "device": str(device), "precision": prec,
+        "threads": torch.get_num_threads(), "cpu": cpu_flags(),
+        "encoder_params": sum(p.numel() for p in encoder.parameters()),
+        "total_params": sum(p.numel() for p in method.parameters()),
+    }
+    # FlopCounterMode has no formula for the CPU flash-attention kernel and would count its
+    # attention as free; under the math kernel attention is matmuls, which it counts.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        method(data).loss.backward()
+    row["train_gflop_per_img"] = fc.get_total_flops() / batch / 1e9
+    method.zero_grad(set_to_none=True)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        encoder.eval().forward_features(images)
+    row["infer_gflop_per_img"] = fc.get_total_flops() / batch / 1e9
+    method.to(device).train()
+    optimizer = build_optimizer(method, cfg.optim, 1e-4)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def timed(fn) -> float:
+        times = []
+        for i in range(steps + 2):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 2:  # the first steps warm up the allocator and pick kernels
+                times.append(time.perf_counter() - t0)
+        return batch / sorted(times)[len(times) // 2]
+
+    row["train_img_per_s"] = timed(lambda: train_step(method, method, [data], optimizer, device=device,
+                                                       precision=prec, lr=1e-4, step=0, total_steps=1))
+    encoder.eval()
+    on_device = images.to(device)
+
+    def infer() -> None:
+        with torch.no_grad(), autocast(device, prec):
+            encoder.forward_head(encoder.forward_features(on_device), pre_logits=True)
+
+    row["infer_img_per_s"] = timed(infer)
+    if device.type == "cuda":
+        row["peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+        row["peak_kind"] = "CUDA max allocated"
+    else:
+        peak = peak_rss_mib()
+        row["peak_mib"] = round(peak) if peak == peak else peak
+        row["peak_kind"] = "process peak RSS"
+    return row
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set of this process in MiB (Linux ``VmHWM``; NaN where there is none).
+
+    ``ru_maxrss`` would be wrong in a child: Linux carries it over from the parent across fork +
+    exec, so every child would report its (larger) parent's peak.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return float("nan")
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_configs(specs: list[str], img_size: int = 0, batch: int = 64, steps: int = 5, precision: str = "auto",
+                    overrides: list[str] | None = None, threads: int = 0) -> list[dict[str, Any]]:
+    """:func:`measure` each config in a child process of its own; a failure names the config.
+
+    Args:
+        specs: Config specs (``CONFIG`` or ``CONFIG@BACKBONE``).
+        img_size: Input side (0 = each config's).
+        batch: Images per step.
+        steps: Timed steps (median).
+        precision: ``auto``, ``bf16`` or ``fp32``.
+        overrides: ``key=value`` settings for every config.
+        threads: Torch CPU threads in each child (0 = torch's default).
+
+    Raises:
+        ConfigError: A spec that does not resolve (checked before anything is measured), or a
+            child that failed (its last error line quoted).
+
+    """
+    for spec in specs:  # refuse a bad list up front, not after an hour of measuring the good ones
+        config_spec(spec, img_size, overrides or [])
+    rows = []
+    for spec in specs:
+        args = {"spec": spec, "img_size": img_size, "batch": batch, "steps": steps, "precision": precision,
+                "overrides": overrides or []}
+        code = ("import json, sys, torch\n"
+                f"if {threads}: torch.set_num_threads({threads})\n"
+                "from mimkit.evaluation.resources import measure\n"
+                "print(json.dumps(measure(**json.loads(sys.argv[1]))))")
+        res = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
+        if res.returncode != 0:
+            last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ConfigError(f"measuring {spec} at {img_size or 'its'} px, batch {batch} failed: {last}")
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def resources_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table, with the host and settings they were measured under."""
+    def cell(key: str, v: Any) -> str:
+        if key.endswith("_params"):
+            return f"{v:,}"
+        if key.endswith("gflop_per_img"):
+            return f"{v:.3f}"
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(k, r[k]) for k, _ in COLUMNS) + " |" for r in rows]
+    first = rows[0]
+    lines.append(f"\n{first['img_size']} px, batch {first['batch']}, {first['device']} ({first['cpu']}), "
+                 f"{first['precision']}, {first['threads']} threads, peak = {first['peak_kind']}, "
+                 f"{time.strftime('%Y-%m-%d %H:%M')}")
+    return "\n".join(lines)
+
+
+__all__ = ["COLUMNS", "config_spec", "cpu_flags", "measure", "measure_configs", "peak_rss_mib", "resources_table"]
