@@ -22,7 +22,7 @@ from common import markdown_table
 from mimkit.data import build_dataset, build_loader, normalizer_for
 from mimkit.evaluation.knn import knn_accuracy
 from mimkit.evaluation.linear_probe import linear_probe
-from mimkit.evaluation.runner import load_encoder
+from mimkit.evaluation.runner import load_run_encoder
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="run folder or checkpoint of a ViT encoder")
     args = ap.parse_args()
-    enc, cfg, ckpt = load_encoder(args.run)
+    enc, cfg, ckpt = load_run_encoder(args.run)
     enc.eval()
     data = dataclasses.replace(cfg.data, subset_fraction=1.0)
     train, test = build_dataset(data, "train"), build_dataset(data, "test")

@@ -145,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="export folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an export folder that holds files")
 
+    p = sub.add_parser("transfer", help="kNN, linear probe (and fine-tuning) of one checkpoint on several datasets",
+                       description="Evaluate a run's encoder on each dataset: kNN and the linear probe on frozen "
+                       "features, and with --finetune a fine-tuning run, printed as one table and saved as JSON "
+                       "beside the checkpoint. data.* settings apply to every dataset; other key=value settings "
+                       "are the fine-tuning runs'.")
+    p.add_argument("run", help="run folder or checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.img_size=32 train.epochs=5")
+    p.add_argument("--datasets", nargs="+", required=True, metavar="NAME[:key=value,...]",
+                   help="e.g. fashion_mnist cifar10:img_size=32 imagefolder:root=/data/pets,img_size=64")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune on each dataset")
+    p.add_argument("--finetune-config", default="fmnist", help="fine-tuning config: name or path")
+    p.add_argument("--k", type=POSITIVE_INT, nargs=2, default=[20, 200], metavar=("K1", "K2"))
+    p.add_argument("--train-fraction", type=_number(float, 0.0, inclusive=False, what="in (0, 1]", high=1.0),
+                   default=1.0, help="per-class fraction of each train split as kNN bank / probe training set")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=512)
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("resources", help="parameters, FLOPs, peak memory and images/s of configs",
                        description="Measure each config in its own process on synthetic batches: encoder and "
                        "total parameters, training and encoder FLOPs per image, peak memory (CPU resident set, "
@@ -166,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Where each command collects ``key=value`` settings; commands not listed take none.
 _SETTINGS_DEST = {"pretrain": "overrides", "finetune": "overrides", "config": "overrides", "profile": "overrides",
-                  "knn": "args", "linprobe": "args", "resources": "overrides"}
+                  "knn": "args", "linprobe": "args", "resources": "overrides", "transfer": "overrides"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -306,6 +325,18 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    from mimkit.evaluation.transfer import transfer, transfer_table
+
+    data = [o for o in args.overrides if o.startswith("data.")]
+    tuning = [o for o in args.overrides if not o.startswith("data.")]
+    rows, path = transfer(args.run, args.datasets, data, args.finetune, args.finetune_config, tuning, tuple(args.k),
+                          args.train_fraction, args.device, args.precision, args.batch_size, not args.no_progress)
+    print(transfer_table(rows, tuple(args.k)))
+    print(f"rows -> {path}")
+    return 0
+
+
 def _cmd_resources(args: argparse.Namespace) -> int:
     import json
 
@@ -390,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "resources":
             return _cmd_resources(args)
+        if args.command == "transfer":
+            return _cmd_transfer(args)
         if args.command == "export":
             from mimkit.export import export_checkpoint
 

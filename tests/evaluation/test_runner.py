@@ -10,7 +10,7 @@ from mimkit.config import ConfigError, load_config, to_yaml
 from mimkit.data.datasets import FILE_SOURCES
 from mimkit.engine import CONFIG_FILE
 from mimkit.engine.checkpoint import save_checkpoint
-from mimkit.evaluation import dataset_features, extract_features, load_encoder, resolve_subject
+from mimkit.evaluation import dataset_features, extract_features, load_run_encoder, resolve_subject
 from mimkit.evaluation.runner import result_name, run_config_for, run_knn, write_result
 from mimkit.models import method_from_config
 
@@ -65,7 +65,7 @@ def test_resolve_subject_run_and_load_encoder(tmp_path):
     assert subject.cfg.data.img_size == 32  # data override on top of the run's config
     for k, v in method.encoder.state_dict().items():
         assert torch.equal(subject.encoder.state_dict()[k], v), k
-    encoder, cfg, found = load_encoder(run)
+    encoder, cfg, found = load_run_encoder(run)
     assert found == ckpt and cfg.backbone["embed_dim"] == 32
     assert torch.equal(encoder.cls_token, method.encoder.cls_token)
     # a random baseline next to a run uses the run's architecture

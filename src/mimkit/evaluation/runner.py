@@ -46,7 +46,7 @@ class Subject:
     data_changes: dict[str, Any] = field(default_factory=dict)
 
 
-def load_encoder(path: str | Path) -> tuple[nn.Module, PretrainConfig, Path]:
+def load_run_encoder(path: str | Path) -> tuple[nn.Module, PretrainConfig, Path]:
     """Rebuild a run's encoder and load its weights.
 
     Args:

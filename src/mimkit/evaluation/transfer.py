@@ -1,0 +1,191 @@
+"""Transfer: one checkpoint judged on several labelled datasets (``mimkit transfer``).
+
+For each dataset, the frozen encoder's kNN and linear probe (the protocol of ``mimkit knn`` and
+``mimkit linprobe``) and, when asked, a fine-tuning run (``mimkit finetune``), as the source documents
+judge an encoder by transfer to other data. A dataset is given as ``NAME[:key=value,...]`` with any
+``data.*`` setting: a packaged dataset (``cifar10``), an image folder
+(``imagefolder:root=/data/pets,img_size=64``), other sizes. Images are converted to the channels
+the encoder was trained on. Every per-dataset result is also written where ``mimkit knn`` /
+``linprobe`` / ``finetune`` would write it, under a name that says which data it was on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mimkit.config import DataConfig
+from mimkit.data import build_dataset, check_labelled
+from mimkit.engine.checkpoint import resolve_checkpoint
+from mimkit.engine.distributed import resolve_device
+from mimkit.engine.precision import resolve_precision
+from mimkit.errors import ConfigError
+from mimkit.evaluation.runner import features_for, resolve_subject, result_name, run_knn, run_linprobe, write_result
+
+DATA_KEYS = tuple(DataConfig.__dataclass_fields__)
+
+
+def parse_dataset(spec: str) -> dict[str, str]:
+    """``NAME[:key=value,...]`` as ``{"name": NAME, key: value, ...}`` (``data.*`` keys, values as text).
+
+    Raises:
+        ConfigError: No name, a part that is not ``key=value``, or a key that is not a data setting.
+
+    """
+    name, _, rest = spec.partition(":")
+    if not name or "=" in name:
+        raise ConfigError(f"dataset {spec!r}: expected NAME[:key=value,...], e.g. cifar10 or "
+                          "imagefolder:root=/data/pets,img_size=64")
+    settings = {"name": name}
+    for part in filter(None, rest.split(",")):
+        key, eq, value = part.partition("=")
+        key = key.removeprefix("data.")
+        if not eq:
+            raise ConfigError(f"dataset {spec!r}: {part!r} is not key=value")
+        if key not in DATA_KEYS or key == "name":
+            raise ConfigError(f"dataset {spec!r}: {key!r} is not a data setting; valid: "
+                              f"{', '.join(k for k in DATA_KEYS if k != 'name')}")
+        settings[key] = value
+    return settings
+
+
+def dataset_overrides(spec: str, run_channels: int, extra: list[str]) -> list[str]:
+    """The ``data.*`` overrides that evaluate a run on ``spec``: its own root and whole split by default.
+
+    Args:
+        spec: ``NAME[:key=value,...]``.
+        run_channels: The channels the encoder takes; the images are converted to them.
+        extra: ``data.*`` settings for every dataset (applied before the spec's own).
+
+    Raises:
+        ConfigError: A spec (or ``extra``) asking for other channels than the encoder takes.
+
+    """
+    settings = parse_dataset(spec)
+    base = {"root": "", "subset_fraction": "1.0", "channels": str(run_channels)}
+    for item in extra:
+        key, _, value = item.partition("=")
+        base[key.removeprefix("data.")] = value
+    merged = {**base, **settings}
+    if int(merged["channels"]) != run_channels:
+        raise ConfigError(f"dataset {spec!r}: data.channels={merged['channels']} but the encoder takes "
+                          f"{run_channels} channel(s); images are converted to the encoder's channels, so leave "
+                          "data.channels out")
+    return [f"data.{k}={v}" for k, v in merged.items()]
+
+
+def _slug(spec: str) -> str:
+    name = parse_dataset(spec)["name"]
+    return f"{name}-{hashlib.sha1(spec.encode()).hexdigest()[:6]}"
+
+
+def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetune: bool = False,
+             finetune_config_name: str = "fmnist", finetune_overrides: list[str] | None = None,
+             ks: tuple[int, int] = (20, 200), train_fraction: float = 1.0, device: str = "auto",
+             precision: str = "auto", batch_size: int = 512, progress: bool = True) -> tuple[list[dict], Path]:
+    """Evaluate a run's encoder on each dataset; the rows and the summary JSON's path.
+
+    Args:
+        run: A pre-training run folder or checkpoint.
+        specs: Datasets, ``NAME[:key=value,...]`` (see :func:`parse_dataset`).
+        extra: ``data.*`` settings for every dataset.
+        finetune: Also fine-tune the encoder on each dataset (``<run>/finetune-transfer-<dataset>``).
+        finetune_config_name: The fine-tuning config (``configs/finetune/<name>.yaml`` or a path).
+        finetune_overrides: Non-data settings of the fine-tuning runs (``train.epochs=5``, ...).
+        ks: kNN neighbour counts.
+        train_fraction: Per-class fraction of each train split used as kNN bank / probe training set.
+        device: ``auto``, ``cpu``, ``cuda``.
+        precision: ``auto``, ``bf16``, ``fp32`` for feature extraction.
+        batch_size: Images per feature-extraction pass.
+        progress: Progress bars.
+
+    Returns:
+        ``(rows, path of transfer-<hash>.json beside the checkpoint)``: one row per dataset with its
+        sizes, kNN, linear-probe and fine-tune top-1.
+
+    Raises:
+        ConfigError: A bad spec, or a dataset that cannot be scored, before anything is extracted.
+
+    """
+    from mimkit.config import load_config
+    from mimkit.engine.run_folder import run_config_for
+
+    ckpt = resolve_checkpoint(run)
+    channels = load_config(run_config_for(ckpt)).data.channels
+    plans = [(spec, dataset_overrides(spec, channels, [e for e in (extra or []) if e.startswith("data.")]))
+             for spec in specs]
+    not_data = [e for e in (extra or []) if not e.startswith("data.")]
+    if not_data:
+        raise ConfigError(f"the datasets take data.* settings only, not {', '.join(not_data)}")
+    if finetune_overrides and not finetune:
+        raise ConfigError(f"{', '.join(finetune_overrides)}: settings other than data.* are fine-tuning settings and "
+                          "apply with --finetune only")
+    subjects = [(spec, resolve_subject(str(ckpt), None, None, overrides)) for spec, overrides in plans]
+    for spec, subject in subjects:  # every dataset found and labelled before the first is extracted
+        whole = dataclasses.replace(subject.cfg.data, subset_fraction=1.0)
+        check_labelled(build_dataset(whole, "train"), build_dataset(whole, "test"), f"transfer to {spec}")
+    prec = resolve_precision(precision, resolve_device(device))
+    rows = []
+    for (spec, subject), (_, overrides) in zip(subjects, plans, strict=True):
+        feats = features_for(subject, device, precision, batch_size, progress, train_fraction)
+        settings = {"train_fraction": train_fraction, "precision": prec, "k": tuple(ks)}
+        knn = run_knn(subject, tuple(ks), 0.07, feats) | settings
+        write_result(subject, result_name(subject, "knn", settings), knn)
+        lin_settings = {k: v for k, v in settings.items() if k != "k"}
+        lin = run_linprobe(feats, 100, 0.1, 1024, 0) | lin_settings
+        write_result(subject, result_name(subject, "linprobe", lin_settings), lin)
+        d = subject.cfg.data
+        row = {"dataset": spec, "name": d.name, "img_size": d.img_size, "channels": d.channels,
+               "train_images": int(feats["train_x"].shape[0]), "test_images": int(feats["test_x"].shape[0]),
+               "classes": int(feats["num_classes"]), **{f"knn_k{k}": knn[f"top1_k{k}"] for k in ks},
+               "linprobe": lin["top1"]}
+        if finetune:
+            row["finetune"] = _finetune(ckpt, spec, overrides, finetune_config_name, finetune_overrides or [])
+        rows.append(row)
+    summary = {"checkpoint": str(ckpt.resolve()), "datasets": specs, "extra": extra or [], "finetune": finetune,
+               "train_fraction": train_fraction, "precision": prec, "rows": rows,
+               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    key = json.dumps([specs, extra or [], finetune, finetune_config_name, finetune_overrides or [], list(ks),
+                      train_fraction, prec])
+    path = ckpt / f"transfer-{hashlib.sha1(key.encode()).hexdigest()[:8]}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return rows, path
+
+
+def _finetune(ckpt: Path, spec: str, data_overrides: list[str], config: str, overrides: list[str]) -> float:
+    """Fine-tune on one dataset (resuming a run already there) and return its test top-1."""
+    from mimkit.engine import pretrain
+    from mimkit.engine.run_folder import run_config_for
+    from mimkit.evaluation.finetune import finetune_config, finished_checkpoint, test_accuracy, write_finetune_result
+
+    target = run_config_for(ckpt).parent / f"finetune-transfer-{_slug(spec)}"
+    cfg = finetune_config(str(ckpt), config, [*data_overrides, *overrides, f"run_dir={target}"])
+    resume = "auto" if (target / "config.yaml").is_file() else None
+    pretrain(cfg, resume=resume)
+    last = finished_checkpoint(cfg)
+    result = test_accuracy(cfg, last, cfg.train.device, cfg.train.precision)
+    write_finetune_result(cfg, last, result)
+    return result["top1"]
+
+
+def transfer_table(rows: list[dict[str, Any]], ks: tuple[int, int] = (20, 200)) -> str:
+    """The rows as one Markdown table."""
+    tuned = any("finetune" in r for r in rows)
+    head = ["dataset", "size", "channels", "train / test", "classes", *[f"kNN k={k}" for k in ks], "linear probe"]
+    head += ["fine-tune"] if tuned else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["dataset"], r["img_size"], r["channels"], f"{r['train_images']} / {r['test_images']}", r["classes"],
+                 *[f"{r[f'knn_k{k}']:.2f}" for k in ks], f"{r['linprobe']:.2f}"]
+        cells += [f"{r['finetune']:.2f}" if "finetune" in r else "-"] if tuned else []
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["dataset_overrides", "parse_dataset", "transfer", "transfer_table"]
