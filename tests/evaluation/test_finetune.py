@@ -143,3 +143,16 @@ def test_the_weight_average_starts_from_the_trained_weights(pretrained, tmp_path
     method.head.weight.data.add_(1.0)
     method.after_step(5, 10)
     torch.testing.assert_close(method.ema.module["head"].weight, before + 0.01)
+
+
+def test_finetune_at_another_resolution_than_pretraining(pretrained, tmp_path):
+    """The ViT's sin-cos position embedding is computed for the grid it is given: nothing to interpolate."""
+    from mimkit.evaluation.finetune import finished_checkpoint, test_accuracy
+
+    cfg = finetune_config(str(pretrained), overrides=[*SHORT, "data.img_size=16", f"run_dir={tmp_path / 'r16'}"])
+    trainer = Trainer(cfg, DistInfo())
+    pre = _encoder_weights(latest_checkpoint(pretrained / "checkpoints"))
+    assert all(torch.equal(trainer.method.encoder.state_dict()[k], v) for k, v in pre.items())
+    trainer.fit()
+    result = test_accuracy(cfg, finished_checkpoint(cfg))
+    assert result["test_images"] == 10000 and 10.0 < result["top1"] <= 100.0
