@@ -35,8 +35,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _global_batch() -> torch.Tensor:
-    return torch.randn(WORLD * PER_RANK, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+def _global_batch() -> Batch:
+    gen = torch.Generator().manual_seed(7)
+    return Batch(torch.randn(WORLD * PER_RANK, 1, 28, 28, generator=gen),
+                 torch.randint(0, 10, (WORLD * PER_RANK,), generator=gen))
+
+
+def _shard(batch: Batch, rank: int) -> Batch:
+    part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    return Batch(batch.images[part], batch.labels[part])
+
+
+def _method_overrides(method: str, overrides: list[str]) -> list[str]:
+    """The tiny run's settings for ``method``: the classifier takes none of MAE's decoder settings."""
+    if method == "mae":
+        return overrides
+    return [o for o in overrides if not o.startswith("method.")] + ["method.name=finetune", "method.num_classes=10"]
 
 
 def _as_rank(rank: int, port: int) -> None:
@@ -50,9 +64,8 @@ def _grad_worker(rank: int, port: int, overrides: list[str], out: str) -> None:
     info = init_distributed("cpu")
     try:
         trainer = Trainer(load_config(None, overrides), info)
-        x = _global_batch()[rank * PER_RANK:(rank + 1) * PER_RANK]
         torch.manual_seed(100 + rank)  # this rank's masks
-        forward_backward(trainer.model, Batch(x), trainer.device, trainer.precision)
+        forward_backward(trainer.model, _shard(_global_batch(), rank), trainer.device, trainer.precision)
         grads = {n: p.grad.clone() for n, p in trainer.method.named_parameters() if p.grad is not None}
         torch.save(grads, Path(out) / f"grads{rank}.pt")
     finally:
@@ -64,22 +77,22 @@ def _run_worker(rank: int, port: int, overrides: list[str]) -> None:
     pretrain(load_config(None, overrides))
 
 
-def test_two_process_gradient_equals_single_process_gradient(tmp_path, tiny_run_overrides):
+@pytest.mark.parametrize("method", ["mae", "finetune"])
+def test_two_process_gradient_equals_single_process_gradient(tmp_path, tiny_run_overrides, method):
     """DDP must average the ranks' gradients: with each rank's loss the mean over its half of the
     global batch, the result is the gradient of the global-batch mean (lightly's issue 1528 was a
-    gradient off by the world size)."""
-    overrides = [f"run_dir={tmp_path / 'ddp'}", *tiny_run_overrides]
+    gradient off by the world size). Fine-tuning, with labels in the batch, too."""
+    overrides = [f"run_dir={tmp_path / 'ddp'}", *_method_overrides(method, tiny_run_overrides)]
     cfg = load_config(None, overrides)
     mp.spawn(_grad_worker, args=(_free_port(), overrides, str(tmp_path)), nprocs=WORLD, join=True)
     g0, g1 = (torch.load(tmp_path / f"grads{r}.pt") for r in range(WORLD))
 
     torch.manual_seed(cfg.seed)  # rank 0's initialisation, which DDP broadcasts to every rank
-    method = method_from_config(cfg)
-    x = _global_batch()
+    model = method_from_config(cfg)
     for rank in range(WORLD):
         torch.manual_seed(100 + rank)
-        (method(x[rank * PER_RANK:(rank + 1) * PER_RANK]).loss / WORLD).backward()
-    ref = {n: p.grad for n, p in method.named_parameters() if p.grad is not None}
+        (model(_shard(_global_batch(), rank)).loss / WORLD).backward()
+    ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     assert g0.keys() == ref.keys() and len(ref) > 10
     for name, grad in ref.items():
