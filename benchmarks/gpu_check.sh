@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device check for a lent GPU, in one call of a few minutes: CUDA, bf16 and the torchrun (NCCL)
 # path; a few hundred steps of every method at 224 px with its throughput and peak CUDA memory
-# (`cuda_peak_mib` in each run's metrics.jsonl); the pre-training step against HuggingFace's.
+# (`cuda_peak_mib` in each run's metrics.jsonl); the pre-training step against HuggingFace's, the
+# fine-tuning step against timm's; `mimkit resources` and `mimkit export` on the GPU.
 #
 # Here, once (copies the Fashion-MNIST files into the ignored, carried folder .gpu_data):
 #   bash benchmarks/gpu_check.sh prepare
@@ -44,4 +45,10 @@ torchrun --nproc_per_node 1 -m mimkit pretrain --config mae_fmnist "run_dir=$OUT
 echo "torchrun MAE: $(last "$OUT/mae_torchrun")"
 # The same pre-training step against HuggingFace's ViTMAEForPreTraining, side by side in one process.
 $PY benchmarks/bench_throughput.py --device cuda --precision bf16 fp32 --batch 256 --rounds 3 --steps 20
+# Costs at 224 px on the GPU (CUDA max allocated), and the fine-tuning step of ViT-B/16 against timm's.
+$PY -m mimkit resources mae_fmnist@vit_base_patch16 cvt_mae_fmnist_s4@cvt_13 --img-size 224 --batch 64 \
+    data.channels=3 train.device=cuda --out "$OUT/resources_224.json"
+$PY benchmarks/bench_finetune_throughput.py --device cuda --img-size 224 --patch 16 --chans 3 --dim 768 \
+    --depth 12 --heads 12 --batch 64 --rounds 3 --steps 10
+$PY -m mimkit export "$OUT/mae_vitb" --out "$OUT/export_vitb" && ls -la "$OUT/export_vitb"
 echo "gpu_check: $(( $(date +%s) - t0 )) s"
