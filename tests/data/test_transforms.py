@@ -5,7 +5,6 @@ import torch
 from PIL import Image
 
 from mimkit.data.transforms import (
-    _RAND_AUGMENT_OPS,
     Normalize,
     channel_stats,
     pil_eval_transform,
@@ -102,18 +101,35 @@ def test_pil_transforms():
     assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
 
 
+def _torchvision_candidates(x, magnitude=9, num_bins=31):
+    """Every result torchvision's ``v2.RandAugment`` can give for one image and one operation."""
+    from torchvision.transforms import v2
+
+    ra = v2.RandAugment(num_ops=1, magnitude=magnitude, num_magnitude_bins=num_bins)
+    out = []
+    for name, (strengths, signed) in ra._AUGMENTATION_SPACE.items():
+        levels = strengths(num_bins, x.shape[-2], x.shape[-1])
+        m = float(levels[magnitude]) if levels is not None else 0.0
+        for value in (m, -m) if signed else (m,):
+            out.append(ra._apply_image_or_video_transform(x, name, value, interpolation=ra.interpolation,
+                                                          fill=ra._fill))
+    return out
+
+
 @pytest.mark.parametrize("channels", [1, 3])
-def test_rand_augment_gives_each_image_one_of_its_own_operations(channels):
-    """Batched by operation, yet per image: every output is one RandAugment operation of that image."""
-    images = _images(n=24, c=channels, h=16, w=16).to(torch.uint8)
+def test_rand_augment_gives_each_image_what_torchvision_gives_it(channels):
+    """Batched by operation, yet per image: every output is one of torchvision's RandAugment results
+    for that image alone (so nothing crosses between images, and the table and strengths are its)."""
+    images = _images(n=32, c=channels, h=16, w=16).to(torch.uint8)
     out = rand_augment_batch(images, 1, 9, generator=torch.Generator().manual_seed(0))
     assert out.shape == images.shape and out.dtype == torch.uint8
-    strength = 9 / 30
     for i in range(len(images)):
-        x = images[i : i + 1]
-        candidates = [op(x, m) for _, op in _RAND_AUGMENT_OPS for m in (strength, -strength)]
-        assert any(torch.equal(out[i : i + 1], c) for c in candidates), i
+        assert any(torch.equal(out[i], c) for c in _torchvision_candidates(images[i])), i
     assert (out != images).flatten(1).any(1).float().mean() > 0.5
+    twice = rand_augment_batch(images[:6], 2, 9, generator=torch.Generator().manual_seed(1))
+    for i in range(6):
+        firsts = _torchvision_candidates(images[i])
+        assert any(torch.equal(twice[i], c) for f in firsts for c in _torchvision_candidates(f)), i
 
 
 def test_rand_augment_is_reproducible_and_refuses_float():

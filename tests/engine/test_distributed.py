@@ -50,7 +50,8 @@ def _method_overrides(method: str, overrides: list[str]) -> list[str]:
     """The tiny run's settings for ``method``: the classifier takes none of MAE's decoder settings."""
     if method == "mae":
         return overrides
-    return [o for o in overrides if not o.startswith("method.")] + ["method.name=finetune", "method.num_classes=10"]
+    tuned = [o for o in overrides if not o.startswith("method.")] + ["method.name=finetune", "method.num_classes=10"]
+    return tuned + (["method.ema_decay=0.9"] if method == "finetune+ema" else [])
 
 
 def _as_rank(rank: int, port: int) -> None:
@@ -77,11 +78,12 @@ def _run_worker(rank: int, port: int, overrides: list[str]) -> None:
     pretrain(load_config(None, overrides))
 
 
-@pytest.mark.parametrize("method", ["mae", "finetune"])
+@pytest.mark.parametrize("method", ["mae", "finetune", "finetune+ema"])
 def test_two_process_gradient_equals_single_process_gradient(tmp_path, tiny_run_overrides, method):
     """DDP must average the ranks' gradients: with each rank's loss the mean over its half of the
     global batch, the result is the gradient of the global-batch mean (lightly's issue 1528 was a
-    gradient off by the world size). Fine-tuning, with labels in the batch, too."""
+    gradient off by the world size). Fine-tuning, with labels in the batch, too, and with a weight
+    average, whose copy must not be a parameter DDP waits for."""
     overrides = [f"run_dir={tmp_path / 'ddp'}", *_method_overrides(method, tiny_run_overrides)]
     cfg = load_config(None, overrides)
     mp.spawn(_grad_worker, args=(_free_port(), overrides, str(tmp_path)), nprocs=WORLD, join=True)

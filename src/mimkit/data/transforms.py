@@ -7,12 +7,10 @@ random resized crop and flip are one batched ``grid_sample`` call.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -100,44 +98,19 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-#: RandAugment's operations (Cubuk et al., "RandAugment: Practical automated data augmentation with
-#: a reduced search space", NeurIPS 2020) as torchvision's ``v2.RandAugment`` defines them: each maps
-#: a uint8 batch and the strength ``m`` in [0, 1] (``magnitude / (bins - 1)``) with its sign to a batch.
-_RAND_AUGMENT_OPS: tuple[tuple[str, Callable[[torch.Tensor, float], torch.Tensor]], ...] = (
-    ("identity", lambda x, m: x),
-    ("shear_x", lambda x, m: TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0,
-                                       shear=[math.degrees(math.atan(0.3 * m)), 0.0])),
-    ("shear_y", lambda x, m: TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0,
-                                       shear=[0.0, math.degrees(math.atan(0.3 * m))])),
-    ("translate_x", lambda x, m: TF.affine(x, angle=0.0, translate=[int(150 / 331 * x.shape[-1] * m), 0],
-                                           scale=1.0, shear=[0.0, 0.0])),
-    ("translate_y", lambda x, m: TF.affine(x, angle=0.0, translate=[0, int(150 / 331 * x.shape[-2] * m)],
-                                           scale=1.0, shear=[0.0, 0.0])),
-    ("rotate", lambda x, m: TF.rotate(x, 30.0 * m)),
-    ("brightness", lambda x, m: TF.adjust_brightness(x, 1.0 + 0.9 * m)),
-    ("color", lambda x, m: TF.adjust_saturation(x, 1.0 + 0.9 * m)),
-    ("contrast", lambda x, m: TF.adjust_contrast(x, 1.0 + 0.9 * m)),
-    ("sharpness", lambda x, m: TF.adjust_sharpness(x, 1.0 + 0.9 * m)),
-    ("posterize", lambda x, m: TF.posterize(x, 8 - round(4 * abs(m)))),
-    ("solarize", lambda x, m: TF.solarize(x, 255.0 * (1.0 - abs(m)))),
-    ("autocontrast", lambda x, m: TF.autocontrast(x)),
-    ("equalize", lambda x, m: TF.equalize(x)),
-)
-#: Operations whose strength takes a random sign (the others use its magnitude only).
-_SIGNED = {"shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color", "contrast",
-           "sharpness"}
-
-
 def rand_augment_batch(
     images: torch.Tensor, num_ops: int, magnitude: int, num_bins: int = 31,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """RandAugment with its own draw per image, applied to a whole uint8 batch.
 
-    Every image gets ``num_ops`` operations drawn uniformly from torchvision's RandAugment list, each
-    at ``magnitude`` with a random sign where the operation has one, exactly as ``v2.RandAugment``
-    draws for one image. The batch is split by (operation, sign) so that each operation runs once on
-    its sub-batch: a per-image loop costs more than a small model's training step on a CPU.
+    Cubuk et al., "RandAugment: Practical automated data augmentation with a reduced search space"
+    (NeurIPS 2020), as torchvision's ``v2.RandAugment`` defines it: its operation table, strengths
+    and operations are used as they are. Every image gets ``num_ops`` operations drawn uniformly
+    from the table, each at ``magnitude`` with a random sign where the operation has one, as
+    ``v2.RandAugment`` draws for one image; the batch is split by (operation, sign) so that each
+    operation runs once on its sub-batch (a per-image loop costs more than a small model's training
+    step on a CPU).
 
     Args:
         images: ``[B, C, H, W]`` uint8 batch (C = 1 or 3).
@@ -152,19 +125,23 @@ def rand_augment_batch(
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"rand_augment_batch takes a uint8 batch, got {images.dtype}")
+    ra = v2.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=num_bins)
+    space = ra._AUGMENTATION_SPACE  # name -> (strengths(num_bins, height, width), signed)
+    names = list(space)
     out = images.clone()
-    b, strength = images.shape[0], magnitude / (num_bins - 1)
-    ops = torch.randint(len(_RAND_AUGMENT_OPS), (num_ops, b), generator=generator)
+    b, (h, w) = images.shape[0], images.shape[-2:]
+    ops = torch.randint(len(names), (num_ops, b), generator=generator)
     negative = torch.rand(num_ops, b, generator=generator) < 0.5
     for j in range(num_ops):
-        for o, (name, op) in enumerate(_RAND_AUGMENT_OPS):
-            for neg in (False, True) if name in _SIGNED else (False,):
-                chosen = ops[j] == o
-                if name in _SIGNED:
-                    chosen &= negative[j] == neg
-                sel = chosen.nonzero().flatten()
+        for o, name in enumerate(names):
+            strengths, signed = space[name]
+            levels = strengths(num_bins, h, w)
+            m = float(levels[magnitude]) if levels is not None else 0.0
+            for neg in (False, True) if signed else (False,):
+                sel = ((ops[j] == o) & (negative[j] == neg if signed else True)).nonzero().flatten()
                 if sel.numel():
-                    out[sel] = op(out[sel], -strength if neg else strength)
+                    out[sel] = ra._apply_image_or_video_transform(out[sel], name, -m if neg else m,
+                                                                  interpolation=ra.interpolation, fill=ra._fill)
     return out
 
 
@@ -173,8 +150,8 @@ def random_erasing_batch(x: torch.Tensor, p: float, generator: torch.Generator |
 
     torchvision's ``v2.RandomErasing`` (area 2-33 %, aspect 0.3-3.3) on each image of a normalised
     batch with probability ``p``, the erased box filled with standard-normal noise as timm's
-    ``mode="pixel"`` fills it. The global RNG is seeded from ``generator`` inside a fork, so the
-    draws are reproducible and nothing else's RNG moves.
+    ``mode="pixel"`` fills it. With a ``generator``, the global RNG is seeded from it inside a fork:
+    the draws are reproducible and the global RNG does not move (without one, it advances).
 
     Args:
         x: ``[B, C, H, W]`` float batch, normalised.

@@ -98,6 +98,9 @@ class FineTune(PretrainMethod):
                 p.requires_grad_(name not in frozen)
         # A copy of encoder and head; the live weights are averaged into it after every step.
         self.ema = ModelEmaV3(self._live(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if self.ema is not None:
+            # timm's copy keeps requires_grad; DDP would then wait for gradients that never come.
+            self.ema.requires_grad_(False)
         self.mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                             num_classes=cfg.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
 
