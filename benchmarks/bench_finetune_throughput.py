@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def build(which: str, a: argparse.Namespace) -> torch.nn.Module:
+    """mimkit's ``finetune`` method around its ViT, or timm's ``VisionTransformer`` of the same shape."""
     if which == "mimkit":
         from mimkit.backbones import create_backbone
         from mimkit.methods import create_method
@@ -46,6 +47,7 @@ def build(which: str, a: argparse.Namespace) -> torch.nn.Module:
 
 
 def make_step(which: str, model: torch.nn.Module, precision: str, device: torch.device):
+    """One training step on ``(images, labels)``: the engine's for mimkit, a plain loop for timm."""
     if which == "mimkit":
         from mimkit.data import Batch
         from mimkit.engine.step import train_step
@@ -78,6 +80,7 @@ def make_step(which: str, model: torch.nn.Module, precision: str, device: torch.
 
 
 def time_steps(step, x: torch.Tensor, y: torch.Tensor, steps: int, device: torch.device) -> float:
+    """Images per second over ``steps`` calls of ``step``."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()

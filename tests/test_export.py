@@ -92,12 +92,21 @@ def test_export_refuses_to_overwrite_and_load_refuses_what_is_not_an_export(tmp_
     assert main(["export", str(tmp_path / "ckpt"), "--out", str(out), "--overwrite"]) == 0
     with pytest.raises(ConfigError):
         export_checkpoint(tmp_path / "ckpt", out)
+    with pytest.raises(ConfigError, match="holds the checkpoint being exported"):
+        export_checkpoint(tmp_path / "ckpt", tmp_path, overwrite=True)
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file(), "the source survives"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file; give a folder"):
+        export_checkpoint(tmp_path / "ckpt", tmp_path / "file", overwrite=True)
     with pytest.raises(CheckpointError, match="not a mimkit export"):
         mimkit.load_encoder(tmp_path / "ckpt")
     (out / ENCODER_WEIGHTS).write_bytes(before[:100])
     with pytest.raises(CheckpointError, match="cannot read weights"):
         mimkit.load_encoder(out)
     meta = json.loads((out / "encoder.json").read_text())
+    (out / "encoder.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "input"}))
+    with pytest.raises(CheckpointError, match="no input entry"):
+        mimkit.load_encoder(out)
     meta["backbone"]["embed_dim"] = 64
     (out / "encoder.json").write_text(json.dumps(meta))
     (out / ENCODER_WEIGHTS).write_bytes(before)

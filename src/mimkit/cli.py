@@ -227,15 +227,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from mimkit.engine import pretrain
-    from mimkit.evaluation.finetune import finetune_config, finished_checkpoint, test_accuracy, write_finetune_result
+    from mimkit.evaluation.finetune import finetune_config, run_finetune
     from mimkit.viz import save_loss_curve
 
     cfg = finetune_config(args.run, args.config, args.overrides, args.scratch, args.arch)
-    run_dir = pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
-    ckpt = finished_checkpoint(cfg)
-    result = test_accuracy(cfg, ckpt, cfg.train.device, cfg.train.precision)
-    path = write_finetune_result(cfg, ckpt, result)
+    result, path, run_dir = run_finetune(cfg, args.resume, args.overwrite)
     curve = save_loss_curve(run_dir)
     ema = f", weight average {result['top1_ema']:.2f}%" if "top1_ema" in result else ""
     print(f"finetune [{'scratch' if args.scratch else Path(cfg.run_dir).parent.name}] {cfg.data.name}: "
@@ -338,18 +334,14 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def _cmd_resources(args: argparse.Namespace) -> int:
-    import json
-
+    from mimkit.engine.run_folder import write_json
     from mimkit.evaluation.resources import measure_configs, resources_table
 
     rows = measure_configs(args.configs, args.img_size, args.batch, args.steps, args.precision, args.overrides,
                            args.threads)
     print(resources_table(rows))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"rows -> {out}")
+        print(f"rows -> {write_json(Path(args.out), rows)}")
     return 0
 
 

@@ -58,7 +58,8 @@ def timm_vit_weights(encoder: VisionTransformer, img_size: int) -> tuple[dict[st
 
     """
     gh, gw = encoder.grid_size(img_size, img_size)
-    state = {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}
+    # timm's model is created without a head (num_classes=0): the features are what is released.
+    state = {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items() if not k.startswith("head.")}
     pos = sincos_2d(gh, gw, encoder.embed_dim, torch.device("cpu")).reshape(1, gh * gw, encoder.embed_dim)
     pos = torch.cat([torch.zeros(1, 1, encoder.embed_dim), pos], dim=1)
     state["pos_embed"] = pos.to(state["cls_token"].dtype).contiguous()
@@ -92,11 +93,15 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
     """
     from mimkit.config import load_config
     from mimkit.data import build_dataset, normalizer_for
-    from mimkit.models import method_from_config
+    from mimkit.models import backbone_settings, method_from_config
 
     ckpt = resolve_checkpoint(run)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the export")
+    if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
+        raise ConfigError(f"--out {out} holds the checkpoint being exported ({ckpt}); choose a folder outside it")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"export folder {out} already holds files; pass --overwrite to replace them, "
                           "or choose another --out")
     cfg_path = run_config_for(ckpt)
@@ -106,13 +111,12 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
     encoder = method.eval_module.eval()
     train = build_dataset(cfg.data, "train")
     mean, std = normalizer_for(train, cfg.data.channels).stats()
-    settings = {k: v for k, v in cfg.backbone.items() if k != "name"}
-    settings.update(img_size=cfg.data.img_size, in_chans=cfg.data.channels)
+    settings = backbone_settings(cfg)
     settings.pop("drop_path_rate", None)  # a training-time setting; an exported encoder is for inference
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION,
         "backbone": {"name": cfg.backbone["name"], **settings}, "num_features": int(encoder.num_features),
-        "input": {"img_size": cfg.data.img_size, "channels": cfg.data.channels, "mean": mean, "std": std,
+        "input": {"img_size": settings["img_size"], "channels": settings["in_chans"], "mean": mean, "std": std,
                   "range": "pixels in [0, 1], then (x - mean) / std per channel"},
         "source": {"checkpoint": str(ckpt.resolve()), "method": cfg.method["name"],
                    "module": method.eval_module_name, "dataset": cfg.data.name},
@@ -135,9 +139,13 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
             {"architecture": "vit_base_patch16_224", "model_args": args, "pretrained_cfg_overlay": overlay,
              "usage": "timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay={**overlay, "
                       "'file': '<this folder>/model.safetensors'}, **model_args)"}, indent=2) + "\n")
+    # The old export is moved aside, not deleted, until the new one is in place.
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
+        out.replace(old)
     tmp.replace(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -172,6 +180,10 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r}; "
                               f"this mimkit reads {FORMAT!r} up to version {FORMAT_VERSION}")
+    missing = [k for k in ("backbone", "input") if not isinstance(meta.get(k), dict)]
+    if missing or "name" not in meta.get("backbone", {}):
+        raise CheckpointError(f"{meta_file}: no {' or '.join(missing) or 'backbone name'} entry; it is not a "
+                              "complete mimkit export")
     settings = dict(meta["backbone"])
     encoder = create_backbone(settings.pop("name"), **settings)
     weights = folder / ENCODER_WEIGHTS

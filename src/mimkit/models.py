@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from mimkit.backbones import check_backbone_cfg, check_backbone_input, create_backbone
@@ -22,12 +24,17 @@ def check_model_config(cfg: PretrainConfig) -> None:
     check_backbone_input(cfg.backbone, cfg.data.img_size)
 
 
-def encoder_from_config(cfg: PretrainConfig) -> nn.Module:
-    """The backbone of ``cfg``; image size and channels default to the data section's."""
+def backbone_settings(cfg: PretrainConfig) -> dict[str, Any]:
+    """The settings ``cfg``'s backbone is built with: ``backbone:``, image size and channels from ``data:``."""
     settings = {k: v for k, v in cfg.backbone.items() if k != "name"}
     settings.setdefault("img_size", cfg.data.img_size)
     settings.setdefault("in_chans", cfg.data.channels)
-    return create_backbone(cfg.backbone["name"], **settings)
+    return settings
+
+
+def encoder_from_config(cfg: PretrainConfig) -> nn.Module:
+    """The backbone of ``cfg``; image size and channels default to the data section's."""
+    return create_backbone(cfg.backbone["name"], **backbone_settings(cfg))
 
 
 def eval_prefix(cfg: PretrainConfig) -> str:

@@ -51,7 +51,8 @@ def test_configs_are_measured_in_their_own_processes_and_refused_up_front(tmp_pa
     table = capsys.readouterr().out
     rows = json.loads(out.read_text())
     assert len(rows) == 1 and rows[0]["threads"] == 1 and rows[0]["batch"] == 2
-    assert f"| {spec} | {rows[0]['encoder_params']:,} |" in table and "process peak RSS" in table
+    assert f"| {spec} | {rows[0]['img_size']} | {rows[0]['encoder_params']:,} |" in table
+    assert "process peak RSS" in table
     with pytest.raises(ConfigError, match="not found"):
         measure_configs([spec, "no_such_config"], batch=2, steps=1)
     with pytest.raises(ConfigError, match="backbone.name 'no_such_backbone' is unknown"):

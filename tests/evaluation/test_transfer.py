@@ -56,8 +56,16 @@ def test_one_checkpoint_on_two_datasets(run, tmp_path, write_image, capsys):
     tuned = sorted(p.name for p in run.glob("finetune-transfer-*"))
     assert len(tuned) == 2 and tuned[0].startswith("finetune-transfer-fashion_mnist")
     # again: the fine-tunings are finished runs, so they are scored, not retrained or refused
+    folder_run = run / tuned[1]
+    steps = [r["step"] for r in map(json.loads, (folder_run / "metrics.jsonl").read_text().splitlines())]
     assert main(["transfer", str(run), "--datasets", specs[1], "--no-progress", "--precision", "fp32",
                  "--finetune", "train.epochs=2", "optim.batch_size=8"]) == 0
+    again = [r["step"] for r in map(json.loads, (folder_run / "metrics.jsonl").read_text().splitlines())]
+    assert again == steps, "a finished run is scored again, not trained again"
+    # other fine-tuning settings are another run, never a continuation of this one
+    assert main(["transfer", str(run), "--datasets", specs[1], "--no-progress", "--precision", "fp32",
+                 "--finetune", "train.epochs=1", "optim.batch_size=8"]) == 0
+    assert len(list(run.glob("finetune-transfer-imagefolder-*"))) == 2
 
 
 def test_transfer_refuses_bad_datasets_before_extracting(run, tmp_path, write_image):

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from mimkit.engine.logging import METRICS_FILE
 from mimkit.errors import ConfigError, RunFolderError
@@ -41,6 +43,16 @@ def run_config_for(ckpt: Path) -> Path:
         if (folder / CONFIG_FILE).is_file():
             return folder / CONFIG_FILE
     raise ConfigError(f"no {CONFIG_FILE} found beside checkpoint {ckpt} or in its run folder")
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON under a temporary name, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def describe_error(err: OSError) -> str:

@@ -9,7 +9,6 @@ the method, optimizer and schedule are replaced. It lives in ``<run>/finetune-<c
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import time
 from dataclasses import asdict
@@ -23,7 +22,7 @@ from mimkit.data import build_dataset, build_loader, check_labelled, normalizer_
 from mimkit.engine.checkpoint import latest_checkpoint, load_weights, resolve_checkpoint
 from mimkit.engine.distributed import resolve_device
 from mimkit.engine.precision import autocast, resolve_precision
-from mimkit.engine.run_folder import run_config_for
+from mimkit.engine.run_folder import run_config_for, write_json
 from mimkit.errors import ConfigError
 from mimkit.models import method_from_config
 
@@ -137,11 +136,7 @@ def write_finetune_result(cfg: PretrainConfig, ckpt: Path, result: dict[str, Any
            "method": cfg.method, "optim": asdict(cfg.optim), "epochs": cfg.train.epochs,
            "budget_minutes": cfg.train.budget_minutes,
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(), "torch": torch.__version__}
-    path = ckpt / RESULT_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(row, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(ckpt / RESULT_FILE, row)
 
 
 def _label(cfg: PretrainConfig) -> str:
@@ -149,6 +144,27 @@ def _label(cfg: PretrainConfig) -> str:
     what = "fine-tune" if part == -1 else f"partial fine-tune (last {part})"
     origin = "scratch" if not cfg.init else Path(cfg.init).name
     return f"{what} {cfg.backbone['name']} from {origin}"
+
+
+def run_finetune(cfg: PretrainConfig, resume: str | None = None,
+                 overwrite: bool = False) -> tuple[dict[str, Any], Path, Path]:
+    """Train a fine-tuning run, score its last checkpoint on the test split and write ``finetune.json``.
+
+    Args:
+        cfg: From :func:`finetune_config`.
+        resume: ``auto`` or a checkpoint, as for ``mimkit pretrain``.
+        overwrite: Replace a fine-tuning run already in ``cfg.run_dir``.
+
+    Returns:
+        ``(result, path of finetune.json, run folder)``.
+
+    """
+    from mimkit.engine import pretrain
+
+    run_dir = pretrain(cfg, resume=resume, overwrite=overwrite)
+    ckpt = finished_checkpoint(cfg)
+    result = test_accuracy(cfg, ckpt, cfg.train.device, cfg.train.precision)
+    return result, write_finetune_result(cfg, ckpt, result), run_dir
 
 
 def finished_checkpoint(cfg: PretrainConfig) -> Path:
@@ -159,5 +175,5 @@ def finished_checkpoint(cfg: PretrainConfig) -> Path:
     return ckpt
 
 
-__all__ = ["RESULT_FILE", "finetune_config", "finetune_config_path", "finished_checkpoint", "test_accuracy",
-           "write_finetune_result"]
+__all__ = ["RESULT_FILE", "finetune_config", "finetune_config_path", "finished_checkpoint", "run_finetune",
+           "test_accuracy", "write_finetune_result"]

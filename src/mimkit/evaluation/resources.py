@@ -25,7 +25,7 @@ from mimkit.errors import ConfigError
 
 #: The columns of :func:`resources_table`, and the keys of a row.
 COLUMNS = (
-    ("config", "config"), ("encoder_params", "encoder params"), ("total_params", "total params"),
+    ("config", "config"), ("img_size", "px"), ("encoder_params", "encoder params"), ("total_params", "total params"),
     ("train_gflop_per_img", "train GFLOP/img"), ("infer_gflop_per_img", "encoder GFLOP/img"),
     ("train_img_per_s", "train img/s"), ("infer_img_per_s", "inference img/s"),
     ("peak_mib", "peak MiB"),
@@ -105,19 +105,23 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
         "encoder_params": sum(p.numel() for p in encoder.parameters()),
         "total_params": sum(p.numel() for p in method.parameters()),
     }
-    # FlopCounterMode has no formula for the CPU flash-attention kernel and would count its
-    # attention as free; under the math kernel attention is matmuls, which it counts.
+    # FLOPs per image do not depend on the batch: counted on two images, on the CPU. FlopCounterMode
+    # has no formula for the CPU flash-attention kernel and would count its attention as free;
+    # under the math kernel attention is matmuls, which it counts.
+    few = Batch(images[:2], labels[:2])
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        method(data).loss.backward()
-    row["train_gflop_per_img"] = fc.get_total_flops() / batch / 1e9
+        method(few).loss.backward()
+    row["train_gflop_per_img"] = fc.get_total_flops() / few.size / 1e9
     method.zero_grad(set_to_none=True)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        encoder.eval().forward_features(images)
-    row["infer_gflop_per_img"] = fc.get_total_flops() / batch / 1e9
+        encoder.eval().forward_features(few.images)
+    row["infer_gflop_per_img"] = fc.get_total_flops() / few.size / 1e9
     method.to(device).train()
     optimizer = build_optimizer(method, cfg.optim, 1e-4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_peak_rss()  # the peak of the training and inference steps, not of building or counting
 
     def timed(fn) -> float:
         times = []
@@ -150,6 +154,14 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
         row["peak_mib"] = round(peak) if peak == peak else peak
         row["peak_kind"] = "process peak RSS"
     return row
+
+
+def _reset_peak_rss() -> None:
+    # Linux: writing 5 to clear_refs resets VmHWM to the current resident set.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def peak_rss_mib() -> float:
@@ -215,10 +227,9 @@ def resources_table(rows: list[dict[str, Any]]) -> str:
 
     lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(k, r[k]) for k, _ in COLUMNS) + " |" for r in rows]
-    first = rows[0]
-    lines.append(f"\n{first['img_size']} px, batch {first['batch']}, {first['device']} ({first['cpu']}), "
-                 f"{first['precision']}, {first['threads']} threads, peak = {first['peak_kind']}, "
-                 f"{time.strftime('%Y-%m-%d %H:%M')}")
+    shared = [f"{k} {rows[0][k]}" for k in ("batch", "device", "cpu", "precision", "threads", "peak_kind")
+              if all(r[k] == rows[0][k] for r in rows)]
+    lines.append("\n" + ", ".join([*shared, time.strftime("%Y-%m-%d %H:%M")]))
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from mimkit.config import ConfigError, PretrainConfig, load_config
 from mimkit.engine.checkpoint import load_weights, resolve_checkpoint
 from mimkit.engine.distributed import resolve_device
-from mimkit.engine.run_folder import run_config_for
+from mimkit.engine.run_folder import run_config_for, write_json
 from mimkit.engine.trainer import seed_everything
 from mimkit.evaluation.features import dataset_features
 from mimkit.evaluation.knn import knn_accuracy
@@ -156,11 +156,7 @@ def write_result(subject: Subject, kind: str, result: dict[str, Any]) -> Path:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(),
         "torch": torch.__version__,
     }
-    path = subject.out_dir / f"{kind}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(row, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(subject.out_dir / f"{kind}.json", row)
 
 
 def run_knn(subject: Subject, ks: tuple[int, ...], temperature: float, feats: dict[str, Any]) -> dict[str, Any]:

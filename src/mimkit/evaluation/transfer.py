@@ -23,8 +23,17 @@ from mimkit.data import build_dataset, check_labelled
 from mimkit.engine.checkpoint import resolve_checkpoint
 from mimkit.engine.distributed import resolve_device
 from mimkit.engine.precision import resolve_precision
+from mimkit.engine.run_folder import CONFIG_FILE, run_config_for, write_json
 from mimkit.errors import ConfigError
-from mimkit.evaluation.runner import features_for, resolve_subject, result_name, run_knn, run_linprobe, write_result
+from mimkit.evaluation.runner import (
+    PROTOCOL,
+    features_for,
+    resolve_subject,
+    result_name,
+    run_knn,
+    run_linprobe,
+    write_result,
+)
 
 DATA_KEYS = tuple(DataConfig.__dataclass_fields__)
 
@@ -78,9 +87,8 @@ def dataset_overrides(spec: str, run_channels: int, extra: list[str]) -> list[st
     return [f"data.{k}={v}" for k, v in merged.items()]
 
 
-def _slug(spec: str) -> str:
-    name = parse_dataset(spec)["name"]
-    return f"{name}-{hashlib.sha1(spec.encode()).hexdigest()[:6]}"
+def _digest(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetune: bool = False,
@@ -112,7 +120,6 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
 
     """
     from mimkit.config import load_config
-    from mimkit.engine.run_folder import run_config_for
 
     ckpt = resolve_checkpoint(run)
     channels = load_config(run_config_for(ckpt)).data.channels
@@ -133,10 +140,13 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
     for (spec, subject), (_, overrides) in zip(subjects, plans, strict=True):
         feats = features_for(subject, device, precision, batch_size, progress, train_fraction)
         settings = {"train_fraction": train_fraction, "precision": prec, "k": tuple(ks)}
-        knn = run_knn(subject, tuple(ks), 0.07, feats) | settings
+        # The protocol of `mimkit knn` and `mimkit linprobe` at their defaults (runner.PROTOCOL), so the
+        # results are named as theirs would be.
+        knn = run_knn(subject, tuple(ks), PROTOCOL["temperature"][0], feats) | settings
         write_result(subject, result_name(subject, "knn", settings), knn)
         lin_settings = {k: v for k, v in settings.items() if k != "k"}
-        lin = run_linprobe(feats, 100, 0.1, 1024, 0) | lin_settings
+        lin = run_linprobe(feats, *(PROTOCOL[k][0] for k in ("epochs", "lr", "probe_batch_size", "seed")))
+        lin |= lin_settings
         write_result(subject, result_name(subject, "linprobe", lin_settings), lin)
         d = subject.cfg.data
         row = {"dataset": spec, "name": d.name, "img_size": d.img_size, "channels": d.channels,
@@ -144,34 +154,29 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
                "classes": int(feats["num_classes"]), **{f"knn_k{k}": knn[f"top1_k{k}"] for k in ks},
                "linprobe": lin["top1"]}
         if finetune:
-            row["finetune"] = _finetune(ckpt, spec, overrides, finetune_config_name, finetune_overrides or [])
+            row |= _finetune(ckpt, spec, overrides, finetune_config_name, finetune_overrides or [])
         rows.append(row)
     summary = {"checkpoint": str(ckpt.resolve()), "datasets": specs, "extra": extra or [], "finetune": finetune,
                "train_fraction": train_fraction, "precision": prec, "rows": rows,
                "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    key = json.dumps([specs, extra or [], finetune, finetune_config_name, finetune_overrides or [], list(ks),
-                      train_fraction, prec])
-    path = ckpt / f"transfer-{hashlib.sha1(key.encode()).hexdigest()[:8]}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    return rows, path
+    key = _digest(specs, extra or [], finetune, finetune_config_name, finetune_overrides or [], list(ks),
+                  train_fraction, prec)
+    return rows, write_json(ckpt / f"transfer-{key[:8]}.json", summary)
 
 
-def _finetune(ckpt: Path, spec: str, data_overrides: list[str], config: str, overrides: list[str]) -> float:
-    """Fine-tune on one dataset (resuming a run already there) and return its test top-1."""
-    from mimkit.engine import pretrain
-    from mimkit.engine.run_folder import run_config_for
-    from mimkit.evaluation.finetune import finetune_config, finished_checkpoint, test_accuracy, write_finetune_result
+def _finetune(ckpt: Path, spec: str, data_overrides: list[str], config: str, overrides: list[str]) -> dict:
+    """Fine-tune on one dataset and score it; a run with the very same settings is resumed, not repeated.
 
-    target = run_config_for(ckpt).parent / f"finetune-transfer-{_slug(spec)}"
+    The folder is named by everything that shapes the run (the dataset, the shared data settings,
+    the fine-tuning config and its overrides), so other settings never continue this one's run.
+    """
+    from mimkit.evaluation.finetune import finetune_config, run_finetune
+
+    name = parse_dataset(spec)["name"]
+    target = run_config_for(ckpt).parent / f"finetune-transfer-{name}-{_digest(data_overrides, config, overrides)[:8]}"
     cfg = finetune_config(str(ckpt), config, [*data_overrides, *overrides, f"run_dir={target}"])
-    resume = "auto" if (target / "config.yaml").is_file() else None
-    pretrain(cfg, resume=resume)
-    last = finished_checkpoint(cfg)
-    result = test_accuracy(cfg, last, cfg.train.device, cfg.train.precision)
-    write_finetune_result(cfg, last, result)
-    return result["top1"]
+    result, _, _ = run_finetune(cfg, resume="auto" if (target / CONFIG_FILE).is_file() else None)
+    return {"finetune": result["top1"], **({"finetune_ema": result["top1_ema"]} if "top1_ema" in result else {})}
 
 
 def transfer_table(rows: list[dict[str, Any]], ks: tuple[int, int] = (20, 200)) -> str:
