@@ -201,3 +201,18 @@ def test_profile_prints_phases_and_operators(capsys, tiny_run_overrides):
         assert phase in out
     ops = [line for line in out.splitlines() if line.startswith("| aten::") or "Optimizer" in line]
     assert 1 <= len(ops) <= 5 and "img/s" in out.splitlines()[0]
+
+
+def test_eval_settings_come_from_an_eval_config_and_flags_override_it(tmp_path, write_image, capsys):
+    root = _folder(tmp_path / "imgs", write_image)
+    data = [f"run_dir={tmp_path / 'runs'}", "data.name=imagefolder", f"data.root={root}", "data.img_size=8",
+            "data.channels=3"]
+    common = ["--no-progress", "--precision", "fp32", "--baseline", "pixels"]
+    (tmp_path / "few.yaml").write_text("knn:\n  k: [3]\n  temperature: 0.1\nfeatures:\n  batch_size: 4\n")
+    assert main(["knn", *data, *common, "--eval-config", str(tmp_path / "few.yaml")]) == 0
+    assert "k=3: 100.00%" in capsys.readouterr().out
+    (result,) = (tmp_path / "runs" / "baseline-pixels").glob("knn-k3-T0.1-data*.json")
+    assert json.loads(result.read_text())["temperature"] == 0.1
+    assert main(["knn", *data, *common, "--eval-config", str(tmp_path / "few.yaml"), "--k", "2"]) == 0
+    assert "k=2: " in capsys.readouterr().out
+    assert list((tmp_path / "runs" / "baseline-pixels").glob("knn-k2-T0.1-data*.json"))

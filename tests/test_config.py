@@ -277,3 +277,29 @@ def test_yaml_words_stay_words_and_booleans_need_true_or_false(tmp_path):
 def test_non_finite_numbers_refused(override):
     with pytest.raises(ConfigError, match=f"{override.split('=')[0]}: expected a finite number"):
         load_config(None, [override])
+
+
+def test_the_packaged_eval_config_is_the_protocol_results_are_named_against():
+    """A result is named by its settings that differ from runner.PROTOCOL; the packaged config must be it."""
+    from mimkit.config import load_eval_config
+    from mimkit.evaluation.runner import PROTOCOL
+
+    cfg = load_eval_config()
+    assert tuple(cfg.knn.k) == PROTOCOL["k"][0] and cfg.knn.temperature == PROTOCOL["temperature"][0]
+    assert (cfg.linprobe.epochs, cfg.linprobe.lr, cfg.linprobe.batch_size) == tuple(
+        PROTOCOL[k][0] for k in ("epochs", "lr", "probe_batch_size"))
+    assert (cfg.features.train_fraction, cfg.features.blocks) == (PROTOCOL["train_fraction"][0],
+                                                                  PROTOCOL["blocks"][0])
+
+
+def test_eval_config_refuses_unknown_keys_and_ranges(tmp_path):
+    from mimkit.config import load_eval_config
+
+    (tmp_path / "bad.yaml").write_text("knn:\n  neighbours: 5\n")
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) knn.neighbours in knn; valid keys: k, temperature"):
+        load_eval_config(tmp_path / "bad.yaml")
+    (tmp_path / "zero.yaml").write_text("knn:\n  temperature: 0\n")
+    with pytest.raises(ConfigError, match="knn.temperature"):
+        load_eval_config(tmp_path / "zero.yaml")
+    with pytest.raises(ConfigError, match="evaluation config 'nope' not found.*default"):
+        load_eval_config("nope")

@@ -65,14 +65,15 @@ def _eval_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> 
     p.add_argument("--config", help="config for a baseline without a run (path or packaged name)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=512, help="images per feature-extraction pass")
+    p.add_argument("--eval-config", default="default",
+                   help="evaluation protocol: configs/eval/NAME.yaml or a path; the flags below override it")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="images per feature-extraction pass (config: 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-fraction", type=_number(float, 0.0, inclusive=False, what="in (0, 1]", high=1.0),
-                   default=1.0,
                    help="per-class fraction in (0, 1] of the labelled train split to use (kNN bank / probe "
-                   "training set)")
-    p.add_argument("--blocks", type=POSITIVE_INT, default=1,
-                   help="concatenate the pooled outputs of the last N blocks (default 1: the final features)")
+                   "training set; config: 1)")
+    p.add_argument("--blocks", type=POSITIVE_INT,
+                   help="concatenate the pooled outputs of the last N blocks (config: 1, the final features)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -109,13 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
 
     p = _eval_parser(sub, "knn", "Weighted cosine kNN (DINO's protocol) on frozen features.")
-    p.add_argument("--k", type=POSITIVE_INT, nargs="+", default=[20, 200])
-    p.add_argument("--temperature", type=POSITIVE_FLOAT, default=0.07)
+    p.add_argument("--k", type=POSITIVE_INT, nargs="+", help="neighbour counts (config: 20 200)")
+    p.add_argument("--temperature", type=POSITIVE_FLOAT, help="config: 0.07")
 
     p = _eval_parser(sub, "linprobe", "Linear probe (BatchNorm without affine + linear) on frozen cached features.")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=100)
-    p.add_argument("--lr", type=POSITIVE_FLOAT, default=0.1)
-    p.add_argument("--probe-batch-size", type=_number(int, 2, what="at least 2 (BatchNorm)"), default=1024)
+    p.add_argument("--epochs", type=POSITIVE_INT, help="config: 100")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, help="config: 0.1")
+    p.add_argument("--probe-batch-size", type=_number(int, 2, what="at least 2 (BatchNorm)"), help="config: 1024")
 
     p = sub.add_parser("report", help="table of a run's kNN / linear-probe results beside its baselines",
                        description="Print the kNN and linear-probe results of a run and its baselines as a table.")
@@ -156,12 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. fashion_mnist cifar10:img_size=32 imagefolder:root=/data/pets,img_size=64")
     p.add_argument("--finetune", action="store_true", help="also fine-tune on each dataset")
     p.add_argument("--finetune-config", default="fmnist", help="fine-tuning config: name or path")
-    p.add_argument("--k", type=POSITIVE_INT, nargs=2, default=[20, 200], metavar=("K1", "K2"))
+    p.add_argument("--eval-config", default="default", help="evaluation protocol: configs/eval/NAME.yaml or a path")
+    p.add_argument("--k", type=POSITIVE_INT, nargs="+", help="kNN neighbour counts (config: 20 200)")
     p.add_argument("--train-fraction", type=_number(float, 0.0, inclusive=False, what="in (0, 1]", high=1.0),
-                   default=1.0, help="per-class fraction of each train split as kNN bank / probe training set")
+                   help="per-class fraction of each train split as kNN bank / probe training set (config: 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=512)
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="images per feature-extraction pass (config: 512)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("resources", help="parameters, FLOPs, peak memory and images/s of configs",
@@ -239,7 +241,29 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_protocol(args: argparse.Namespace):
+    """The evaluation config named by ``--eval-config``, with every flag given on the command line over it."""
+    from mimkit.config import load_eval_config
+
+    protocol = load_eval_config(args.eval_config)
+    for flag, (section, key) in {"k": ("knn", "k"), "temperature": ("knn", "temperature"),
+                                 "epochs": ("linprobe", "epochs"), "lr": ("linprobe", "lr"),
+                                 "probe_batch_size": ("linprobe", "batch_size"),
+                                 "batch_size": ("features", "batch_size"),
+                                 "train_fraction": ("features", "train_fraction"),
+                                 "blocks": ("features", "blocks")}.items():
+        if not hasattr(args, flag):
+            continue
+        given = getattr(args, flag)
+        if given is None:
+            setattr(args, flag, getattr(getattr(protocol, section), key))
+        else:
+            setattr(getattr(protocol, section), key, given)
+    return protocol
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    _eval_protocol(args)
     from mimkit.evaluation.runner import (
         features_for,
         resolve_subject,
@@ -326,8 +350,10 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
 
     data = [o for o in args.overrides if o.startswith("data.")]
     tuning = [o for o in args.overrides if not o.startswith("data.")]
+    protocol = _eval_protocol(args)
     rows, path = transfer(args.run, args.datasets, data, args.finetune, args.finetune_config, tuning, tuple(args.k),
-                          args.train_fraction, args.device, args.precision, args.batch_size, not args.no_progress)
+                          args.train_fraction, args.device, args.precision, args.batch_size, not args.no_progress,
+                          protocol)
     print(transfer_table(rows, tuple(args.k)))
     print(f"rows -> {path}")
     return 0

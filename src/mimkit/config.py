@@ -133,6 +133,68 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass
+class KnnConfig:
+    """Weighted cosine kNN on frozen features."""
+
+    k: list[int] = field(default_factory=lambda: [20, 200])
+    temperature: float = 0.07
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probe on frozen, BatchNorm-standardised features."""
+
+    epochs: int = 100
+    lr: float = 0.1
+    batch_size: int = 1024
+
+
+@dataclass
+class FeatureConfig:
+    """How frozen features are extracted."""
+
+    batch_size: int = 512
+    train_fraction: float = 1.0
+    """Per-class fraction of the labelled train split used as kNN bank / probe training set."""
+    blocks: int = 1
+    """Concatenate the pooled outputs of the last N blocks."""
+
+
+@dataclass
+class EvalConfig:
+    """The frozen-feature protocol (``configs/eval/*.yaml``); CLI flags override it."""
+
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    linprobe: ProbeConfig = field(default_factory=ProbeConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+
+def load_eval_config(name: str | Path = "default") -> EvalConfig:
+    """An evaluation config: a name under ``configs/eval/`` or a YAML path; checked like any config.
+
+    Raises:
+        ConfigError: Not found (the packaged names listed), an unknown key, or a value out of range.
+
+    """
+    packaged = CONFIG_ROOT / "eval" / f"{name}.yaml"
+    path = packaged if packaged.is_file() else Path(name)
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_ROOT / "eval").glob("*.yaml"))
+        raise ConfigError(f"evaluation config {str(name)!r} not found: not a file, and not a packaged one "
+                          f"({', '.join(known)})")
+    cfg = from_dict(EvalConfig, load_yaml(path))
+    require(len(cfg.knn.k) >= 1 and all(k >= 1 for k in cfg.knn.k), "knn.k", "positive integers", cfg.knn.k)
+    require(cfg.knn.temperature > 0, "knn.temperature", "positive", cfg.knn.temperature)
+    require(cfg.linprobe.epochs >= 1, "linprobe.epochs", ">= 1", cfg.linprobe.epochs)
+    require(cfg.linprobe.lr > 0, "linprobe.lr", "positive", cfg.linprobe.lr)
+    require(cfg.linprobe.batch_size >= 2, "linprobe.batch_size", "at least 2 (BatchNorm)", cfg.linprobe.batch_size)
+    require(cfg.features.batch_size >= 1, "features.batch_size", ">= 1", cfg.features.batch_size)
+    require(0 < cfg.features.train_fraction <= 1, "features.train_fraction", "in (0, 1]", cfg.features.train_fraction)
+    require(cfg.features.blocks >= 1, "features.blocks", ">= 1", cfg.features.blocks)
+    return cfg
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     *parents, leaf = dotted.split(".")

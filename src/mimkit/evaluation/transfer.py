@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mimkit.config import DataConfig
+from mimkit.config import DataConfig, EvalConfig
 from mimkit.data import build_dataset, check_labelled
 from mimkit.engine.checkpoint import resolve_checkpoint
 from mimkit.engine.distributed import resolve_device
@@ -26,7 +26,6 @@ from mimkit.engine.precision import resolve_precision
 from mimkit.engine.run_folder import CONFIG_FILE, run_config_for, write_json
 from mimkit.errors import ConfigError
 from mimkit.evaluation.runner import (
-    PROTOCOL,
     features_for,
     resolve_subject,
     result_name,
@@ -93,8 +92,9 @@ def _digest(*parts: Any) -> str:
 
 def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetune: bool = False,
              finetune_config_name: str = "fmnist", finetune_overrides: list[str] | None = None,
-             ks: tuple[int, int] = (20, 200), train_fraction: float = 1.0, device: str = "auto",
-             precision: str = "auto", batch_size: int = 512, progress: bool = True) -> tuple[list[dict], Path]:
+             ks: tuple[int, ...] = (20, 200), train_fraction: float = 1.0, device: str = "auto",
+             precision: str = "auto", batch_size: int = 512, progress: bool = True,
+             protocol: EvalConfig | None = None) -> tuple[list[dict], Path]:
     """Evaluate a run's encoder on each dataset; the rows and the summary JSON's path.
 
     Args:
@@ -110,6 +110,7 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
         precision: ``auto``, ``bf16``, ``fp32`` for feature extraction.
         batch_size: Images per feature-extraction pass.
         progress: Progress bars.
+        protocol: The kNN temperature and linear-probe settings (``configs/eval/default.yaml`` if None).
 
     Returns:
         ``(rows, path of transfer-<hash>.json beside the checkpoint)``: one row per dataset with its
@@ -119,8 +120,9 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
         ConfigError: A bad spec, or a dataset that cannot be scored, before anything is extracted.
 
     """
-    from mimkit.config import load_config
+    from mimkit.config import load_config, load_eval_config
 
+    protocol = protocol or load_eval_config()
     ckpt = resolve_checkpoint(run)
     channels = load_config(run_config_for(ckpt)).data.channels
     plans = [(spec, dataset_overrides(spec, channels, [e for e in (extra or []) if e.startswith("data.")]))
@@ -140,12 +142,14 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
     for (spec, subject), (_, overrides) in zip(subjects, plans, strict=True):
         feats = features_for(subject, device, precision, batch_size, progress, train_fraction)
         settings = {"train_fraction": train_fraction, "precision": prec, "k": tuple(ks)}
-        # The protocol of `mimkit knn` and `mimkit linprobe` at their defaults (runner.PROTOCOL), so the
-        # results are named as theirs would be.
-        knn = run_knn(subject, tuple(ks), PROTOCOL["temperature"][0], feats) | settings
-        write_result(subject, result_name(subject, "knn", settings), knn)
-        lin_settings = {k: v for k, v in settings.items() if k != "k"}
-        lin = run_linprobe(feats, *(PROTOCOL[k][0] for k in ("epochs", "lr", "probe_batch_size", "seed")))
+        # The protocol `mimkit knn` and `mimkit linprobe` run, so the results are named as theirs would be.
+        knn_settings = settings | {"temperature": protocol.knn.temperature}
+        knn = run_knn(subject, tuple(ks), protocol.knn.temperature, feats) | knn_settings
+        write_result(subject, result_name(subject, "knn", knn_settings), knn)
+        lin_settings = {k: v for k, v in settings.items() if k != "k"} | {
+            "epochs": protocol.linprobe.epochs, "lr": protocol.linprobe.lr,
+            "probe_batch_size": protocol.linprobe.batch_size, "seed": 0}
+        lin = run_linprobe(feats, protocol.linprobe.epochs, protocol.linprobe.lr, protocol.linprobe.batch_size, 0)
         lin |= lin_settings
         write_result(subject, result_name(subject, "linprobe", lin_settings), lin)
         d = subject.cfg.data
@@ -160,7 +164,7 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
                "train_fraction": train_fraction, "precision": prec, "rows": rows,
                "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     key = _digest(specs, extra or [], finetune, finetune_config_name, finetune_overrides or [], list(ks),
-                  train_fraction, prec)
+                  train_fraction, prec, dataclasses.asdict(protocol))
     return rows, write_json(ckpt / f"transfer-{key[:8]}.json", summary)
 
 
@@ -179,7 +183,7 @@ def _finetune(ckpt: Path, spec: str, data_overrides: list[str], config: str, ove
     return {"finetune": result["top1"], **({"finetune_ema": result["top1_ema"]} if "top1_ema" in result else {})}
 
 
-def transfer_table(rows: list[dict[str, Any]], ks: tuple[int, int] = (20, 200)) -> str:
+def transfer_table(rows: list[dict[str, Any]], ks: tuple[int, ...] = (20, 200)) -> str:
     """The rows as one Markdown table."""
     tuned = any("finetune" in r for r in rows)
     head = ["dataset", "size", "channels", "train / test", "classes", *[f"kNN k={k}" for k in ks], "linear probe"]
