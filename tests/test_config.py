@@ -222,8 +222,8 @@ def test_base_config_by_packaged_name(tmp_path):
 
 def test_ablation_configs_differ_from_the_full_method_only_in_their_switches():
     full = load_config(PACKAGED.parent / "cvt_mae_fmnist.yaml")
-    for name, changed in [("no_skip", {"skip": False}), ("no_update_mask", {"update_mask": False}),
-                          ("no_skip_no_update_mask", {"skip": False, "update_mask": False})]:
+    for name, changed in [("no_skip", {"skip": False}), ("no_update_mask", {"update_mask": "mask_only"}),
+                          ("no_skip_no_update_mask", {"skip": False, "update_mask": "mask_only"})]:
         cell = load_config(PACKAGED.parent / f"cvt_mae_fmnist_{name}.yaml")
         assert cell.method == {**full.method, **changed}
         assert (cell.data, cell.optim, cell.train, cell.backbone) == (full.data, full.optim, full.train, full.backbone)

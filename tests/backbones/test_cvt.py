@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mimkit.backbones import ConvVisionTransformer, create_backbone
+from mimkit.backbones.cvt import UPDATE_MASKS
 from mimkit.backbones.layers.conv_attention import ConvProjection
 from mimkit.backbones.layers.cpu_kernels import bf16_on_cpu
 from mimkit.backbones.layers.partial_conv import ConvEmbed, update_ratio, window_count
@@ -58,12 +59,14 @@ def test_update_ratio_rescales_by_the_visible_share_of_image_pixels():
     assert ratio[0, 0, 1, 1] == pytest.approx(9 / 8) and ratio[0, 0, 2, 2] == 1.0
 
 
+@pytest.mark.parametrize("update_mask", UPDATE_MASKS)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_all_visible_mask_equals_plain_path_exactly(tiny_cvt, precision):
+def test_all_visible_mask_equals_plain_path_exactly(tiny_cvt, precision, update_mask):
+    """Nothing masked, nothing changed, border tokens included (zero padding is not a hole)."""
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         plain = tiny_cvt.forward_stages(x)
-        masked = tiny_cvt.forward_stages(x, torch.ones(3, 1, 28, 28), update_mask=True)
+        masked = tiny_cvt.forward_stages(x, torch.ones(3, 1, 28, 28), update_mask=update_mask)
     for a, b in zip(plain, masked, strict=True):
         assert torch.equal(a, b)
 
@@ -74,8 +77,8 @@ def test_update_mask_rescales_partial_windows_and_propagates():
     x = torch.randn(2, 1, 8, 8)
     visible = torch.ones(2, 1, 8, 8)
     visible[:, :, :4, :4] = 0
-    y_upd, nxt = emb(x, visible, update_mask=True)
-    y_raw, nxt_raw = emb(x, visible, update_mask=False)
+    y_upd, nxt = emb(x, visible, reweight="pre_norm")
+    y_raw, nxt_raw = emb(x, visible, reweight="mask_only")
     assert torch.equal(nxt, nxt_raw)
     expected = torch.ones(2, 1, 4, 4)
     expected[..., :2, :2] = 0  # windows whose image pixels all lie in rows/cols 0..3
@@ -84,6 +87,39 @@ def test_update_mask_rescales_partial_windows_and_propagates():
     assert not torch.allclose(y_upd, y_raw)
     # windows wholly in the visible region are untouched by the update mask
     torch.testing.assert_close(y_upd[..., 3, 3], y_raw[..., 3, 3])
+
+
+def test_post_norm_scales_the_normalised_tokens_and_pre_norm_only_the_bias():
+    """The two orders of the re-weighting: after LayerNorm a token's size carries its visible
+    fraction; before it, LayerNorm removes the scale and leaves the bias divided by r."""
+    torch.manual_seed(0)
+    emb = ConvEmbed(1, 8, kernel=3, stride=2, padding=1)
+    x, visible = torch.randn(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    visible[:, :, :4, :4] = 0
+    ratio, _ = update_ratio(visible, 3, 2, 1)
+    plain, _ = emb(x, visible, reweight="mask_only")
+    post, _ = emb(x, visible, reweight="post_norm")
+    assert torch.equal(post, plain * ratio)
+    assert post[..., 0, 0].abs().max() == 0, "a fully hidden window is zero"
+    pre, _ = emb(x, visible, reweight="pre_norm")
+    z = torch.nn.functional.conv2d(x * visible, emb.proj.weight, None, 2, 1)
+    part = ratio > 0
+    bias_only = emb.norm((z + emb.proj.bias.view(1, -1, 1, 1) / ratio.clamp(min=1e-6)).permute(0, 2, 3, 1))
+    torch.testing.assert_close(pre.permute(0, 2, 3, 1)[part[:, 0]], bias_only[part[:, 0]], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="reweight must be one of"):
+        emb(x, visible, reweight="after")
+
+
+def test_no_update_mask_is_a_plain_cvt_on_the_masked_image(tiny_cvt):
+    x = torch.randn(2, 1, 28, 28)
+    visible = 1 - pixel_block_mask(2, 28, 28, 4, 0.5)
+    with torch.no_grad():
+        control = tiny_cvt.forward_stages(x, visible, update_mask="none")
+        plain = tiny_cvt.forward_stages(x * visible)
+        propagated = tiny_cvt.forward_stages(x, visible, update_mask="mask_only")
+    assert all(torch.equal(a, b) for a, b in zip(control, plain, strict=True))
+    assert torch.equal(control[0], propagated[0]), "the first stage sees the same masked image"
+    assert not torch.allclose(control[1], propagated[1]), "mask_only zeroes every later stage's input; none does not"
 
 
 def test_fully_masked_window_gives_zero_next_mask_and_no_nan():
@@ -95,16 +131,17 @@ def test_fully_masked_window_gives_zero_next_mask_and_no_nan():
     assert torch.isfinite(y).all()
 
 
-def test_fully_masked_windows_under_bf16_autocast_stay_finite(tiny_cvt):
+@pytest.mark.parametrize("update_mask", UPDATE_MASKS)
+def test_fully_masked_windows_under_bf16_autocast_stay_finite(tiny_cvt, update_mask):
     torch.manual_seed(0)
     x = torch.randn(4, 1, 28, 28) * 1e3
     hole = pixel_block_mask(4, 28, 28, 14, 0.75)  # big holes: whole windows masked at every stage
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        maps = tiny_cvt.forward_stages(x, 1.0 - hole)
+        maps = tiny_cvt.forward_stages(x, 1.0 - hole, update_mask)
     assert all(torch.isfinite(m.float()).all() for m in maps)
     all_masked = torch.zeros(4, 1, 28, 28)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        maps = tiny_cvt.forward_stages(x, all_masked)
+        maps = tiny_cvt.forward_stages(x, all_masked, update_mask)
     assert all(torch.isfinite(m.float()).all() for m in maps)
 
 

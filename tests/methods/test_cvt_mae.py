@@ -55,10 +55,13 @@ def test_reconstruct_undoes_block_normalisation():
     assert std.min() > 0 and mask.shape == (2, 1, 28, 28)
 
 
-@pytest.mark.parametrize("flag", ["skip", "update_mask"])
-def test_switches_change_the_model(flag):
+@pytest.mark.parametrize("flag, on, off", [
+    ("skip", True, False), ("update_mask", True, False), ("update_mask", "post_norm", "pre_norm"),
+    ("update_mask", "none", "mask_only"), ("update_mask", "post_norm", "none"),
+])
+def test_switches_change_the_model(flag, on, off):
     x = torch.randn(2, 1, 28, 28)
-    model_on, model_off = _cvt_mae(**{flag: True}), _cvt_mae(**{flag: False})
+    model_on, model_off = _cvt_mae(**{flag: on}), _cvt_mae(**{flag: off})
     torch.manual_seed(1)
     on = model_on(x)
     torch.manual_seed(1)
@@ -73,6 +76,7 @@ def test_switches_change_the_model(flag):
     ({"loss": "l2"}, "method.loss"),
     ({"norm_pix_loss": True}, "norm_pix_loss"),
     ({"mask_size": 0}, "mask_size"),
+    ({"update_mask": "after_norm"}, "method.update_mask must be one of none, pre_norm, post_norm, mask_only"),
 ])
 def test_bad_settings_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -88,3 +92,8 @@ def test_vit_encoder_is_refused_with_the_valid_backbones():
 def test_mask_size_must_divide_the_image():
     with pytest.raises(ValueError, match="mask block size 8"):
         _cvt_mae(mask_size=8)(torch.randn(1, 1, 28, 28))
+
+
+def test_older_configs_true_and_false_keep_their_meaning():
+    assert check_method_cfg({"name": "cvt_mae", "update_mask": True}).update_mask == "pre_norm"
+    assert check_method_cfg({"name": "cvt_mae", "update_mask": False}).update_mask == "mask_only"

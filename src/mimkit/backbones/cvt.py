@@ -14,9 +14,14 @@ from torch import nn
 
 from mimkit.backbones.layers.conv_attention import ConvBlock
 from mimkit.backbones.layers.norm import layer_norm
-from mimkit.backbones.layers.partial_conv import ConvEmbed
+from mimkit.backbones.layers.partial_conv import REWEIGHTS, ConvEmbed
 from mimkit.errors import ConfigError
 from mimkit.schema import check_heads, check_positive
+
+#: How a masked image goes through the CvT: ``none`` (a plain CvT on the masked image) or the mask
+#: propagated through every stage with the re-weighting of ``ConvEmbed`` (``pre_norm``, ``post_norm``,
+#: ``mask_only``).
+UPDATE_MASKS = ("none", *REWEIGHTS)
 
 
 class CvTStage(nn.Module):
@@ -31,10 +36,10 @@ class CvTStage(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: bool = True
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, reweight: str = "pre_norm"
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Map ``[N, C, H, W]`` (and mask ``[N, 1, H, W]``) to ``[N, D, H', W']`` (and its mask)."""
-        x, visible = self.embed(x, visible, update_mask)
+        x, visible = self.embed(x, visible, reweight)
         n, d, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # [N, H'W', D]
         for block in self.blocks:
@@ -47,8 +52,8 @@ class ConvVisionTransformer(nn.Module):
 
     ``forward_features`` returns the normalised last-stage tokens, ``forward_head`` their mean;
     ``forward_stages`` returns every stage's map for a U-Net decoder. A ``visible`` pixel mask
-    (1 = visible) zeroes the masked pixels and, with ``update_mask``, re-weights every stage's
-    convolutional embedding like a partial convolution.
+    (1 = visible) zeroes the masked pixels and, as ``update_mask`` says, re-weights every stage's
+    convolutional embedding like a partial convolution (:data:`UPDATE_MASKS`).
 
     Example:
         >>> cvt = ConvVisionTransformer(in_chans=1, dims=(16, 32, 64), num_heads=(1, 2, 2),
@@ -139,29 +144,37 @@ class ConvVisionTransformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward_stages(
-        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: bool = True
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: str = "pre_norm"
     ) -> list[torch.Tensor]:
         """Every stage's output map.
 
         Args:
             x: Images ``[N, C, H, W]``.
             visible: Optional pixel mask ``[N, 1, H, W]``, 1 = visible (float, any dtype).
-            update_mask: Re-weight the convolutional embeddings by the visible count (partial conv).
+            update_mask: One of :data:`UPDATE_MASKS`: ``none`` encodes ``x * visible`` as a plain
+                CvT (no mask propagation, no per-stage zeroing, the ablation's control);
+                ``pre_norm``, ``post_norm`` or ``mask_only`` propagate the mask through every
+                stage's embedding and re-weight there as
+                :class:`~mimkit.backbones.layers.partial_conv.ConvEmbed` describes.
 
         Returns:
             ``[N, D_i, H_i, W_i]`` for each stage ``i``; the last one passed through the final norm, so
             the decoder and the evaluation see the same features.
 
         """
+        if update_mask not in UPDATE_MASKS:
+            raise ConfigError(f"update_mask must be one of {', '.join(UPDATE_MASKS)}, got {update_mask!r}")
+        if update_mask == "none" and visible is not None:
+            x, visible = x * visible.to(x.dtype), None
         maps = []
         for stage in self.stages:
-            x, visible = stage(x, visible, update_mask)
+            x, visible = stage(x, visible, update_mask if visible is not None else "pre_norm")
             maps.append(x)
         maps[-1] = self.norm(maps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return maps
 
     def forward_features(
-        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: bool = True
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: str = "pre_norm"
     ) -> torch.Tensor:
         """Normalised last-stage tokens ``[N, H_last * W_last, D]`` of images ``[N, C, H, W]``."""
         return self.forward_stages(x, visible, update_mask)[-1].flatten(2).transpose(1, 2)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mimkit.backbones.cvt import UPDATE_MASKS
 from mimkit.data.batch import Batch
 from mimkit.errors import ConfigError
 from mimkit.masking import pixel_block_mask
@@ -45,7 +46,9 @@ class CvTMAE(PretrainMethod):
         mask_size: int = 4
         mask_mode: str = "random"
         skip: bool = True
-        update_mask: bool = True
+        update_mask: str | bool = "pre_norm"
+        """none | pre_norm | post_norm | mask_only (see ``backbones.cvt.UPDATE_MASKS``); true and
+        false, as older configs wrote it, mean pre_norm and mask_only."""
         decoder_depth: int = 2
         decoder_head_dim: int = 32
         loss: str = "inpainting"
@@ -54,6 +57,11 @@ class CvTMAE(PretrainMethod):
         norm_pix_loss: bool = False
 
         def __post_init__(self) -> None:
+            if isinstance(self.update_mask, bool):
+                self.update_mask = "pre_norm" if self.update_mask else "mask_only"
+            if self.update_mask not in UPDATE_MASKS:
+                raise ConfigError(f"method.update_mask must be one of {', '.join(UPDATE_MASKS)} (or true / false "
+                                  f"for pre_norm / mask_only), got {self.update_mask!r}")
             if not 0.0 < self.mask_ratio < 1.0:
                 raise ConfigError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
             if self.mask_size < 1:

@@ -56,12 +56,25 @@ def update_ratio(visible: torch.Tensor, kernel: int, stride: int, padding: int) 
     return inside / cnt.clamp(min=1.0) * next_visible, next_visible
 
 
+#: Where an embedding applies the update mask's re-weighting ``r`` (see :class:`ConvEmbed`).
+REWEIGHTS = ("pre_norm", "post_norm", "mask_only")
+
+
 class ConvEmbed(nn.Module):
     """Conv2d + LayerNorm over channels; with a mask, a partial convolution that re-weights windows.
 
-    With ``visible`` given: ``y = conv(x * M) * (n / max(cnt, 1)) * [cnt > 0] + bias``, where ``cnt``
-    counts the visible and ``n`` all image pixels in the window (see :func:`update_ratio`), and the
-    next mask is ``[cnt > 0]``. Without a mask it is a plain conv.
+    With ``visible`` given, the input is zeroed where masked, the next mask is ``[cnt > 0]`` and the
+    re-weighting ``r = n / max(cnt, 1) * [cnt > 0]`` (``cnt`` the visible and ``n`` all image pixels
+    in the window, see :func:`update_ratio`) is applied as ``reweight`` says:
+
+    - ``pre_norm``: ``LN(conv(x * M) * r + b)``, the plain partial-convolution order. LayerNorm over
+      channels removes a per-token scale, ``LN(r z + b) = LN(z + b / r)``, so this only scales the
+      bias by the visible fraction.
+    - ``post_norm``: ``LN(conv(x * M) + b) * r``, the hybrid CvT-MAE source code's order: a token's
+      magnitude carries how much of its window was visible, and fully hidden windows are zero.
+    - ``mask_only``: ``LN(conv(x * M) + b)``, the mask propagated and the input zeroed, no re-weighting.
+
+    Without a mask it is a plain conv + LayerNorm, whatever ``reweight`` says.
 
     Example:
         >>> emb = ConvEmbed(3, 32, kernel=3, stride=2, padding=1)
@@ -88,28 +101,31 @@ class ConvEmbed(nn.Module):
         self.norm = layer_norm(dim)
 
     def forward(
-        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: bool = True
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, reweight: str = "pre_norm"
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embed ``x [N, C, H, W]`` under an optional mask ``visible [N, 1, H, W]`` (1 = visible).
 
         Args:
             x: Input map.
             visible: Optional mask; masked pixels of ``x`` are zeroed before the convolution.
-            update_mask: Re-weight partially visible windows (the update mask). When False the
-                masked input is convolved as is; the next mask is returned either way.
+            reweight: ``pre_norm``, ``post_norm`` or ``mask_only`` (see the class docstring).
 
         Returns:
             ``(tokens as a map [N, D, H', W'], next visible mask [N, 1, H', W'] float32 or None)``.
 
         """
+        if reweight not in REWEIGHTS:
+            raise ValueError(f"reweight must be one of {', '.join(REWEIGHTS)}, got {reweight!r}")
+        ratio = next_visible = None
         if visible is not None:
             x = x * visible.to(x.dtype)
-        # The bias is added after the re-weighting, so it is kept out of the convolution.
-        y = F.conv2d(x, self.proj.weight, None, self.stride, self.padding)
-        next_visible = None
-        if visible is not None:
             ratio, next_visible = update_ratio(visible, self.kernel, self.stride, self.padding)
-            if update_mask:
-                y = (y.float() * ratio).to(y.dtype)
+        # The bias is added after a pre-norm re-weighting, so it is kept out of the convolution.
+        y = F.conv2d(x, self.proj.weight, None, self.stride, self.padding)
+        if ratio is not None and reweight == "pre_norm":
+            y = (y.float() * ratio).to(y.dtype)
         y = y + self.proj.bias.view(1, -1, 1, 1).to(y.dtype)
-        return self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), next_visible
+        y = self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if ratio is not None and reweight == "post_norm":
+            y = (y.float() * ratio).to(y.dtype)
+        return y, next_visible
