@@ -7,6 +7,7 @@ file is skipped, warned about and counted (``ImageSet.skipped``), never a crash 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
 import math
@@ -66,6 +67,16 @@ class ImageSet:
     def labelled(self) -> bool:
         """Whether every sample has a class label."""
         return bool(self.classes) and bool((self.labels >= 0).all())
+
+    def take(self, keep: torch.Tensor) -> ImageSet:
+        """The samples at indices ``keep`` ``[K]`` (labels, images or files alike), as a new set."""
+        return dataclasses.replace(self, labels=self.labels[keep],
+                                   images=None if self.images is None else self.images[keep],
+                                   files=None if self.files is None else [self.files[i] for i in keep.tolist()])
+
+    def per_class_fraction(self, fraction: float, seed: int = 0) -> ImageSet:
+        """A deterministic ``fraction`` of each class (:func:`per_class_subset`); the set itself at 1."""
+        return self if fraction >= 1.0 else self.take(per_class_subset(self.labels, fraction, seed))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -379,13 +390,8 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> ImageSet:
             data = ImageSet(cfg.name, torch.as_tensor(labels, dtype=torch.long), classes, files=files)
     if data.images is not None:
         data.images = _match_channels(data.images, cfg.channels)
-    if split == "train" and cfg.subset_fraction < 1.0:
-        keep = per_class_subset(data.labels, cfg.subset_fraction, cfg.subset_seed)
-        data.labels = data.labels[keep]
-        if data.images is not None:
-            data.images = data.images[keep]
-        if data.files is not None:
-            data.files = [data.files[i] for i in keep.tolist()]
+    if split == "train":
+        data = data.per_class_fraction(cfg.subset_fraction, cfg.subset_seed)
     if len(data) == 0:
         raise ConfigError(f"dataset {cfg.name} split {split} is empty (root {cfg.root or 'default'})")
     return data

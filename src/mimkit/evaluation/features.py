@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mimkit.config import DataConfig
-from mimkit.data import Batch, build_dataset, build_loader, check_labelled, normalizer_for, per_class_subset
+from mimkit.data import Batch, build_dataset, build_loader, check_labelled, normalizer_for
 from mimkit.engine.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -135,11 +135,7 @@ def dataset_features(
     test = build_dataset(cfg, "test")
     check_labelled(train, test, "evaluation (kNN, linear probe)")
     norm = normalizer_for(train, cfg.channels)
-    if train_fraction < 1.0:
-        keep = per_class_subset(train.labels, train_fraction, seed=0)
-        train = dataclasses.replace(train, labels=train.labels[keep],
-                                    images=None if train.images is None else train.images[keep],
-                                    files=None if train.files is None else [train.files[i] for i in keep.tolist()])
+    train = train.per_class_fraction(train_fraction)
     out = {}
     for split, data in (("train", train), ("test", test)):
         loader = build_loader(data, cfg, batch_size, train=False, normalize=norm)
