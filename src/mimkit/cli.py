@@ -400,7 +400,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         last = latest_checkpoint(folder / "checkpoints")
         if last is not None and (last / RESULT_FILE).is_file():
             res = json.loads((last / RESULT_FILE).read_text())
-            tuned.append(f"| {res['subject']} ({folder.name}, {last.name}) | - | - | - | {res['top1']:.2f} |")
+            ema = f" (weight average {res['top1_ema']:.2f})" if "top1_ema" in res else ""
+            tuned.append(f"| {res['subject']} ({folder.name}, {last.name}) | - | - | - | {res['top1']:.2f}{ema} |")
     if not rows and not tuned:
         raise ConfigError(f"no knn.json, linprobe.json or finetune.json found for run {run_dir}")
     header = "| encoder | kNN k=20 (%) | kNN k=200 (%) | linear probe (%) |"
