@@ -6,6 +6,8 @@ the frozen-feature protocol of ``mimkit knn`` / ``mimkit linprobe``. Cells whose
 not re-run, so an interrupted experiment continues where it stopped.
 
     ablation     skip x update mask (2 x 2) on the CvT-MAE config ``--cvt-config``
+    placement    skip x update-mask placement (none, pre_norm, post_norm): the ablation with a true control
+    decoder      skip x decoder depth (1, 2 blocks per stage)
     recipe       mask ratio, loss and learning rate of the CvT-MAE config ``--cvt-config``, one at a time
     sensitivity  patch size x mask size, ViT-MAE against CvT-MAE
     small_crop   pre-train on random crops at half resolution, evaluate at full resolution
@@ -66,6 +68,12 @@ def cvt_cells(experiment: str, cvt: str) -> list[Cell]:
     if experiment == "ablation":
         return [Cell(f"cvt skip={s} update_mask={u}", cvt, [f"method.skip={s}", f"method.update_mask={u}"])
                 for s in ("true", "false") for u in ("true", "false")]
+    if experiment == "placement":  # the ablation with a true control: where the update mask acts
+        return [Cell(f"cvt skip={s} update_mask={u}", cvt, [f"method.skip={s}", f"method.update_mask={u}"])
+                for s in ("true", "false") for u in ("none", "pre_norm", "post_norm")]
+    if experiment == "decoder":  # the source's decoder has two blocks per stage, the packaged one
+        return [Cell(f"cvt skip={s} decoder_depth={d}", cvt, [f"method.skip={s}", f"method.decoder_depth={d}"])
+                for s in ("true", "false") for d in (1, 2)]
     # recipe: the config as packaged, then one change at a time
     return [Cell("cvt as packaged", cvt), Cell("cvt mask_ratio=0.75", cvt, ["method.mask_ratio=0.75"]),
             Cell("cvt loss=mae", cvt, ["method.loss=mae"]), Cell("cvt base_lr=2e-3", cvt, ["optim.base_lr=2e-3"])]
@@ -144,7 +152,7 @@ def knn_curve(cell: Cell, out: Path, budget: float, train_fraction: float, point
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("experiment", choices=["ablation", "recipe", *EXPERIMENTS, "resources"])
+    ap.add_argument("experiment", choices=["ablation", "placement", "decoder", "recipe", *EXPERIMENTS, "resources"])
     ap.add_argument("overrides", nargs="*", help="key=value applied to every cell")
     ap.add_argument("--budget-min", type=float, default=8.0, help="pre-training minutes per cell")
     ap.add_argument("--train-fraction", type=float, default=0.2,
@@ -196,7 +204,8 @@ def main() -> None:
         print("\n" + resources_table(measure_configs([args.vit_config, args.cvt_config], batch=64)))
         return
     rows = []
-    all_cells = (cvt_cells(args.experiment, args.cvt_config) if args.experiment in ("ablation", "recipe")
+    all_cells = (cvt_cells(args.experiment, args.cvt_config)
+                 if args.experiment in ("ablation", "placement", "decoder", "recipe")
                  else EXPERIMENTS[args.experiment])
     cells = [c for c in all_cells if args.only in c.name][shard::shards]
     for cell in cells:
