@@ -351,9 +351,8 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     data = [o for o in args.overrides if o.startswith("data.")]
     tuning = [o for o in args.overrides if not o.startswith("data.")]
     protocol = _eval_protocol(args)
-    rows, path = transfer(args.run, args.datasets, data, args.finetune, args.finetune_config, tuning, tuple(args.k),
-                          args.train_fraction, args.device, args.precision, args.batch_size, not args.no_progress,
-                          protocol)
+    rows, path = transfer(args.run, args.datasets, data, args.finetune, args.finetune_config, tuning, args.device,
+                          args.precision, not args.no_progress, protocol)
     print(transfer_table(rows, tuple(args.k)))
     print(f"rows -> {path}")
     return 0

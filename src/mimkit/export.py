@@ -130,10 +130,11 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
     shutil.copyfile(ckpt / MODEL_FILE, tmp / MODEL_FILE)
     shutil.copyfile(cfg_path, tmp / CONFIG_FILE)
     if isinstance(encoder, VisionTransformer):
-        state, args = timm_vit_weights(encoder, cfg.data.img_size)
+        state, args = timm_vit_weights(encoder, settings["img_size"])
         (tmp / "timm").mkdir()
         save_file(state, str(tmp / "timm" / "model.safetensors"))
-        overlay = {"input_size": [cfg.data.channels, cfg.data.img_size, cfg.data.img_size], "num_classes": 0,
+        size = settings["img_size"]
+        overlay = {"input_size": [settings["in_chans"], size, size], "num_classes": 0,
                    "mean": mean, "std": std}
         (tmp / "timm" / "config.json").write_text(json.dumps(
             {"architecture": "vit_base_patch16_224", "model_args": args, "pretrained_cfg_overlay": overlay,

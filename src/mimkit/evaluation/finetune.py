@@ -84,8 +84,10 @@ def finetune_config(run: str | None, config: str = "fmnist", overrides: list[str
 
 def _with_classes(cfg: PretrainConfig) -> PretrainConfig:
     """Check the dataset can be scored and size the head by its classes (or check the given size)."""
-    whole = dataclasses.replace(cfg.data, subset_fraction=1.0)
-    train, test = build_dataset(cfg.data, "train"), build_dataset(whole, "test")
+    # Listed, not decoded (cache=no): the run decodes its data itself.
+    listed = dataclasses.replace(cfg.data, cache="no")
+    train = build_dataset(listed, "train")
+    test = build_dataset(dataclasses.replace(listed, subset_fraction=1.0), "test")
     check_labelled(train, test, "fine-tuning")
     given = int(cfg.method.get("num_classes", 0))
     if given and given != len(train.classes):

@@ -79,7 +79,7 @@ def dataset_overrides(spec: str, run_channels: int, extra: list[str]) -> list[st
         key, _, value = item.partition("=")
         base[key.removeprefix("data.")] = value
     merged = {**base, **settings}
-    if int(merged["channels"]) != run_channels:
+    if merged["channels"].strip() != str(run_channels):
         raise ConfigError(f"dataset {spec!r}: data.channels={merged['channels']} but the encoder takes "
                           f"{run_channels} channel(s); images are converted to the encoder's channels, so leave "
                           "data.channels out")
@@ -92,8 +92,7 @@ def _digest(*parts: Any) -> str:
 
 def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetune: bool = False,
              finetune_config_name: str = "fmnist", finetune_overrides: list[str] | None = None,
-             ks: tuple[int, ...] = (20, 200), train_fraction: float = 1.0, device: str = "auto",
-             precision: str = "auto", batch_size: int = 512, progress: bool = True,
+             device: str = "auto", precision: str = "auto", progress: bool = True,
              protocol: EvalConfig | None = None) -> tuple[list[dict], Path]:
     """Evaluate a run's encoder on each dataset; the rows and the summary JSON's path.
 
@@ -104,13 +103,10 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
         finetune: Also fine-tune the encoder on each dataset (``<run>/finetune-transfer-<dataset>``).
         finetune_config_name: The fine-tuning config (``configs/finetune/<name>.yaml`` or a path).
         finetune_overrides: Non-data settings of the fine-tuning runs (``train.epochs=5``, ...).
-        ks: kNN neighbour counts.
-        train_fraction: Per-class fraction of each train split used as kNN bank / probe training set.
         device: ``auto``, ``cpu``, ``cuda``.
         precision: ``auto``, ``bf16``, ``fp32`` for feature extraction.
-        batch_size: Images per feature-extraction pass.
         progress: Progress bars.
-        protocol: The kNN temperature and linear-probe settings (``configs/eval/default.yaml`` if None).
+        protocol: The kNN, linear-probe and extraction settings (``configs/eval/default.yaml`` if None).
 
     Returns:
         ``(rows, path of transfer-<hash>.json beside the checkpoint)``: one row per dataset with its
@@ -123,25 +119,26 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
     from mimkit.config import load_config, load_eval_config
 
     protocol = protocol or load_eval_config()
-    ckpt = resolve_checkpoint(run)
-    channels = load_config(run_config_for(ckpt)).data.channels
-    plans = [(spec, dataset_overrides(spec, channels, [e for e in (extra or []) if e.startswith("data.")]))
-             for spec in specs]
     not_data = [e for e in (extra or []) if not e.startswith("data.")]
     if not_data:
         raise ConfigError(f"the datasets take data.* settings only, not {', '.join(not_data)}")
     if finetune_overrides and not finetune:
         raise ConfigError(f"{', '.join(finetune_overrides)}: settings other than data.* are fine-tuning settings and "
                           "apply with --finetune only")
+    ks, fraction, blocks = tuple(protocol.knn.k), protocol.features.train_fraction, protocol.features.blocks
+    ckpt = resolve_checkpoint(run)
+    channels = load_config(run_config_for(ckpt)).data.channels
+    plans = [(spec, dataset_overrides(spec, channels, extra or [])) for spec in specs]
     subjects = [(spec, resolve_subject(str(ckpt), None, None, overrides)) for spec, overrides in plans]
     for spec, subject in subjects:  # every dataset found and labelled before the first is extracted
-        whole = dataclasses.replace(subject.cfg.data, subset_fraction=1.0)
-        check_labelled(build_dataset(whole, "train"), build_dataset(whole, "test"), f"transfer to {spec}")
+        # Listed, not decoded (cache=no): the extraction below decodes each dataset once.
+        listed = dataclasses.replace(subject.cfg.data, subset_fraction=1.0, cache="no")
+        check_labelled(build_dataset(listed, "train"), build_dataset(listed, "test"), f"transfer to {spec}")
     prec = resolve_precision(precision, resolve_device(device))
     rows = []
     for (spec, subject), (_, overrides) in zip(subjects, plans, strict=True):
-        feats = features_for(subject, device, precision, batch_size, progress, train_fraction)
-        settings = {"train_fraction": train_fraction, "precision": prec, "k": tuple(ks)}
+        feats = features_for(subject, device, precision, protocol.features.batch_size, progress, fraction, blocks)
+        settings = {"train_fraction": fraction, "blocks": blocks, "precision": prec, "k": ks}
         # The protocol `mimkit knn` and `mimkit linprobe` run, so the results are named as theirs would be.
         knn_settings = settings | {"temperature": protocol.knn.temperature}
         knn = run_knn(subject, tuple(ks), protocol.knn.temperature, feats) | knn_settings
@@ -161,10 +158,10 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
             row |= _finetune(ckpt, spec, overrides, finetune_config_name, finetune_overrides or [])
         rows.append(row)
     summary = {"checkpoint": str(ckpt.resolve()), "datasets": specs, "extra": extra or [], "finetune": finetune,
-               "train_fraction": train_fraction, "precision": prec, "rows": rows,
+               "protocol": dataclasses.asdict(protocol), "precision": prec, "rows": rows,
                "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    key = _digest(specs, extra or [], finetune, finetune_config_name, finetune_overrides or [], list(ks),
-                  train_fraction, prec, dataclasses.asdict(protocol))
+    key = _digest(specs, extra or [], finetune, finetune_config_name, finetune_overrides or [], prec,
+                  dataclasses.asdict(protocol))
     return rows, write_json(ckpt / f"transfer-{key[:8]}.json", summary)
 
 
