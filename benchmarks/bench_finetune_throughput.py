@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from timm.optim import param_groups_layer_decay
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mimkit.evaluation.resources import cpu_flags
+
 
 def build(which: str, a: argparse.Namespace) -> torch.nn.Module:
     """mimkit's ``finetune`` method around its ViT, or timm's ``VisionTransformer`` of the same shape."""
@@ -114,8 +116,7 @@ def main() -> None:
     params = {w: sum(p.numel() for p in m.parameters()) for w, m in models.items()}
     x = torch.randn(args.batch, args.chans, args.img_size, args.img_size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    flags = open("/proc/cpuinfo").read() if device.type == "cpu" else ""
-    host = "avx512_bf16" if "avx512_bf16" in flags else ("avx2" if "avx2" in flags else device.type)
+    host = cpu_flags() if device.type == "cpu" else device.type
     print(f"# {platform.node()} ({host}), torch {torch.__version__}, timm {timm.__version__}, "
           f"{torch.get_num_threads()} threads, device {device}, batch {args.batch}, {args.img_size} px, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
