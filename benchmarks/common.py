@@ -25,8 +25,9 @@ def measure_img_per_s(cfg: PretrainConfig, steps: int = 8) -> float:
     """Training images/s of the configured method: the engine's own step on real batches."""
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    batches = iter(build_loader(build_dataset(cfg.data, "train"), cfg.data, cfg.optim.batch_size, train=True))
     method = method_from_config(cfg).to(device).train()
+    batches = iter(build_loader(build_dataset(cfg.data, "train"), cfg.data, cfg.optim.batch_size, train=True,
+                                views=method.views))
     opt = build_optimizer(method, cfg.optim, 1e-4)
     t0, seen = 0.0, 0
     for i in range(steps + 2):

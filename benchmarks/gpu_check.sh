@@ -37,6 +37,14 @@ echo "MAE ViT-B/16: $(last "$OUT/mae_vitb")"
 $PY -m mimkit pretrain --config cvt_mae_fmnist "run_dir=$OUT/cvt_mae_cvt13" backbone.name=cvt_13 \
     method.mask_size=16 "${GPU[@]}"
 echo "CvT-MAE CvT-13: $(last "$OUT/cvt_mae_cvt13")"
+# DINO and iBOT with ViT-S/16: two 224 px global and six 96 px local crops (DINO's own sizes), 96 steps.
+TS=("method.views=[{count: 2, scale: [0.4, 1.0], jitter: 0.8, grayscale: 0.2}, {size: 96, scale: [0.05, 0.4], count: 6}]"
+    backbone.name=vit_small_patch16 backbone.patch_size=16 method.out_dim=8192 method.hidden_dim=2048
+    method.bottleneck_dim=256 method.freeze_last_layer=0.1)
+$PY -m mimkit pretrain --config dino_fmnist "run_dir=$OUT/dino_vits" "${TS[@]}" "${GPU[@]}" train.epochs=0.1
+echo "DINO ViT-S/16: $(last "$OUT/dino_vits")"
+$PY -m mimkit pretrain --config ibot_fmnist "run_dir=$OUT/ibot_vits" "${TS[@]}" "${GPU[@]}" train.epochs=0.1
+echo "iBOT ViT-S/16: $(last "$OUT/ibot_vits")"
 $PY -m mimkit finetune "$OUT/mae_vitb" "run_dir=$OUT/mae_vitb/finetune-fmnist" "${GPU[@]}" train.epochs=0.2
 echo "fine-tune ViT-B/16: $(last "$OUT/mae_vitb/finetune-fmnist")"
 # The torchrun path: NCCL with one process (the lent machine has one GPU), 60 steps.

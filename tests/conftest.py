@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from mimkit.backbones import BACKBONES, backbones_taking, create_backbone
 from mimkit.config import DataConfig, PretrainConfig, load_config
+from mimkit.data import Batch
 from mimkit.data.datasets import DEBIAN_FASHION_MNIST
+from mimkit.data.views import expand_views
 from mimkit.methods import METHODS, create_method
 
 # The machine is shared and has 2 cores: OpenMP threads spinning against other processes made a
@@ -49,9 +52,14 @@ TINY_RUN_OVERRIDES = [
 
 # Tiny per-family settings; every registered backbone is built from its own preset plus these.
 TINY_FAMILY = {
-    "keep_idx": dict(embed_dim=32, depth=1, num_heads=2),
-    "pixels": dict(dims=(16, 32, 64), num_heads=(1, 2, 2), depths=(1, 1, 1)),
+    "VisionTransformer": dict(embed_dim=32, depth=1, num_heads=2),
+    "ConvVisionTransformer": dict(dims=(16, 32, 64), num_heads=(1, 2, 2), depths=(1, 1, 1)),
 }
+
+
+def family(name: str) -> str:
+    """The class a registered backbone builds (the key of :data:`TINY_FAMILY`)."""
+    return getattr(BACKBONES[name], "func", BACKBONES[name]).__name__
 
 
 def preset(name: str) -> dict:
@@ -70,20 +78,41 @@ def tiny_backbone_kwargs(name: str, in_chans: int = 3) -> tuple[dict, int]:
     """Small settings a builder accepts, and an image size its patch size divides."""
     patch = preset(name).get("patch_size", 16)
     img = 2 * patch if patch >= 8 else 4 * patch
-    kind = getattr(BACKBONES[name], "func", BACKBONES[name]).mask_input
-    wanted = {**TINY_FAMILY[kind], "img_size": img, "in_chans": in_chans}
+    wanted = {**TINY_FAMILY[family(name)], "img_size": img, "in_chans": in_chans}
     return {k: v for k, v in wanted.items() if k in _accepted(name)}, img
 
 
-def tiny_method_cfg(name: str) -> dict:
-    """``method:`` settings that make method ``name`` small (a one-block decoder, three classes)."""
+def tiny_method_cfg(name: str, img_size: int | None = None) -> dict:
+    """``method:`` settings that make method ``name`` small (a one-block decoder, three classes, small heads).
+
+    With ``img_size``, a method that declares views of their own size (DINO's local crops) gets
+    them at half the image, at most two of each kind.
+    """
     fields = {f.name for f in dataclasses.fields(METHODS[name].Config)}
-    small = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "num_classes": 3}
-    return {"name": name, **{k: v for k, v in small.items() if k in fields}}
+    small = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "num_classes": 3,
+             "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
+    cfg = {"name": name, **{k: v for k, v in small.items() if k in fields}}
+    views = METHODS[name].Config().views
+    if img_size is not None and any(v.get("size") for v in views):
+        cfg["views"] = [{**v, "size": img_size // 2 if v.get("size") else 0, "count": min(v.get("count", 1), 2)}
+                        for v in views]
+    return cfg
+
+
+def method_batch(method, images: torch.Tensor, labels: torch.Tensor | None = None) -> Batch:
+    """A batch of ``images`` as ``method`` trains on it: one view, or each of its views resized from
+    ``images`` (shifted by a pixel per view, so that no two are equal)."""
+    specs = expand_views(method.views)
+    if len(specs) == 1:
+        return Batch(images, labels)
+    side = images.shape[-1]
+    views = tuple(F.interpolate(torch.roll(images, i, dims=-1), size=s.resolved_size(side), mode="bilinear",
+                                antialias=True) for i, s in enumerate(specs))
+    return Batch(views[0], labels, views)
 
 
 #: Every registered method with every backbone that can take it.
-METHOD_BACKBONE_PAIRS = [(m, b) for m in sorted(METHODS) for b in backbones_taking(METHODS[m].mask_input)]
+METHOD_BACKBONE_PAIRS = [(m, b) for m in sorted(METHODS) for b in backbones_taking(METHODS[m].mask_kind)]
 
 HAVE_FMNIST = (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file()
 
@@ -172,10 +201,10 @@ def write_image_session() -> Callable[..., Path]:
 
 @pytest.fixture
 def data_cfg() -> Callable[..., DataConfig]:
-    """Factory: a ``DataConfig`` with the given fields (small images, no augmentation by default)."""
+    """Factory: a ``DataConfig`` with the given fields (small images; augmentation is the loader's views)."""
 
     def make(**kw: object) -> DataConfig:
-        base = dict(img_size=8, channels=3, crop_scale=[1.0, 1.0], hflip=False)
+        base = dict(img_size=8, channels=3)
         base.update(kw)
         return DataConfig(**base)
 

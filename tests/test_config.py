@@ -73,12 +73,13 @@ method:
     cfg = load_config(path, ["optim.base_lr=1e-3", "data.crop_scale=[0.5, 1]", "train.compile=true",
                              "method.decoder_dim=64"])
     # YAML over defaults
-    assert cfg.seed == 5 and cfg.data.img_size == 32 and cfg.data.hflip is False
+    assert cfg.seed == 5 and cfg.data.img_size == 32
     assert cfg.optim.batch_size == 64
     assert cfg.method["mask_ratio"] == 0.6
     # overrides over YAML, with YAML scalar typing
     assert cfg.optim.base_lr == pytest.approx(1e-3) and isinstance(cfg.optim.base_lr, float)
-    assert cfg.data.crop_scale == [0.5, 1.0] and all(isinstance(v, float) for v in cfg.data.crop_scale)
+    # data.hflip (YAML) and data.crop_scale (override) are read as the method's single view
+    assert cfg.method["views"] == [{"hflip": 0.0, "scale": [0.5, 1]}]
     assert cfg.train.compile is True
     assert cfg.method["decoder_dim"] == 64
     # untouched defaults survive the merge
@@ -105,7 +106,7 @@ def test_wrong_type_refused(override, message):
 
 @pytest.mark.parametrize("override, bad, some_valid", [
     ("bogus=1", "bogus", ["run_dir", "seed", "data", "optim", "train"]),
-    ("data.bogus=1", "data.bogus", ["img_size", "subset_fraction", "crop_scale"]),
+    ("data.bogus=1", "data.bogus", ["img_size", "subset_fraction", "randaugment_ops"]),
     ("optim.bogus=1", "optim.bogus", ["base_lr", "batch_size", "warmup_epochs"]),
     ("train.bogus=1", "train.bogus", ["epochs", "precision", "max_bad_steps"]),
     ("method.bogus=1", "method.bogus", ["name", "mask_ratio", "decoder_dim", "norm_pix_loss"]),
@@ -157,7 +158,9 @@ def test_bad_precision_refused():
     ("data.channels=2", "data.channels"),
     ("data.subset_fraction=0", "data.subset_fraction"),
     ("data.subset_fraction=1.5", "data.subset_fraction"),
-    ("data.crop_scale=[0.9, 0.5]", "data.crop_scale"),
+    ("data.crop_scale=[0.9, 0.5]", r"method.views\[0\].scale"),
+    ("method.views=[{scale: [0.9, 0.5]}]", r"method.views\[0\].scale"),
+    ("method.views=[{count: 2}]", "trains on 1 view"),
     ("data.cache=maybe", "data.cache"),
     ("data.img_size=0", "data.img_size"),
     ("optim.batch_size=0", "batch_size"),
@@ -267,8 +270,8 @@ def test_yaml_words_stay_words_and_booleans_need_true_or_false(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  cache: no\n  hflip: off\noptim:\n  base_lr: 1e-3\n")
     cfg = load_config(path)
-    assert (cfg.data.cache, cfg.data.hflip, cfg.optim.base_lr) == ("no", False, 1e-3)
-    assert load_config(None, ["data.hflip=yes"]).data.hflip is True
+    assert (cfg.data.cache, cfg.method["views"], cfg.optim.base_lr) == ("no", [{"hflip": 0.0}], 1e-3)
+    assert load_config(None, ["data.hflip=yes"]).method["views"] == [{"hflip": 0.5}]
     with pytest.raises(ConfigError, match="data.hflip: expected bool, got 'maybe'"):
         load_config(None, ["data.hflip=maybe"])
 
@@ -303,3 +306,23 @@ def test_eval_config_refuses_unknown_keys_and_ranges(tmp_path):
         load_eval_config(tmp_path / "zero.yaml")
     with pytest.raises(ConfigError, match="evaluation config 'nope' not found.*default"):
         load_eval_config("nope")
+
+
+def test_data_crop_and_flip_are_read_as_the_single_view(tmp_path):
+    """Run folders from before views hold data.crop_scale / data.hflip: they still load, as views."""
+    path = _write(tmp_path / "old.yaml", """
+data:
+  crop_scale: [0.2, 1.0]
+  hflip: true
+method:
+  name: mae
+""")
+    assert load_config(path).method["views"] == [{"scale": [0.2, 1.0], "hflip": 0.5}]
+    # merged into views the method already declares, key by key
+    cfg = load_config(PACKAGED, ["data.hflip=false"])
+    assert cfg.method["views"] == [{"scale": [0.35, 1.0], "hflip": 0.0}]
+    # a method with several kinds of view has no single crop for them to mean, also by default
+    with pytest.raises(ConfigError, match=r"data.crop_scale: the crop and flip .* are set per view in method.views"):
+        load_config(PACKAGED, ["method.views=[{}, {size: 8}]", "data.crop_scale=[0.5, 1]"])
+    with pytest.raises(ConfigError, match=r"data.hflip: the crop and flip .* are set per view in method.views"):
+        load_config(None, ["method.name=dino", "data.hflip=false"])

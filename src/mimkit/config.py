@@ -9,6 +9,7 @@ each method owns its settings; they are validated against the registries in :fun
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,9 @@ from typing import Any
 import yaml
 
 from mimkit.errors import ConfigError
-from mimkit.schema import from_dict, require, yaml_load
+from mimkit.schema import coerce, from_dict, require, yaml_load
+
+log = logging.getLogger(__name__)
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 
@@ -58,9 +61,6 @@ class DataConfig:
     subset_fraction: float = 1.0
     """Deterministic per-class fraction of the training split (1.0 = all)."""
     subset_seed: int = 0
-    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
-    """RandomResizedCrop area range; [1, 1] disables cropping."""
-    hflip: bool = True
     randaugment_ops: int = 0
     """RandAugment's N, operations per training image (0 = off); fine-tuning recipes use 2."""
     randaugment_magnitude: int = 9
@@ -227,6 +227,47 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+#: ``data`` settings that became settings of a method's view (run folders from before still hold them).
+MOVED_TO_VIEWS = {"crop_scale": "scale", "hflip": "hflip"}
+
+
+def _default_views(method_name: Any) -> list[dict[str, Any]]:
+    """The views a registered method declares by default (one plain view for an unknown name)."""
+    from mimkit.methods import METHODS  # the registry imports the config's leaf modules only
+
+    cls = METHODS.get(method_name) if isinstance(method_name, str) else None
+    return list(getattr(cls.Config(), "views", [{}])) if cls is not None else [{}]
+
+
+def _move_view_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """Read ``data.crop_scale`` / ``data.hflip`` as the crop and flip of the method's single view.
+
+    They were data settings before methods declared their views (``method.views``). A method with
+    several kinds of view has no single crop for them to mean, so there they are refused.
+    """
+    data = tree.get("data")
+    if not isinstance(data, dict) or not set(MOVED_TO_VIEWS) & set(data):
+        return tree
+    data = dict(data)
+    moved = {k: data.pop(k) for k in MOVED_TO_VIEWS if k in data}
+    method = dict(tree.get("method") or {})
+    views = method.get("views", _default_views(method.get("name")))
+    names = ", ".join(f"data.{k}" for k in moved)
+    if not (isinstance(views, list) and len(views) == 1 and isinstance(views[0], dict)
+            and views[0].get("count", 1) == 1):
+        raise ConfigError(f"{names}: the crop and flip of a training image are set per view in method.views "
+                          f"(this method declares {views!r}); set scale / hflip there")
+    view = dict(views[0])
+    if "crop_scale" in moved:
+        view["scale"] = moved["crop_scale"]
+    if "hflip" in moved:
+        view["hflip"] = 0.5 if coerce(moved["hflip"], bool, "data.hflip") else 0.0
+    method["views"] = [view]
+    log.info("%s read as method.views[0] %s (where a view's crop and flip are set now)", names,
+             ", ".join(f"{MOVED_TO_VIEWS[k]}" for k in moved))
+    return {**tree, "data": data, "method": method}
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -296,8 +337,8 @@ def compose_config(layers: list[dict[str, Any]], overrides: list[str] | None = N
             named = layer.get(section)
             if isinstance(named, dict) and "name" in named and named["name"] != tree[section].get("name"):
                 tree[section] = {}
-        tree = _merge(tree, layer)
-    tree = _merge(tree, parse_overrides(overrides or []))
+        tree = _move_view_keys(_merge(tree, layer))
+    tree = _move_view_keys(_merge(tree, parse_overrides(overrides or [])))
     cfg = from_dict(PretrainConfig, tree)
     validate(cfg)
     return cfg
@@ -317,8 +358,6 @@ def validate(cfg: PretrainConfig) -> None:
     check_model_config(cfg)
     require(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
     require(0.0 < d.subset_fraction <= 1.0, "data.subset_fraction", "in (0, 1]", d.subset_fraction)
-    require(len(d.crop_scale) == 2 and 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, "data.crop_scale",
-             "[lo, hi] with 0 < lo <= hi <= 1", d.crop_scale)
     require(d.randaugment_ops >= 0, "data.randaugment_ops", ">= 0 (0 = off)", d.randaugment_ops)
     require(0 <= d.randaugment_magnitude <= 30, "data.randaugment_magnitude", "in [0, 30]", d.randaugment_magnitude)
     require(0.0 <= d.random_erasing <= 1.0, "data.random_erasing", "in [0, 1]", d.random_erasing)

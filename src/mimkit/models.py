@@ -20,8 +20,11 @@ def check_model_config(cfg: PretrainConfig) -> None:
 
     """
     check_backbone_cfg(cfg.backbone)
-    check_method_cfg(cfg.method)
+    method = check_method_cfg(cfg.method)
     check_backbone_input(cfg.backbone, cfg.data.img_size)
+    for i, view in enumerate(getattr(method, "view_specs", [])):
+        if view.size:  # a view of its own size (DINO's local crops)
+            check_backbone_input(cfg.backbone, view.size, f"method.views[{i}].size")
 
 
 def backbone_settings(cfg: PretrainConfig) -> dict[str, Any]:

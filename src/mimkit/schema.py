@@ -51,8 +51,13 @@ def _field_types(cls: type) -> dict[str, Any]:
 _BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
 
 
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check ``value`` against a field type, converting where the YAML reading is unambiguous."""
+def coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check ``value`` against a field type, converting where the YAML reading is unambiguous.
+
+    Raises:
+        ConfigError: A value of another type, named by ``key``.
+
+    """
     origin = typing.get_origin(typ)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -73,7 +78,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         (item,) = typing.get_args(typ)
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -113,7 +118,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", also_valid: tup
         if dataclasses.is_dataclass(typ):
             kwargs[key] = from_dict(typ, value, f"{prefix}{key}.")
         else:
-            kwargs[key] = _coerce(value, typ, prefix + key)
+            kwargs[key] = coerce(value, typ, prefix + key)
     return cls(**kwargs)
 
 

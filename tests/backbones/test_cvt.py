@@ -8,7 +8,7 @@ from mimkit.backbones.cvt import UPDATE_MASKS
 from mimkit.backbones.layers.conv_attention import ConvProjection
 from mimkit.backbones.layers.cpu_kernels import bf16_on_cpu
 from mimkit.backbones.layers.partial_conv import ConvEmbed, update_ratio, window_count
-from mimkit.masking import pixel_block_mask
+from mimkit.masking import KeepTokens, PixelMask, TokenMask, pixel_block_mask
 
 TINY = dict(in_chans=1, dims=(16, 32, 64), num_heads=(1, 2, 2), depths=(1, 1, 1))
 
@@ -163,7 +163,7 @@ def test_stage_lists_must_agree():
 def test_gradients_reach_every_parameter(tiny_cvt):
     tiny_cvt.train()
     hole = pixel_block_mask(2, 28, 28, 4, 0.5)
-    tiny_cvt.forward_features(torch.randn(2, 1, 28, 28), 1 - hole).sum().backward()
+    tiny_cvt.forward_features(torch.randn(2, 1, 28, 28), PixelMask(1 - hole)).sum().backward()
     missing = [n for n, p in tiny_cvt.named_parameters() if p.grad is None]
     assert not missing, missing
 
@@ -194,3 +194,17 @@ def test_conv_projection_bf16_path_equals_the_strided_conv(size):
     assert torch.allclose(out.float(), ref, atol=0.05, rtol=0.02)
     assert not bf16_on_cpu(x)
     assert torch.equal(proj(x), ref)
+
+
+def test_token_mask_hides_the_pixels_of_masked_last_stage_tokens(tiny_cvt):
+    x = torch.randn(2, 1, 28, 28)
+    assert tiny_cvt.grid_size(28, 28) == (4, 4)
+    assert tiny_cvt.forward_features(x).shape[1] == 16
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :4] = True  # the top row of the 4 x 4 grid: pixel rows 0-6
+    visible = torch.ones(2, 1, 28, 28)
+    visible[..., :7, :] = 0
+    torch.testing.assert_close(tiny_cvt.forward_features(x, TokenMask(mask)),
+                               tiny_cvt.forward_features(x, PixelMask(visible)))
+    with pytest.raises(TypeError, match="ConvVisionTransformer takes masks of kind pixels, token_mask"):
+        tiny_cvt.forward_features(x, KeepTokens(torch.zeros(2, 3, dtype=torch.long)))

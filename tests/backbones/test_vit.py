@@ -6,6 +6,7 @@ import torch
 from mimkit.backbones import VisionTransformer, create_backbone
 from mimkit.backbones.layers.pos_embed import sincos_2d
 from mimkit.config import ConfigError
+from mimkit.masking import KeepTokens, PixelMask, TokenMask
 
 TINY = dict(img_size=28, in_chans=1, embed_dim=32, depth=1, num_heads=2)
 
@@ -19,7 +20,7 @@ def test_forward_features_shape(tiny_encoder):
 def test_keep_idx_drops_tokens(tiny_encoder):
     x = torch.randn(2, 1, 28, 28)
     keep_idx = torch.stack([torch.randperm(49)[:10] for _ in range(2)])
-    tokens = tiny_encoder.forward_features(x, keep_idx)
+    tokens = tiny_encoder.forward_features(x, KeepTokens(keep_idx))
     assert tokens.shape == (2, 1 + 10, 32)
 
 
@@ -33,7 +34,7 @@ def test_keep_idx_gathers_after_position_embedding(tiny_encoder):
     x = torch.randn(2, 1, 28, 28)
     perm = torch.stack([torch.randperm(49) for _ in range(2)])
     full = tiny_encoder.forward_features(x)
-    permuted = tiny_encoder.forward_features(x, perm)
+    permuted = tiny_encoder.forward_features(x, KeepTokens(perm))
     expected = torch.gather(full[:, 1:], 1, perm.unsqueeze(-1).expand(-1, -1, 32))
     torch.testing.assert_close(permuted[:, 1:], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(permuted[:, 0], full[:, 0], atol=1e-5, rtol=1e-5)
@@ -110,3 +111,30 @@ def test_forward_intermediates_last_one_is_forward_features():
         assert not torch.allclose(outs[0], outs[1])
     with pytest.raises(ValueError, match=r"\[1, 3\]"):
         enc.forward_intermediates(x, 0)
+
+
+def test_token_mask_replaces_masked_patch_embeddings(tiny_encoder):
+    """The mask-token path (BEiT, iBOT): masked patches carry the token plus their own position."""
+    tiny_encoder.eval()
+    x = torch.randn(2, 1, 28, 28)
+    token = torch.randn(32)
+    none = TokenMask(torch.zeros(2, 49, dtype=torch.bool), token)
+    torch.testing.assert_close(tiny_encoder.forward_features(x, none), tiny_encoder.forward_features(x))
+    mask = torch.zeros(2, 49, dtype=torch.bool)
+    mask[:, :21] = True  # patch rows 0-2
+    embedded = tiny_encoder.embed(x, TokenMask(mask, token))
+    pos = tiny_encoder.embed(torch.zeros_like(x)) - tiny_encoder.patch_embed(torch.zeros_like(x))
+    torch.testing.assert_close(embedded[:, :21], (token + pos[:, :21]).expand(2, -1, -1))
+    torch.testing.assert_close(embedded[:, 21:], tiny_encoder.embed(x)[:, 21:])
+    # what is under the mask no longer reaches the output
+    y = x.clone()
+    y[..., :12, :] = torch.randn_like(y[..., :12, :])  # pixel rows 0-11: patch rows 0-2 only
+    torch.testing.assert_close(tiny_encoder.forward_features(x, TokenMask(mask, token)),
+                               tiny_encoder.forward_features(y, TokenMask(mask, token)))
+    with pytest.raises(ValueError, match=r"mask \[N, 49\]"):
+        tiny_encoder.forward_features(x, TokenMask(mask[:, :10], token))
+
+
+def test_a_mask_kind_the_backbone_does_not_take_is_refused(tiny_encoder):
+    with pytest.raises(TypeError, match="takes masks of kind keep_idx, token_mask, got PixelMask"):
+        tiny_encoder.forward_features(torch.randn(1, 1, 28, 28), PixelMask(torch.ones(1, 1, 28, 28)))

@@ -5,6 +5,7 @@ import torch
 
 from mimkit.data import Batch, BatchLoader, ImageSet, build_loader, normalizer_for
 from mimkit.data.transforms import IMAGENET_MEAN, Normalize
+from mimkit.data.views import ViewSpec, parse_views
 
 
 def _indexed_set(n: int, size: int = 8, channels: int = 1) -> ImageSet:
@@ -14,16 +15,18 @@ def _indexed_set(n: int, size: int = 8, channels: int = 1) -> ImageSet:
     return ImageSet("synthetic", torch.arange(n), ["x"], images=images)
 
 
-def _loader(data, data_cfg, batch=8, train=True, seed=0, rank=0, world_size=1, **cfg):
-    cfg = data_cfg(channels=data.images.shape[1], crop_scale=[0.3, 1.0], hflip=True) if not cfg else data_cfg(**cfg)
+def _loader(data, data_cfg, batch=8, train=True, seed=0, rank=0, world_size=1, crop_scale=(0.3, 1.0), hflip=True,
+            views=None, **cfg):
+    cfg = data_cfg(**{"channels": data.images.shape[1], **cfg})
+    views = views or [ViewSpec(scale=tuple(crop_scale), hflip=0.5 if hflip else 0.0)]
     return BatchLoader(data, cfg, batch, train, Normalize([0.5] * cfg.channels, [0.25] * cfg.channels),
-                       seed=seed, rank=rank, world_size=world_size)
+                       seed=seed, rank=rank, world_size=world_size, views=views)
 
 
 def _epoch(loader, epoch, start_batch=0):
-    """One epoch as ``(images, labels)`` pairs."""
+    """One epoch as ``(images, labels)`` pairs; with several views, ``images`` holds all of them, flattened."""
     loader.set_epoch(epoch, start_batch)
-    return [(b.images, b.labels) for b in loader]
+    return [(torch.cat([v.flatten(1) for v in b.views], 1) if b.views else b.images, b.labels) for b in loader]
 
 
 def test_len_and_shapes(data_cfg):
@@ -93,13 +96,20 @@ def test_rank_sharding(data_cfg, train):
     assert a | b == set(range(48))
 
 
-RECIPES = {"crop+flip": {}, "+randaugment+erasing": {"randaugment_ops": 2, "random_erasing": 0.5}}
+RECIPES = {"crop+flip": {}, "+randaugment+erasing": {"randaugment_ops": 2, "random_erasing": 0.5}, "views": {}}
+# Two global and three local views with every colour operation (DINO's kinds of view, small).
+MULTI_VIEW = parse_views([
+    {"scale": [0.4, 1.0], "count": 2, "jitter": 0.8, "grayscale": 0.2, "blur": 0.5, "solarize": 0.2},
+    {"size": 4, "scale": [0.1, 0.4], "count": 3, "jitter": 0.8, "blur": 0.5},
+])
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_resume_inside_epoch(data_cfg, recipe):
     data = _indexed_set(56)
     settings = {"crop_scale": [0.3, 1.0], "hflip": True, "channels": 1, **RECIPES[recipe]}
+    if recipe == "views":
+        settings = {"channels": 1, "views": MULTI_VIEW}
     full = _epoch(_loader(data, data_cfg, seed=7, **settings), 3)
     assert len(full) == 7
     for k in (1, 4, 6):
@@ -150,3 +160,33 @@ def test_build_loader_uses_dataset_stats(data_cfg):
     loader = build_loader(data, data_cfg(channels=1), 4, train=False)
     x = torch.cat([b.images for b in loader])
     assert abs(float(x.mean())) < 1e-4
+
+
+def test_views_in_memory_and_from_files(data_cfg, tmp_path, write_image):
+    data = _indexed_set(24, size=8, channels=3)
+    (batch,) = _epoch_batches(_loader(data, data_cfg, batch=24, views=MULTI_VIEW), 0)
+    assert [tuple(v.shape) for v in batch.views] == [(24, 3, 8, 8)] * 2 + [(24, 3, 4, 4)] * 3
+    assert batch.images is batch.views[0] and batch.size == 24
+    assert not torch.equal(batch.views[0], batch.views[1])
+    moved = batch.to("cpu")
+    assert len(moved.all_views) == 5 and moved.images is moved.views[0]
+    # the same views from image files, through the DataLoader (torchvision's v2 transforms per image)
+    for i in range(6):
+        write_image(tmp_path / "imgs" / "train" / "c" / f"{i}.png", value=40 * i, size=(10, 10))
+    from mimkit.data import build_dataset
+
+    cfg = data_cfg(name="imagefolder", root=str(tmp_path / "imgs"), cache="no", img_size=8)
+    files = build_dataset(cfg, "train")
+    loader = BatchLoader(files, cfg, 3, True, Normalize([0.5] * 3, [0.25] * 3), views=MULTI_VIEW)
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == 2
+    assert [tuple(v.shape) for v in batches[0].views] == [(3, 3, 8, 8)] * 2 + [(3, 3, 4, 4)] * 3
+    # a single view leaves Batch.views empty
+    (single,) = _epoch_batches(_loader(data, data_cfg, batch=24), 0)
+    assert single.views == () and single.all_views == (single.images,)
+
+
+def _epoch_batches(loader, epoch):
+    loader.set_epoch(epoch)
+    return list(loader)

@@ -8,7 +8,6 @@ from mimkit.data.transforms import (
     Normalize,
     channel_stats,
     pil_eval_transform,
-    pil_train_transform,
     rand_augment_batch,
     random_erasing_batch,
     random_resized_crop_batch,
@@ -97,8 +96,6 @@ def test_pil_transforms():
     out = pil_eval_transform(16)(img)
     assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
     assert out[0].float().mean() == pytest.approx(10, abs=1)
-    out = pil_train_transform(16, (0.5, 1.0), True)(img)
-    assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
 
 
 def _torchvision_candidates(x, magnitude=9, num_bins=31):

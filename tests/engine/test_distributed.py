@@ -19,7 +19,7 @@ from mimkit.data import Batch
 from mimkit.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state
 from mimkit.engine.distributed import cleanup, init_distributed
 from mimkit.engine.logging import read_metrics
-from mimkit.engine.step import forward_backward
+from mimkit.engine.step import forward_backward, train_step
 from mimkit.engine.trainer import Trainer, pretrain
 from mimkit.models import method_from_config
 
@@ -52,6 +52,46 @@ def _method_overrides(method: str, overrides: list[str]) -> list[str]:
         return overrides
     tuned = [o for o in overrides if not o.startswith("method.")] + ["method.name=finetune", "method.num_classes=10"]
     return tuned + (["method.ema_decay=0.9"] if method == "finetune+ema" else [])
+
+
+#: A tiny DINO: two global and two local views, a small head.
+DINO = ["method.name=dino", "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16",
+        "method.views=[{count: 2}, {size: 12, scale: [0.1, 0.4], count: 2}]", "optim.weight_decay=0.04"]
+
+
+def _dino_overrides(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith("method.")] + DINO
+
+
+def _views_batch() -> Batch:
+    """The global batch as DINO's four views (two 28 px, two 12 px)."""
+    gen = torch.Generator().manual_seed(11)
+    n = WORLD * PER_RANK
+    views = tuple(torch.randn(n, 1, s, s, generator=gen) for s in (28, 28, 12, 12))
+    return Batch(views[0], None, views)
+
+
+def _views_shard(batch: Batch, rank: int) -> Batch:
+    views = tuple(v[rank * PER_RANK : (rank + 1) * PER_RANK] for v in batch.views)
+    return Batch(views[0], None, views)
+
+
+def _dino_step(trainer_or_method, model, optimizer, batch: Batch, info=None):
+    return train_step(model, trainer_or_method, [batch], optimizer, device=torch.device("cpu"), precision="fp32",
+                      lr=1e-3, step=0, total_steps=10, info=info)
+
+
+def _dino_worker(rank: int, port: int, overrides: list[str], out: str) -> None:
+    _as_rank(rank, port)
+    info = init_distributed("cpu")
+    try:
+        trainer = Trainer(load_config(None, overrides), info)
+        result = _dino_step(trainer.method, trainer.model, trainer.optimizer, _views_shard(_views_batch(), rank), info)
+        torch.save({"loss": result.loss, "center": trainer.method.center.clone(),
+                    "teacher": {n: p.clone() for n, p in trainer.method.teacher_encoder.named_parameters()}},
+                   Path(out) / f"dino{rank}.pt")
+    finally:
+        cleanup(info)
 
 
 def _as_rank(rank: int, port: int) -> None:
@@ -100,6 +140,28 @@ def test_two_process_gradient_equals_single_process_gradient(tmp_path, tiny_run_
     for name, grad in ref.items():
         torch.testing.assert_close(g0[name], grad, rtol=1e-4, atol=1e-6, msg=f"rank 0 gradient of {name}")
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=f"ranks disagree on {name}")
+
+
+def test_dino_two_processes_compute_the_centre_loss_and_teacher_of_one(tmp_path, tiny_run_overrides):
+    """The centre is the mean teacher output over every rank's images (all-reduced in after_step): one
+    step on two processes with half the batch each gives the one-process centre, loss and teacher."""
+    overrides = [f"run_dir={tmp_path / 'ddp'}", *_dino_overrides(tiny_run_overrides)]
+    cfg = load_config(None, overrides)
+    mp.spawn(_dino_worker, args=(_free_port(), overrides, str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"dino{r}.pt") for r in range(WORLD))
+
+    from mimkit.engine.optim import build_optimizer, scaled_lr
+
+    torch.manual_seed(cfg.seed)  # rank 0's initialisation, which DDP broadcasts to every rank
+    method = method_from_config(cfg).train()
+    optimizer = build_optimizer(method, cfg.optim, scaled_lr(cfg.optim, WORLD))
+    one = _dino_step(method, method, optimizer, _views_batch())
+    torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, one.loss, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(r0["loss"], r1["loss"])  # each rank's own half
+    for r in (r0, r1):
+        torch.testing.assert_close(r["center"], method.center, rtol=1e-5, atol=1e-7)
+        for name, p in method.teacher_encoder.named_parameters():
+            torch.testing.assert_close(r["teacher"][name], p, rtol=1e-4, atol=1e-6, msg=f"teacher {name}")
 
 
 def test_two_process_run_trains_and_checkpoints(tmp_path, tiny_run_overrides):

@@ -17,7 +17,8 @@ def _tiny_config(folder, method_name, backbone):
     kwargs, img = tiny_backbone_kwargs(backbone, in_chans=1)
     kwargs.pop("img_size"), kwargs.pop("in_chans")
     path = folder / f"{method_name}-{backbone}.yaml"
-    path.write_text(yaml.safe_dump({"backbone": {"name": backbone, **kwargs}, "method": tiny_method_cfg(method_name),
+    method = tiny_method_cfg(method_name, img)
+    path.write_text(yaml.safe_dump({"backbone": {"name": backbone, **kwargs}, "method": method,
                                     "data": {"img_size": img, "channels": 1}, "train": {"device": "cpu"}}))
     return str(path)
 

@@ -35,9 +35,9 @@ def test_encoder_sees_only_visible_tokens(tiny_mae, monkeypatch):
     seen = {}
     original = tiny_mae.encoder.forward_features
 
-    def spy(x, keep_idx=None):
-        seen["keep_idx"] = keep_idx
-        out = original(x, keep_idx)
+    def spy(x, mask=None):
+        seen["keep_idx"] = mask.idx
+        out = original(x, mask)
         seen["tokens"] = out.shape
         return out
 

@@ -29,10 +29,10 @@ def _valid_keys(name: str) -> list[str]:
     return sorted(inspect.signature(target).parameters)
 
 
-def backbones_taking(mask_input: str | None) -> list[str]:
-    """Names of the registered backbones whose ``mask_input`` is ``keep_idx`` or ``pixels``; all for None."""
+def backbones_taking(mask_kind: str | None) -> list[str]:
+    """Names of the registered backbones whose ``mask_kinds`` include ``mask_kind``; all for None."""
     return sorted(name for name, b in BACKBONES.items()
-                  if mask_input is None or getattr(getattr(b, "func", b), "mask_input", None) == mask_input)
+                  if mask_kind is None or mask_kind in getattr(getattr(b, "func", b), "mask_kinds", ()))
 
 
 def check_backbone_cfg(cfg: dict[str, Any]) -> None:
@@ -54,12 +54,13 @@ def check_backbone_cfg(cfg: dict[str, Any]) -> None:
         )
 
 
-def check_backbone_input(cfg: dict[str, Any], img_size: int) -> None:
+def check_backbone_input(cfg: dict[str, Any], img_size: int, key: str = "data.img_size") -> None:
     """Refuse an image size the backbone's patch size does not divide, naming the nearest valid ones.
 
     Args:
         cfg: ``{"name": ..., **settings}`` as written under ``backbone:``.
-        img_size: ``data.img_size``.
+        img_size: ``data.img_size``, or the size of one of the method's views.
+        key: The setting ``img_size`` comes from, for the message.
 
     """
     builder = BACKBONES[cfg["name"]]
@@ -68,7 +69,7 @@ def check_backbone_input(cfg: dict[str, Any], img_size: int) -> None:
     if patch and img_size % patch:
         lower, upper = img_size - img_size % patch, img_size - img_size % patch + patch
         raise ConfigError(
-            f"data.img_size {img_size} is not divisible by backbone.patch_size {patch} ({cfg['name']}); "
+            f"{key} {img_size} is not divisible by backbone.patch_size {patch} ({cfg['name']}); "
             f"use a multiple of {patch} such as {', '.join(str(v) for v in (lower, upper) if v > 0)}"
         )
 

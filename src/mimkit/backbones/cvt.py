@@ -16,6 +16,7 @@ from mimkit.backbones.layers.conv_attention import ConvBlock
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.partial_conv import REWEIGHTS, ConvEmbed
 from mimkit.errors import ConfigError
+from mimkit.masking.kinds import Mask, PixelMask, TokenMask, check_mask, token_mask_to_pixels
 from mimkit.schema import check_heads, check_positive
 
 #: How a masked image goes through the CvT: ``none`` (a plain CvT on the masked image) or the mask
@@ -66,7 +67,10 @@ class ConvVisionTransformer(nn.Module):
 
     """
 
-    mask_input = "pixels"
+    #: The kinds of mask ``forward_features`` takes (:mod:`mimkit.masking.kinds`); a token mask
+    #: hides its tokens' pixels and goes through the update mask like a pixel mask.
+    mask_kinds = frozenset({"pixels", "token_mask"})
+    uses_mask_token = False
 
     def __init__(
         self,
@@ -122,6 +126,7 @@ class ConvVisionTransformer(nn.Module):
         self.dims = tuple(dims)
         self.strides = tuple(strides)
         self.embed_dim = self.num_features = dims[-1]
+        self.num_prefix_tokens = 0  # no class token: every output token is a patch token (timm's attribute)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         start, prev = 0, in_chans
@@ -173,11 +178,31 @@ class ConvVisionTransformer(nn.Module):
         maps[-1] = self.norm(maps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return maps
 
-    def forward_features(
-        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: str = "pre_norm"
-    ) -> torch.Tensor:
-        """Normalised last-stage tokens ``[N, H_last * W_last, D]`` of images ``[N, C, H, W]``."""
-        return self.forward_stages(x, visible, update_mask)[-1].flatten(2).transpose(1, 2)
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """The last stage's token grid for an input of ``height x width`` pixels (the tokens of
+        :meth:`forward_features`, and the grid a :class:`TokenMask` is given on).
+        """
+        for stage in self.stages:
+            k, st, pad = stage.embed.kernel, stage.embed.stride, stage.embed.padding
+            height, width = (height + 2 * pad - k) // st + 1, (width + 2 * pad - k) // st + 1
+        return height, width
+
+    def forward_features(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
+        """Normalised last-stage tokens ``[N, H_last * W_last, D]`` of images ``[N, C, H, W]``.
+
+        Args:
+            x: Images.
+            mask: Optional :class:`PixelMask`, or a :class:`TokenMask` ``[N, H_last * W_last]`` on
+                the last stage's grid, whose tokens' pixels are hidden (nearest-neighbour upsampling)
+                and propagated with the ``pre_norm`` update mask; its ``token`` is not used.
+
+        """
+        check_mask(self, mask)
+        if isinstance(mask, TokenMask):
+            mask = PixelMask(token_mask_to_pixels(mask.mask.view(-1, *self.grid_size(*x.shape[-2:])),
+                                                  *x.shape[-2:]).to(x.dtype))
+        visible, update = (mask.visible, mask.update_mask) if isinstance(mask, PixelMask) else (None, "pre_norm")
+        return self.forward_stages(x, visible, update)[-1].flatten(2).transpose(1, 2)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int = 1) -> list[torch.Tensor]:
         """Outputs of the last ``indices`` blocks of the last stage, each through the final norm.

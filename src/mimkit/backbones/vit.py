@@ -1,4 +1,4 @@
-"""Vision Transformer encoder with the timm backbone interface and MAE-style token dropping.
+"""Vision Transformer encoder with the timm backbone interface, MAE-style token dropping and a mask-token path.
 
 Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021; the fixed sin-cos position
 embedding and initialisation follow He et al., "Masked Autoencoders Are Scalable Vision
@@ -16,11 +16,12 @@ from mimkit.backbones.layers.cpu_kernels import attention_kernel
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.pos_embed import sincos_2d
 from mimkit.errors import ConfigError
+from mimkit.masking.kinds import KeepTokens, Mask, TokenMask, check_mask
 from mimkit.schema import check_heads, check_positive
 
 
 class VisionTransformer(nn.Module):
-    """A plain ViT whose ``forward_features`` can run on a subset of patch tokens.
+    """A plain ViT whose ``forward_features`` can run on a subset of patch tokens or with masked tokens replaced.
 
     Example:
         >>> vit = VisionTransformer(img_size=28, patch_size=4, in_chans=1, embed_dim=64,
@@ -31,7 +32,10 @@ class VisionTransformer(nn.Module):
 
     """
 
-    mask_input = "keep_idx"
+    #: The kinds of mask ``forward_features`` takes (:mod:`mimkit.masking.kinds`).
+    mask_kinds = frozenset({"keep_idx", "token_mask"})
+    #: A :class:`TokenMask`'s token replaces the masked patch embeddings (a method owns it).
+    uses_mask_token = True
 
     def __init__(
         self,
@@ -115,11 +119,13 @@ class VisionTransformer(nn.Module):
             )
         return height // self.patch_size, width // self.patch_size
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, token_mask: TokenMask | None = None) -> torch.Tensor:
         """Patch tokens with position embedding, no class token.
 
         Args:
             x: Images ``[N, C, H, W]``.
+            token_mask: Optional; its masked patch embeddings are replaced by its token before the
+                position embedding is added (BEiT's and iBOT's order).
 
         Returns:
             Tokens ``[N, L, D]`` with ``L = (H / p) * (W / p)``.
@@ -127,24 +133,30 @@ class VisionTransformer(nn.Module):
         """
         gh, gw = self.grid_size(x.shape[-2], x.shape[-1])
         tokens = self.patch_embed(x)  # [N, L, D]
+        if token_mask is not None:
+            if token_mask.token is None or token_mask.mask.shape != tokens.shape[:2]:
+                raise ValueError(f"a token mask for {gh}x{gw} patches needs mask [N, {gh * gw}] and a token "
+                                 f"[{self.embed_dim}], got mask {tuple(token_mask.mask.shape)}")
+            hidden = token_mask.mask.bool().unsqueeze(-1)  # [N, L, 1]
+            tokens = torch.where(hidden, token_mask.token.to(tokens.dtype).view(1, 1, -1), tokens)
         return tokens + sincos_2d(gh, gw, self.embed_dim, tokens.device).to(tokens.dtype)
 
-    def forward_features(
-        self, x: torch.Tensor, keep_idx: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Encode images, optionally only the patch tokens at ``keep_idx`` (MAE).
+    def forward_features(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
+        """Encode images: all patch tokens, only those a :class:`KeepTokens` keeps (MAE), or all of
+        them with a :class:`TokenMask`'s replaced by its token.
 
         Args:
             x: Images ``[N, C, H, W]``.
-            keep_idx: Optional indices ``[N, K]`` of the patch tokens to keep.
+            mask: Optional :class:`KeepTokens` (indices ``[N, K]``) or :class:`TokenMask` (``[N, L]``).
 
         Returns:
-            Normalised tokens ``[N, 1 + K, D]`` (class token first; ``K = L`` without ``keep_idx``).
+            Normalised tokens ``[N, 1 + K, D]`` (class token first; ``K = L`` unless tokens are dropped).
 
         """
-        tokens = self.embed(x)  # [N, L, D]
-        if keep_idx is not None:
-            index = keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        check_mask(self, mask)
+        tokens = self.embed(x, mask if isinstance(mask, TokenMask) else None)  # [N, L, D]
+        if isinstance(mask, KeepTokens):
+            index = mask.idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
             tokens = torch.gather(tokens, 1, index)  # [N, K, D]
         cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
         tokens = torch.cat([cls, tokens], dim=1)

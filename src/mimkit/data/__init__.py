@@ -4,14 +4,19 @@ from mimkit.data.batch import Batch
 from mimkit.data.datasets import DATASETS, ImageSet, build_dataset, check_labelled, per_class_subset
 from mimkit.data.loader import BatchLoader, normalizer_for
 from mimkit.data.transforms import Normalize
+from mimkit.data.views import ViewSpec, parse_views
 
 
 def build_loader(data: ImageSet, cfg, batch_size: int, train: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, normalize: Normalize | None = None) -> BatchLoader:
-    """A :class:`BatchLoader` over ``data``; statistics from ``data`` unless ``normalize`` is given."""
+                 world_size: int = 1, normalize: Normalize | None = None,
+                 views: list[ViewSpec] | None = None) -> BatchLoader:
+    """A :class:`BatchLoader` over ``data``; statistics from ``data`` unless ``normalize`` is given.
+
+    ``views`` are the training views (a method's ``views``; one default view when None).
+    """
     return BatchLoader(data, cfg, batch_size, train, normalize or normalizer_for(data, cfg.channels),
-                       seed=seed, rank=rank, world_size=world_size)
+                       seed=seed, rank=rank, world_size=world_size, views=views)
 
 
-__all__ = ["DATASETS", "Batch", "BatchLoader", "ImageSet", "Normalize", "build_dataset", "build_loader",
-           "check_labelled", "normalizer_for", "per_class_subset"]
+__all__ = ["DATASETS", "Batch", "BatchLoader", "ImageSet", "Normalize", "ViewSpec", "build_dataset", "build_loader",
+           "check_labelled", "normalizer_for", "parse_views", "per_class_subset"]

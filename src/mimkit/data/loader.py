@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,12 +16,11 @@ from mimkit.data.transforms import (
     Normalize,
     channel_stats,
     pil_eval_transform,
-    pil_train_transform,
     rand_augment_batch,
     random_erasing_batch,
-    random_resized_crop_batch,
     resize_batch,
 )
+from mimkit.data.views import MultiView, ViewSpec, views_batch
 from mimkit.errors import ConfigError
 
 if TYPE_CHECKING:  # the data layer takes a DataConfig, but does not import the config module
@@ -37,20 +36,24 @@ def normalizer_for(data: ImageSet, channels: int) -> Normalize:
     return Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
-def _collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _collate_skipping(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """Stack the decodable samples view by view; a sample is ``(view or [views], label)`` or None."""
     good = [b for b in batch if b is not None]
     skipped = len(batch) - len(good)
     if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
-    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), skipped
+        return [], torch.empty(0, dtype=torch.long), skipped
+    views = [[g[0]] if isinstance(g[0], torch.Tensor) else g[0] for g in good]
+    return [torch.stack(v) for v in zip(*views, strict=True)], torch.tensor([g[1] for g in good]), skipped
 
 
 class BatchLoader:
     """Yields a :class:`Batch` at a time: ``images [B, C, S, S]`` float32 normalised, ``labels [B]`` int64.
 
-    In-memory data is shuffled with a generator seeded by ``(seed, epoch)``, sharded by rank like
-    ``DistributedSampler`` and augmented per batch; streamed data goes through a ``DataLoader``.
-    Files that fail to decode are skipped and counted in :attr:`skipped`.
+    For training, each image is drawn as the method's ``views`` say (several views fill
+    ``Batch.views``); for evaluation it is only resized. In-memory data is shuffled with a generator
+    seeded by ``(seed, epoch)``, sharded by rank like ``DistributedSampler`` and augmented per batch;
+    streamed data goes through a ``DataLoader``. Files that fail to decode are skipped and counted
+    in :attr:`skipped`.
     """
 
     def __init__(
@@ -63,17 +66,19 @@ class BatchLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        views: Sequence[ViewSpec] | None = None,
     ) -> None:
-        """Set up the iterator; ``train`` turns on shuffling, augmentation and ``drop_last``."""
+        """Set up the iterator; ``train`` turns on shuffling, ``views`` (default: one view) and ``drop_last``."""
         self.data, self.cfg, self.batch_size, self.train = data, cfg, batch_size, train
         self.normalize, self.seed, self.rank, self.world_size = normalize, seed, rank, world_size
+        self.views = list(views) if views else [ViewSpec()]
+        self.randaugment = (cfg.randaugment_ops, cfg.randaugment_magnitude)
         self.epoch = 0
         self.start_batch = 0
         self.skipped = data.skipped
         self._loader: DataLoader | None = None
         if data.images is None:
-            tf = (pil_train_transform(cfg.img_size, tuple(cfg.crop_scale), cfg.hflip,
-                                      (cfg.randaugment_ops, cfg.randaugment_magnitude)) if train
+            tf = (MultiView(self.views, cfg.img_size, cfg.channels, self.randaugment) if train
                   else pil_eval_transform(cfg.img_size))
             ds = FileDataset(data, tf, cfg.channels)
             if world_size > 1:
@@ -124,30 +129,32 @@ class BatchLoader:
         # One generator per batch: a run resumed mid-epoch draws exactly the same augmentation.
         return torch.Generator().manual_seed(hash((self.seed, self.epoch, b, self.rank)) & 0x7FFFFFFF)
 
-    def _erase(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return random_erasing_batch(x, self.cfg.random_erasing, gen) if self.train else x
+    def _finish(self, views: list[torch.Tensor], labels: torch.Tensor, gen: torch.Generator) -> Batch:
+        """Normalise (and for training randomly erase) each view, as one :class:`Batch`."""
+        views = [self.normalize(v) for v in views]
+        if self.train and self.cfg.random_erasing > 0:
+            views = [random_erasing_batch(v, self.cfg.random_erasing, gen) for v in views]
+        return Batch(views[0], labels, tuple(views) if len(views) > 1 else ())
+
+    def _augment(self, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        """The method's views of an in-memory batch (``[B, C, H, W]`` uint8 values as float)."""
+        views = views_batch(images, self.views, self.cfg.img_size, gen)
+        if self.randaugment[0] > 0:
+            views = [rand_augment_batch(v.round_().clamp_(0, 255).to(torch.uint8), *self.randaugment,
+                                        generator=gen).float() for v in views]
+        return views
 
     def __iter__(self) -> Iterator[Batch]:
-        size = self.cfg.img_size
         if self._loader is not None:
-            for b, (images, labels, skipped) in enumerate(self._loader):
+            for b, (views, labels, skipped) in enumerate(self._loader):
                 self.skipped += skipped
-                if images.numel():
-                    yield Batch(self._erase(self.normalize(images), self._batch_generator(b)), labels)
+                if views:
+                    yield self._finish(views, labels, self._batch_generator(b))
             return
         idx = self._rank_indices()
         for b in range(self.start_batch, len(self)):
             gen = self._batch_generator(b)
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.data.images[sel].float()
-            if self.train:
-                images = random_resized_crop_batch(
-                    images, size, tuple(self.cfg.crop_scale), self.cfg.hflip, generator=gen
-                )
-                if self.cfg.randaugment_ops > 0:
-                    as_uint8 = images.round_().clamp_(0, 255).to(torch.uint8)
-                    images = rand_augment_batch(as_uint8, self.cfg.randaugment_ops, self.cfg.randaugment_magnitude,
-                                                generator=gen).float()
-            else:
-                images = resize_batch(images, size)
-            yield Batch(self._erase(self.normalize(images), gen), self.data.labels[sel])
+            views = self._augment(images, gen) if self.train else [resize_batch(images, self.cfg.img_size)]
+            yield self._finish(views, self.data.labels[sel], gen)

@@ -51,7 +51,7 @@ def random_resized_crop_batch(
     images: torch.Tensor,
     size: int,
     scale: tuple[float, float],
-    hflip: bool,
+    hflip: bool | float,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -64,7 +64,7 @@ def random_resized_crop_batch(
         images: ``[B, C, H, W]`` float tensor.
         size: Output side.
         scale: Range of the crop's area as a fraction of the image.
-        hflip: Flip each sample with probability 0.5.
+        hflip: Probability of flipping each sample (``True``: 0.5, ``False``: 0).
         ratio: Range of the crop's aspect ratio.
         generator: Optional RNG.
 
@@ -81,7 +81,8 @@ def random_resized_crop_batch(
     h = (area / aspect).sqrt().clamp(max=1.0)
     cx = (torch.rand(b, **opts) * 2 - 1) * (1 - w)  # centre in [-1, 1] coordinates
     cy = (torch.rand(b, **opts) * 2 - 1) * (1 - h)
-    sign = torch.where(torch.rand(b, **opts) < 0.5, -1.0, 1.0) if hflip else torch.ones(b)
+    p_flip = 0.5 if hflip is True else float(hflip)
+    sign = torch.where(torch.rand(b, **opts) < p_flip, -1.0, 1.0) if p_flip > 0 else torch.ones(b)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0] = w * sign
     theta[:, 0, 2] = cx
@@ -169,20 +170,6 @@ def random_erasing_batch(x: torch.Tensor, p: float, generator: torch.Generator |
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return torch.stack([erase(img) for img in x])
-
-
-def pil_train_transform(size: int, scale: tuple[float, float], hflip: bool,
-                        randaugment: tuple[int, int] = (0, 9)) -> v2.Compose:
-    """Per-sample transform for streamed datasets: PIL image to a uint8 ``[C, size, size]`` tensor.
-
-    ``randaugment`` is RandAugment's (N, M); N = 0 leaves it out.
-    """
-    steps = [v2.PILToTensor(), v2.RandomResizedCrop(size, scale=scale, antialias=True)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    if randaugment[0] > 0:
-        steps.append(v2.RandAugment(num_ops=randaugment[0], magnitude=randaugment[1]))
-    return v2.Compose(steps)
 
 
 def pil_eval_transform(size: int) -> v2.Compose:

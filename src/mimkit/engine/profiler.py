@@ -55,8 +55,8 @@ def profile_steps(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, top: int
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     data = build_dataset(cfg.data, "train")
-    loader = build_loader(data, cfg.data, cfg.optim.batch_size, train=True, seed=cfg.seed)
     method = method_from_config(cfg).to(device).train()
+    loader = build_loader(data, cfg.data, cfg.optim.batch_size, train=True, seed=cfg.seed, views=method.views)
     optimizer = build_optimizer(method, cfg.optim, scaled_lr(cfg.optim, 1))
     batches = iter(loader)
 

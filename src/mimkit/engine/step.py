@@ -2,7 +2,8 @@
 
 A step is: each micro-batch forward under autocast and backward (DDP synchronises only on the
 last), one check that every loss and the gradient norm are finite (the same verdict on every rank),
-then the scheduled lr and weight decay, clipping, the optimizer and the method's ``after_step``.
+then the method's ``before_optimizer_step``, the scheduled lr and weight decay, clipping, the optimizer
+and the method's ``after_step`` (``discard_step`` instead, when the step was skipped).
 The phases are ``record_function`` ranges, so a profile attributes time to them.
 """
 
@@ -110,6 +111,7 @@ def train_step(
         finite &= torch.isfinite(out.loss.detach().float())
         loss += out.loss.detach().float() / n
     with record_function("optimizer"):
+        method.before_optimizer_step(step, total_steps)
         params = [p for p in method.parameters() if p.grad is not None]
         # The norm is taken even without clipping: a finite loss can still give an inf gradient.
         norm = (torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad > 0
@@ -123,6 +125,8 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
         if taken:
             method.after_step(step, total_steps)
+        else:
+            method.discard_step()
     return StepResult(taken, loss, norm, out, sum(b.size for b in micro_batches))
 
 

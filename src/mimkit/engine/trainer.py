@@ -118,7 +118,9 @@ class Trainer:
         # Model, data and optimizer are built in memory only: the run folder is not touched until
         # open_run() has checked everything, so a bad setting leaves nothing behind.
         self.method = method_from_config(cfg).to(self.device)
-        self.method.check_image_size(cfg.data.img_size, cfg.data.img_size)
+        for view in self.method.views:
+            side = view.resolved_size(cfg.data.img_size)
+            self.method.check_image_size(side, side)
         if cfg.init:
             self._initialise_from(cfg.init)
         self.data = build_dataset(cfg.data, "train")
@@ -128,7 +130,7 @@ class Trainer:
         self.logger: RunLogger | None = None
 
         self.loader = build_loader(self.data, cfg.data, cfg.optim.batch_size, train=True, seed=cfg.seed,
-                                   rank=info.rank, world_size=info.world_size)
+                                   rank=info.rank, world_size=info.world_size, views=self.method.views)
         self.model = DistributedDataParallel(self.method) if info.distributed else self.method
         self.forward = torch.compile(self.model) if tc.compile else self.model
 
@@ -152,11 +154,13 @@ class Trainer:
         self._reset_window()
 
     def _initialise_from(self, path: str) -> None:
-        """Load another run's evaluated module (its encoder, or teacher) into this method's."""
+        """Load another run's evaluated module (its encoder, or teacher) into this method's trained encoder."""
         ckpt = resolve_checkpoint(path)
         source = load_config(run_config_for(ckpt))
-        load_weights(self.method.eval_module, ckpt, prefix=eval_prefix(source))
-        log.info("initialised %s from %s (%s)", self.method.eval_module_name, ckpt, source.method["name"])
+        load_weights(self.method.encoder, ckpt, prefix=eval_prefix(source))
+        self.method.encoder_loaded()  # a teacher starts from the loaded student
+        log.info("initialised the encoder from %s (%s's %s)", ckpt, source.method["name"],
+                 eval_prefix(source).rstrip("."))
 
     def _reset_window(self) -> None:
         """Start a new logging window (images seen and losses since the last log line)."""

@@ -82,6 +82,7 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
 
     """
     from mimkit.data import Batch
+    from mimkit.data.views import expand_views, views_batch
     from mimkit.engine.distributed import resolve_device
     from mimkit.engine.optim import build_optimizer
     from mimkit.engine.precision import autocast, resolve_precision
@@ -95,8 +96,12 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, channels, size, size, generator=gen)
     labels = torch.randint(0, int(cfg.method.get("num_classes") or 10), (batch,), generator=gen)
-    data = Batch(images, labels)
     method = method_from_config(cfg).train()
+    data = Batch(images, labels)
+    if len(expand_views(method.views)) > 1:  # the method's own views, at their sizes (multi-crop)
+        pixels = torch.randint(0, 256, images.shape, generator=gen).float()
+        views = tuple(v / 127.5 - 1 for v in views_batch(pixels, method.views, size, gen))
+        data = Batch(views[0], labels, views)
     encoder = method.eval_module
     row: dict[str, Any] = {
         "config": spec, "method": cfg.method["name"], "backbone": cfg.backbone["name"], "img_size": size,
@@ -108,7 +113,7 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
     # FLOPs per image do not depend on the batch: counted on two images, on the CPU. FlopCounterMode
     # has no formula for the CPU flash-attention kernel and would count its attention as free;
     # under the math kernel attention is matmuls, which it counts.
-    few = Batch(images[:2], labels[:2])
+    few = data.first(2)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         method(few).loss.backward()
     row["train_gflop_per_img"] = fc.get_total_flops() / few.size / 1e9

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 
-class TokenMask(NamedTuple):
+class ShuffleMask(NamedTuple):
     """The result of masking a sequence of ``L`` tokens, keeping ``K`` of them.
 
     Attributes:
@@ -38,7 +38,7 @@ def random_masking(
     mask_ratio: float,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
-) -> TokenMask:
+) -> ShuffleMask:
     """Mask exactly ``L - K`` tokens per sample, chosen independently for each sample.
 
     Args:
@@ -49,7 +49,7 @@ def random_masking(
         generator: Optional RNG for reproducible masks (must live on ``device``).
 
     Returns:
-        A :class:`TokenMask`.
+        A :class:`ShuffleMask`.
 
     Example:
         >>> m = random_masking(2, 16, 0.75)
@@ -65,4 +65,4 @@ def random_masking(
     mask = torch.ones(batch, num_tokens, device=device, dtype=torch.float32)
     mask[:, :keep] = 0.0
     mask = torch.gather(mask, 1, restore)
-    return TokenMask(shuffle[:, :keep], restore, mask)
+    return ShuffleMask(shuffle[:, :keep], restore, mask)

@@ -10,11 +10,15 @@ from torch import nn
 from mimkit.errors import ConfigError
 from mimkit.methods.base import PretrainMethod, PretrainOutput
 from mimkit.methods.cvt_mae import CvTMAE
+from mimkit.methods.dino import DINO
 from mimkit.methods.finetune import FineTune
+from mimkit.methods.ibot import IBOT
 from mimkit.methods.mae import MAE
 from mimkit.schema import from_dict
 
-METHODS: dict[str, type[PretrainMethod]] = {"mae": MAE, "cvt_mae": CvTMAE, "finetune": FineTune}
+METHODS: dict[str, type[PretrainMethod]] = {
+    "mae": MAE, "cvt_mae": CvTMAE, "dino": DINO, "ibot": IBOT, "finetune": FineTune,
+}
 
 
 def check_method_cfg(cfg: dict[str, Any]) -> Any:

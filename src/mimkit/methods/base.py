@@ -12,14 +12,46 @@ the step and the current schedule length, :meth:`PretrainMethod.param_groups` fo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from mimkit.data.batch import Batch
+from mimkit.data.views import ViewSpec, expand_views, parse_views
 from mimkit.errors import ConfigError
+
+
+@dataclass
+class MethodConfig:
+    """The settings every method has; a method's ``Config`` extends it (``method:`` in a config).
+
+    Attributes:
+        views: The augmented views of each training image, one dict per kind of view with the
+            fields of :class:`~mimkit.data.views.ViewSpec` (``count`` views of each); the data
+            pipeline builds them. One view by default: a random resized crop and a flip.
+
+    """
+
+    views: list[dict[str, Any]] = field(default_factory=lambda: [{}])
+
+    #: How many views the method trains on (None: any number).
+    num_views: ClassVar[int | None] = 1
+
+    def __post_init__(self) -> None:
+        specs = parse_views(self.views)
+        n = len(expand_views(specs))
+        if self.num_views is not None and n != self.num_views:
+            raise ConfigError(f"method.views: this method trains on {self.num_views} view(s) of each image, "
+                              f"method.views declares {n}")
+        if n == 0:
+            raise ConfigError("method.views: at least one view is needed, got an empty list")
+
+    @property
+    def view_specs(self) -> list[ViewSpec]:
+        """The views as :class:`~mimkit.data.views.ViewSpec`, one per kind (``count`` not expanded)."""
+        return parse_views(self.views)
 
 
 @dataclass
@@ -49,22 +81,29 @@ class PretrainMethod(nn.Module):
     """
 
     encoder: nn.Module
-    #: How the encoder must take the mask: ``keep_idx`` (drops tokens, ViT) or ``pixels`` (a dense
-    #: visible-pixel mask, CvT); None for a method that masks nothing and takes any backbone.
-    #: Backbones declare the same attribute.
-    mask_input: str | None = "keep_idx"
+    #: The kind of mask the method hands its encoder (one of :data:`~mimkit.masking.MASK_KINDS`:
+    #: ``keep_idx`` drops tokens, ``token_mask`` replaces them by a learned token, ``pixels`` is a
+    #: dense visible-pixel mask); None for a method that masks nothing and takes any backbone.
+    #: Backbones list the kinds they take in ``mask_kinds``.
+    mask_kind: str | None = "keep_idx"
 
     def check_encoder(self, encoder: nn.Module) -> None:
         """Refuse an encoder that cannot take this method's kind of mask, naming the ones that can."""
-        kind = getattr(encoder, "mask_input", None)
-        if self.mask_input is not None and kind != self.mask_input:
+        kinds = getattr(encoder, "mask_kinds", frozenset())
+        if self.mask_kind is not None and self.mask_kind not in kinds:
             from mimkit.backbones import backbones_taking
 
             raise ConfigError(
-                f"{type(self).__name__} needs a backbone taking mask_input={self.mask_input!r}; "
-                f"{type(encoder).__name__} takes {kind!r}. Valid backbones: "
-                f"{', '.join(backbones_taking(self.mask_input))}"
+                f"{type(self).__name__} needs a backbone taking {self.mask_kind!r} masks; "
+                f"{type(encoder).__name__} takes {', '.join(sorted(kinds)) or 'none'}. Valid backbones: "
+                f"{', '.join(backbones_taking(self.mask_kind))}"
             )
+
+    @property
+    def views(self) -> list[ViewSpec]:
+        """The views the loader must build for this method (a single default view without a config)."""
+        cfg = getattr(self, "cfg", None)
+        return cfg.view_specs if isinstance(cfg, MethodConfig) else [ViewSpec()]
 
     def check_image_size(self, height: int, width: int) -> None:
         """Refuse (with a :class:`ConfigError`) training images this method cannot mask; all sizes by default."""
@@ -81,6 +120,23 @@ class PretrainMethod(nn.Module):
             total_steps: The schedule's current length; under ``train.budget_minutes`` it is
                 re-estimated as the run goes, so schedules should be functions of ``step / total_steps``.
 
+        """
+
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Hook between backward and the optimizer (gradients all-reduced, not yet clipped); a no-op by default.
+
+        A method may set gradients to None here to keep parameters out of this step entirely (DINO's
+        frozen last layer): AdamW then neither moves them nor decays them nor counts the step.
+        """
+
+    def discard_step(self) -> None:
+        """Hook for a step the engine skipped (a non-finite loss or gradient): drop what the step's
+        forward passes left pending (a teacher centre's sums); a no-op by default.
+        """
+
+    def encoder_loaded(self) -> None:
+        """Hook after the engine loaded pre-trained weights into ``encoder`` (``init``); a no-op by
+        default. A teacher-student method copies the student into its teacher here.
         """
 
     #: The attribute evaluation and export read (a backbone): the encoder, or a teacher's for DINO.

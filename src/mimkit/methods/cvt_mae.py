@@ -16,7 +16,7 @@ from mimkit.backbones.cvt import UPDATE_MASKS
 from mimkit.data.batch import Batch
 from mimkit.errors import ConfigError
 from mimkit.masking import pixel_block_mask
-from mimkit.methods.base import PretrainMethod, PretrainOutput
+from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
 from mimkit.methods.losses import inpainting_loss, masked_mse, patch_norm_stats, patchify, unpatchify
 from mimkit.methods.unet_decoder import UNetDecoder
 from mimkit.schema import check_positive
@@ -36,10 +36,10 @@ class CvTMAE(PretrainMethod):
 
     """
 
-    mask_input = "pixels"
+    mask_kind = "pixels"
 
     @dataclass
-    class Config:
+    class Config(MethodConfig):
         """CvT-MAE's own settings (``method:`` in a config)."""
 
         mask_ratio: float = 0.5
@@ -57,6 +57,7 @@ class CvTMAE(PretrainMethod):
         norm_pix_loss: bool = False
 
         def __post_init__(self) -> None:
+            super().__post_init__()
             if isinstance(self.update_mask, bool):
                 self.update_mask = "pre_norm" if self.update_mask else "mask_only"
             if self.update_mask not in UPDATE_MASKS:

@@ -24,7 +24,7 @@ from torch import nn
 
 from mimkit.data.batch import Batch
 from mimkit.errors import ConfigError
-from mimkit.methods.base import PretrainMethod, PretrainOutput
+from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
 from mimkit.schema import require
 
 
@@ -42,10 +42,10 @@ class FineTune(PretrainMethod):
     """
 
     #: Any backbone: the classifier reads ``forward_features`` / ``forward_head`` only.
-    mask_input = None
+    mask_kind = None
 
     @dataclass
-    class Config:
+    class Config(MethodConfig):
         """Fine-tuning settings (``method:`` in a fine-tuning config)."""
 
         num_classes: int = 0
@@ -66,6 +66,7 @@ class FineTune(PretrainMethod):
         steps copy the weights. Pick it by the run's length: the average spans about 1/(1-decay) steps."""
 
         def __post_init__(self) -> None:
+            super().__post_init__()
             require(self.num_classes >= 0, "method.num_classes", ">= 0 (0 = from the dataset)", self.num_classes)
             require(0.0 < self.layer_decay <= 1.0, "method.layer_decay", "in (0, 1]", self.layer_decay)
             require(self.trainable_blocks >= -1, "method.trainable_blocks", ">= -1 (-1 = all)",

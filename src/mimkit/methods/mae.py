@@ -11,8 +11,8 @@ import torch
 
 from mimkit.data.batch import Batch
 from mimkit.errors import ConfigError
-from mimkit.masking import random_masking
-from mimkit.methods.base import PretrainMethod, PretrainOutput
+from mimkit.masking import KeepTokens, random_masking
+from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
 from mimkit.methods.decoders import MaskTokenDecoder
 from mimkit.methods.losses import masked_mse, patch_norm_stats, patchify, unpatchify
 from mimkit.schema import check_heads, check_positive
@@ -31,7 +31,7 @@ class MAE(PretrainMethod):
     """
 
     @dataclass
-    class Config:
+    class Config(MethodConfig):
         """MAE's own settings (``method:`` in a config)."""
 
         mask_ratio: float = 0.75
@@ -41,6 +41,7 @@ class MAE(PretrainMethod):
         norm_pix_loss: bool = True
 
         def __post_init__(self) -> None:
+            super().__post_init__()
             if not 0.0 < self.mask_ratio < 1.0:
                 raise ConfigError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
             check_positive("method", decoder_dim=self.decoder_dim, decoder_heads=self.decoder_heads)
@@ -49,7 +50,7 @@ class MAE(PretrainMethod):
             check_heads("method.decoder_dim", self.decoder_dim, "method.decoder_heads", self.decoder_heads)
 
     def __init__(self, encoder: torch.nn.Module, cfg: Config) -> None:
-        """Wrap a token-dropping encoder (``forward_features(x, keep_idx)``) with a decoder."""
+        """Wrap a token-dropping encoder (``forward_features(x, KeepTokens(idx))``) with a decoder."""
         super().__init__()
         self.check_encoder(encoder)
         self.encoder = encoder
@@ -74,7 +75,7 @@ class MAE(PretrainMethod):
         n, _, h, w = images.shape
         grid = self.encoder.grid_size(h, w)
         m = random_masking(n, grid[0] * grid[1], self.cfg.mask_ratio, images.device)
-        latent = self.encoder.forward_features(images, m.keep_idx)  # [N, 1+K, D]
+        latent = self.encoder.forward_features(images, KeepTokens(m.keep_idx))  # [N, 1+K, D]
         pred = self.decoder(latent, m.restore_idx, grid)  # [N, L, p*p*C]
         target = patchify(images, self.encoder.patch_size)  # [N, L, p*p*C]
         loss = masked_mse(pred, target, m.mask, norm_pix=self.cfg.norm_pix_loss)

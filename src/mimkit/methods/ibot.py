@@ -1,0 +1,234 @@
+"""iBOT: DINO's cross-view self-distillation plus masked image modeling with an online tokenizer.
+
+Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer", ICLR 2022; the optional KoLeo
+regulariser is DINOv2's (Oquab et al., "DINOv2: Learning Robust Visual Features without
+Supervision", TMLR 2024; Sablayrolles et al., "Spreading vectors for similarity search", ICLR 2019).
+
+The student's global crops are block-masked (each image masked with probability ``mask_prob``, at a
+ratio drawn from ``mask_ratio``); its masked patch tokens are replaced by a learned mask token. The
+teacher sees the crops unmasked. Beside DINO's loss on the pooled features, the patch loss asks
+each masked student token to predict the teacher's distribution for the same token of the same
+view, centred by a second centre.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mimkit.data.batch import Batch
+from mimkit.masking import TokenMask, block_masking
+from mimkit.methods.base import PretrainOutput
+from mimkit.methods.dino import DINO, dino_loss
+from mimkit.methods.heads import DINOHead
+from mimkit.schema import require
+
+
+def ibot_patch_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], masks: list[torch.Tensor],
+                    student_temp: float) -> torch.Tensor:
+    """IBOT's masked-token loss: per view, the cross-entropy summed over masked tokens over their count,
+    averaged over images (an unmasked image counts as 0) and views.
+
+    Args:
+        student: Per global view, ``[N, L, K]`` logits of the student's (masked) patch tokens.
+        teacher: Per global view, ``[N, L, K]`` probabilities of the teacher's (unmasked) patch tokens.
+        masks: Per global view, ``[N, L]`` bool, True = masked.
+        student_temp: The student's softmax temperature.
+
+    Returns:
+        The scalar loss (float32).
+
+    """
+    terms = []
+    for s, t, m in zip(student, teacher, masks, strict=True):
+        ce = -(t * F.log_softmax(s.float() / student_temp, dim=-1)).sum(-1)  # [N, L]
+        m = m.float()
+        terms.append(((ce * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean())
+    return torch.stack(terms).mean()
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo: ``-mean_i log(min_{j != i} |x_i - x_j| + eps)`` of L2-normalised ``x [N, D]``, in float32.
+
+    It spreads the features of a batch (the differential entropy estimate of Kozachenko and
+    Leonenko), as DINOv2 adds it to each global crop's student features.
+    """
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    with torch.no_grad():  # each point's nearest neighbour, as DINOv2 finds it
+        sim = x @ x.T
+        sim.fill_diagonal_(-1.0)
+        nearest = sim.argmax(dim=1)
+    return -torch.log(F.pairwise_distance(x, x[nearest], eps=eps) + eps).mean()
+
+
+class IBOT(DINO):
+    """DINO plus iBOT's masked patch-token distillation (a shared or separate patch head), KoLeo optional.
+
+    Example:
+        >>> from mimkit.backbones import create_backbone
+        >>> enc = create_backbone("vit_tiny_p4", img_size=28, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+        >>> ibot = IBOT(enc, IBOT.Config(out_dim=64, hidden_dim=32, bottleneck_dim=16))
+        >>> views = [torch.randn(2, 1, 28, 28)] * 2 + [torch.randn(2, 1, 12, 12)] * 6
+        >>> out = ibot(Batch(views[0], None, tuple(views)))
+        >>> out.mask.shape  # the first global crop's patch mask, [N, L]
+        torch.Size([2, 49])
+
+    """
+
+    @dataclass
+    class Config(DINO.Config):
+        """iBOT's settings: DINO's, and those of the masked-token loss."""
+
+        mask_prob: float = 0.5
+        """Probability that a global crop of an image is masked at all."""
+        mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])
+        """Range of the masked fraction of a masked crop, drawn uniformly per image (iBOT: [0.1, 0.5])."""
+        mask_min_block: int = 4
+        """Smallest block of the block masks, in tokens (BEiT's 16 is for a 14 x 14 grid)."""
+        patch_weight: float = 1.0
+        """Weight of the patch loss beside the DINO loss."""
+        shared_head: bool = True
+        """One head for the pooled features and the patch tokens (iBOT's default), or a second one."""
+        center_momentum2: float = 0.9
+        koleo_weight: float = 0.0
+        """Weight of KoLeo on the student's pooled global-crop features (DINOv2: 0.1; 0 = off)."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            require(0.0 <= self.mask_prob <= 1.0, "method.mask_prob", "in [0, 1]", self.mask_prob)
+            require(len(self.mask_ratio) == 2 and 0.0 < self.mask_ratio[0] <= self.mask_ratio[1] < 1.0,
+                    "method.mask_ratio", "[lo, hi] with 0 < lo <= hi < 1", self.mask_ratio)
+            require(self.mask_min_block >= 1, "method.mask_min_block", ">= 1", self.mask_min_block)
+            require(self.patch_weight >= 0 and self.koleo_weight >= 0, "method.patch_weight and method.koleo_weight",
+                    ">= 0", (self.patch_weight, self.koleo_weight))
+            require(0.0 <= self.center_momentum2 < 1.0, "method.center_momentum2", "in [0, 1)",
+                    self.center_momentum2)
+
+    mask_kind = "token_mask"
+
+    def __init__(self, encoder: nn.Module, cfg: Config) -> None:
+        """DINO's student and teacher, a learned mask token, and a patch head (shared by default)."""
+        super().__init__(encoder, cfg)
+        # Only a backbone that puts the token in place of patch embeddings (the ViT) gets one; the
+        # CvT hides the pixels instead, and an unused parameter would stall DDP.
+        self.mask_token = None
+        if getattr(encoder, "uses_mask_token", False):
+            self.mask_token = nn.Parameter(torch.zeros(encoder.num_features))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+        if not cfg.shared_head:
+            self.patch_head = DINOHead(encoder.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                                       cfg.norm_last_layer)
+            self.teacher_patch_head = copy.deepcopy(self.patch_head).requires_grad_(False)
+        self.register_buffer("center2", torch.zeros(1, 1, cfg.out_dim))
+        self._pending2: torch.Tensor | None = None
+        self._pending2_n = 0
+
+    def _heads(self, teacher: bool) -> tuple[DINOHead, DINOHead]:
+        """The (pooled, patch) heads of the student or of the teacher."""
+        if teacher:
+            return self.teacher_head, self.teacher_head if self.cfg.shared_head else self.teacher_patch_head
+        return self.head, self.head if self.cfg.shared_head else self.patch_head
+
+    def draw_masks(self, n: int, height: int, width: int) -> torch.Tensor:
+        """``[n, height * width]`` bool block masks: each image masked with probability ``mask_prob``,
+        at a ratio uniform in ``mask_ratio``, from the global RNG (checkpointed by the engine).
+        """
+        out = torch.zeros(n, height * width, dtype=torch.bool)
+        lo, hi = self.cfg.mask_ratio
+        draws = torch.rand(n, 2)
+        for i in range(n):
+            if draws[i, 0] < self.cfg.mask_prob:
+                ratio = lo + (hi - lo) * float(draws[i, 1])
+                out[i] = block_masking(1, height, width, ratio, min_block=self.cfg.mask_min_block)[0].bool()
+        return out
+
+    def _encode(self, encoder: nn.Module, x: torch.Tensor, mask: TokenMask | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled [N, D], patch tokens [N, L, D])`` of images through ``encoder``."""
+        tokens = encoder.forward_features(x, mask)
+        return encoder.forward_head(tokens, pre_logits=True), tokens[:, encoder.num_prefix_tokens:]
+
+    def forward(self, batch: Batch | torch.Tensor) -> PretrainOutput:
+        """DINO's loss over every view plus the patch loss over the masked global crops."""
+        views = Batch.of(batch).all_views
+        g, c = self.cfg.global_views, self.cfg
+        if len(views) <= g:
+            raise ValueError(f"iBOT needs {g} global views and at least one more, got {len(views)} "
+                             "(the loader builds them from method.views)")
+        n = views[0].shape[0]
+        grid = self.encoder.grid_size(*views[0].shape[-2:])
+        masks = self.draw_masks(g * n, *grid).to(views[0].device)  # [G*N, L]
+        global_x = torch.cat(views[:g])
+        # the teacher: unmasked global crops, pooled and patch logits
+        with torch.no_grad():
+            t_pooled, t_tokens = self._encode(self.teacher_encoder, global_x)
+            head, patch_head = self._heads(teacher=True)
+            t_logits = head(t_pooled).float()  # [G*N, K]
+            t_patch = patch_head(t_tokens).float()  # [G*N, L, K]
+        temp = self.teacher_temp(float(self.progress))
+        t_probs = F.softmax((t_logits - self.center) / temp, dim=-1)
+        t_patch_probs = F.softmax((t_patch - self.center2) / temp, dim=-1)
+        # the student: masked global crops (pooled and patch logits), unmasked local crops (pooled)
+        head, patch_head = self._heads(teacher=False)
+        s_pooled, s_tokens = self._encode(self.encoder, global_x, TokenMask(masks, self.mask_token))
+        s_global = head(s_pooled)
+        s_patch = patch_head(s_tokens)
+        s_logits = list(s_global.chunk(g)) + self.student_logits(views[g:])
+        loss_cls = dino_loss(s_logits, list(t_probs.chunk(g)), c.student_temp)
+        loss_patch = ibot_patch_loss(list(s_patch.chunk(g)), list(t_patch_probs.chunk(g)), list(masks.chunk(g)),
+                                     c.student_temp)
+        loss = loss_cls + c.patch_weight * loss_patch
+        logs = self._logs(loss_cls, t_probs, temp, views[:g])
+        logs.update(loss_cls=float(loss_cls.detach()), loss_patch=float(loss_patch.detach()),
+                    masked=float(masks.float().mean()), center2_norm=float(self.center2.norm()))
+        if c.koleo_weight > 0:
+            loss_koleo = torch.stack([koleo_loss(p) for p in s_pooled.chunk(g)]).sum()
+            loss = loss + c.koleo_weight * loss_koleo
+            logs["loss_koleo"] = float(loss_koleo.detach())
+        if self.training:
+            self._add_pending(t_logits)
+            total = t_patch.mean(1).sum(0, keepdim=True).unsqueeze(0)  # [1, 1, K]: per-image patch means
+            self._pending2 = total if self._pending2 is None else self._pending2 + total
+            self._pending2_n += t_patch.shape[0]
+        return PretrainOutput(loss, logs, None, masks[:n].float())
+
+    def frozen_heads(self) -> list[DINOHead]:
+        """DINO's head and, when there is one, the separate patch head."""
+        return [self.head] + ([] if self.cfg.shared_head else [self.patch_head])
+
+    def discard_step(self) -> None:
+        """A skipped step leaves neither centre's sums behind."""
+        super().discard_step()
+        self._pending2, self._pending2_n = None, 0
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """DINO's updates, the patch centre's, and the separate patch head's EMA when there is one."""
+        if self._pending2 is not None:
+            count = torch.tensor([float(self._pending2_n)], device=self.center2.device)
+            pending = torch.cat([self._pending2.flatten().to(self.center2.device), count])
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(pending)
+            m = self.cfg.center_momentum2
+            self.center2.mul_(m).add_((pending[:-1] / pending[-1]).view_as(self.center2), alpha=1 - m)
+            self._pending2, self._pending2_n = None, 0
+        if not self.cfg.shared_head:
+            m = self.momentum(step / max(1, total_steps))
+            for ps, pt in zip(self.patch_head.parameters(), self.teacher_patch_head.parameters(), strict=True):
+                pt.lerp_(ps.detach(), 1.0 - m)
+        super().after_step(step, total_steps)
+
+    def train(self, mode: bool = True) -> IBOT:
+        """DINO's (the teacher stays in eval), the separate teacher patch head included."""
+        super().train(mode)
+        if not self.cfg.shared_head:
+            self.teacher_patch_head.eval()
+        return self
+
+
+__all__ = ["IBOT", "ibot_patch_loss", "koleo_loss"]

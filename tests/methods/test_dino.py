@@ -1,0 +1,210 @@
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimkit.backbones import create_backbone
+from mimkit.config import OptimConfig, load_config
+from mimkit.data import Batch
+from mimkit.engine.optim import build_optimizer
+from mimkit.engine.step import train_step
+from mimkit.errors import ConfigError
+from mimkit.methods import create_method
+from mimkit.methods.dino import DINO, dino_loss
+from mimkit.methods.heads import DINOHead
+
+SMALL = {"name": "dino", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16,
+         "views": [{"count": 2}, {"size": 12, "scale": [0.1, 0.4], "count": 2}]}
+
+
+def _dino(backbone: str = "vit_tiny_p4", **cfg) -> DINO:
+    torch.manual_seed(0)
+    kw = (dict(embed_dim=32, depth=1, num_heads=2) if backbone.startswith("vit")
+          else dict(dims=(16, 32, 64), num_heads=(1, 2, 2), depths=(1, 1, 1)))
+    return create_method({**SMALL, **cfg}, create_backbone(backbone, img_size=28, in_chans=1, **kw))
+
+
+def _batch(n: int = 4, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    views = (torch.randn(n, 1, 28, 28, generator=g), torch.randn(n, 1, 28, 28, generator=g),
+             torch.randn(n, 1, 12, 12, generator=g), torch.randn(n, 1, 12, 12, generator=g))
+    return Batch(views[0], None, views)
+
+
+def test_loss_is_the_mean_over_pairs_of_different_views():
+    torch.manual_seed(0)
+    s = [torch.randn(3, 5) for _ in range(4)]
+    t = [F.softmax(torch.randn(3, 5), -1) for _ in range(2)]
+    want = [-(t[i] * F.log_softmax(s[v] / 0.1, -1)).sum(-1).mean() for i in range(2) for v in range(4) if v != i]
+    torch.testing.assert_close(dino_loss(s, t, 0.1), torch.stack(want).mean())
+    assert len(want) == 6  # 2 * (4 - 1): a teacher view is never matched with its own student view
+
+
+@pytest.mark.parametrize("backbone", ["vit_tiny_p4", "cvt_tiny_s4"])
+def test_teacher_takes_no_gradient_and_stays_in_eval(backbone):
+    dino = _dino(backbone).train()
+    assert not dino.teacher_encoder.training and not dino.teacher_head.training
+    dino(_batch()).loss.backward()
+    assert all(p.grad is None for p in dino.teacher_encoder.parameters())
+    assert all(p.grad is None for p in dino.teacher_head.parameters())
+    assert all(p.grad is not None for p in dino.encoder.parameters() if p.requires_grad)
+    assert dino.eval_module is dino.teacher_encoder
+
+
+def test_after_step_moves_centre_and_teacher_as_dino_does():
+    dino = _dino(center_momentum=0.9, momentum=0.99).train()
+    batch = _batch()
+    with torch.no_grad():
+        t = dino.teacher_logits(batch.views[:2])
+    teacher_before = [p.clone() for p in dino.teacher_encoder.parameters()]
+    dino(batch).loss.backward()
+    with torch.no_grad():  # move the student so that the EMA is visible
+        for p in dino.encoder.parameters():
+            p.add_(0.1)
+    dino.after_step(0, 10)
+    torch.testing.assert_close(dino.center, 0.1 * t.mean(0, keepdim=True))
+    for pt, before, ps in zip(dino.teacher_encoder.parameters(), teacher_before, dino.encoder.parameters(),
+                              strict=True):
+        torch.testing.assert_close(pt, 0.99 * before + 0.01 * ps)
+    assert int(dino.step) == 1 and float(dino.progress) == pytest.approx(0.1)
+
+
+def test_schedules():
+    dino = _dino(teacher_temp=0.04, teacher_temp_final=0.07, teacher_temp_warmup=0.5, momentum=0.996)
+    assert dino.teacher_temp(0.0) == pytest.approx(0.04)
+    assert dino.teacher_temp(0.25) == pytest.approx(0.055)
+    assert dino.teacher_temp(0.9) == pytest.approx(0.07)
+    assert dino.momentum(0.0) == pytest.approx(0.996)
+    assert dino.momentum(0.5) == pytest.approx(0.998)
+    assert dino.momentum(1.0) == pytest.approx(1.0)
+
+
+def test_last_layer_is_frozen_for_its_steps_then_trains():
+    """DINO's freeze: no gradient reaches the optimizer, so the layer, its AdamW state and its decay stay untouched."""
+    dino = _dino(freeze_last_layer=0.2).train()  # steps 0 and 1 of 10
+    opt = build_optimizer(dino, OptimConfig(weight_decay=0.04), 1e-2)
+    last = dino.head.last_v.detach().clone()
+    for step in range(2):
+        train_step(dino, dino, [_batch(seed=step)], opt, device=torch.device("cpu"), precision="fp32", lr=1e-2,
+                   step=step, total_steps=10)
+        assert torch.equal(dino.head.last_v, last) and dino.head.last_v not in opt.state
+    assert dino.head.mlp[0].weight in opt.state  # the rest of the head trains
+    train_step(dino, dino, [_batch(seed=5)], opt, device=torch.device("cpu"), precision="fp32", lr=1e-2,
+               step=2, total_steps=10)
+    assert not torch.equal(dino.head.last_v, last) and opt.state[dino.head.last_v]["step"] == 1
+
+
+def test_a_skipped_step_leaves_nothing_pending_and_init_reaches_the_teacher():
+    dino = _dino().train()
+    dino(_batch())
+    dino.discard_step()
+    dino.after_step(0, 10)
+    assert torch.equal(dino.center, torch.zeros_like(dino.center))  # the skipped batch never reached it
+    with torch.no_grad():
+        for p in dino.encoder.parameters():
+            p.add_(1.0)
+    dino.encoder_loaded()
+    assert all(torch.equal(a, b) for a, b in zip(dino.encoder.parameters(), dino.teacher_encoder.parameters(),
+                                                  strict=True))
+
+
+def test_head_is_a_cosine_classifier_with_norm_last_layer():
+    head = DINOHead(8, 5, hidden_dim=16, bottleneck_dim=4)
+    z = head.embed(torch.randn(3, 8))
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(3))
+    logits = head.last_layer(z)
+    assert float(logits.detach().abs().max()) <= 1.0 + 1e-5
+    assert not head.last_g.requires_grad
+    assert DINOHead(8, 5, 16, 4, norm_last_layer=False).last_g.requires_grad
+
+
+def test_state_dict_holds_every_piece_of_state_for_an_exact_resume():
+    a = _dino().train()
+    opt = build_optimizer(a, OptimConfig(), 1e-3)
+    for step in range(3):
+        train_step(a, a, [_batch(seed=step)], opt, device=torch.device("cpu"), precision="fp32", lr=1e-3,
+                   step=step, total_steps=10)
+    assert {"center", "step", "progress"} <= set(a.state_dict())
+    b = _dino()
+    b.load_state_dict(a.state_dict())
+    b.train()
+    torch.testing.assert_close(a(_batch(seed=9)).loss, b(_batch(seed=9)).loss, rtol=0, atol=0)
+
+
+def test_param_groups_follow_dinos_weight_decay_schedule():
+    dino = _dino(weight_decay_end=0.4)
+    groups = dino.param_groups(0.04)
+    decayed = [g for g in groups if g["weight_decay"] > 0]
+    assert len(decayed) == 1 and decayed[0]["weight_decay_end"] == 0.4
+    names = {id(p): n for n, p in dino.named_parameters()}
+    assert "encoder.cls_token" in {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert not any(names[id(p)].startswith("teacher") for g in groups for p in g["params"])
+
+
+def test_collapse_is_reported_with_what_to_change(caplog):
+    dino = _dino(collapse_check_every=1, teacher_temp_warmup=0.0).train()
+    dino(_batch())
+    dino._last["teacher_entropy"] = 0.999  # a uniform teacher
+    with caplog.at_level(logging.WARNING, logger="mimkit.methods.dino"):
+        dino.after_step(0, 10)
+    assert "outputs are uniform" in caplog.text and "teacher_temp_final" in caplog.text
+    caplog.clear()
+    dino(_batch())
+    dino._last.update(teacher_entropy=0.5, teacher_marginal_entropy=0.01)  # one prototype for every image
+    with caplog.at_level(logging.WARNING, logger="mimkit.methods.dino"):
+        dino.after_step(1, 10)
+    assert "one prototype takes every image" in caplog.text
+    caplog.clear()
+    dino(_batch())  # a fresh teacher is neither
+    with caplog.at_level(logging.WARNING, logger="mimkit.methods.dino"):
+        dino.after_step(2, 10)
+    assert "collapse" not in caplog.text
+
+
+def test_logs_report_entropy_as_a_fraction_of_log_k():
+    out = _dino().train()(_batch())
+    assert 0.0 <= out.logs["teacher_entropy"] <= 1.0 and 0.0 <= out.logs["teacher_marginal_entropy"] <= 1.0
+    assert out.logs["teacher_temp"] == pytest.approx(0.04) and math.isfinite(out.logs["kl"])
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="method.global_views"):
+        load_config(None, ["method.name=dino", "method.views=[{count: 2}]"])
+    with pytest.raises(ConfigError, match="global views .* of one size"):
+        load_config(None, ["method.name=dino", "method.views=[{}, {size: 12}, {size: 12}]"])
+    with pytest.raises(ValueError, match="needs 2 global views and at least one more"):
+        _dino()(Batch(torch.randn(2, 1, 28, 28)))
+
+
+@pytest.mark.fmnist
+@pytest.mark.slow
+def test_a_dino_run_is_evaluated_and_fine_tuned_through_its_teacher(tmp_path, tiny_run_overrides):
+    from safetensors.torch import load_file
+
+    from mimkit.engine import pretrain
+    from mimkit.engine.checkpoint import latest_checkpoint
+    from mimkit.engine.distributed import DistInfo
+    from mimkit.engine.trainer import Trainer
+    from mimkit.evaluation.finetune import finetune_config
+    from mimkit.evaluation.runner import resolve_subject
+
+    run = tmp_path / "dino"
+    small = [f"method.{k}={v}" for k, v in SMALL.items() if k not in ("name", "views")]
+    overrides = [o for o in tiny_run_overrides if not o.startswith("method.")]
+    pretrain(load_config(None, [f"run_dir={run}", *overrides, "method.name=dino", *small,
+                                "method.views=[{count: 2}, {size: 12, scale: [0.1, 0.4], count: 2}]",
+                                "train.epochs=1"]))
+    ckpt = latest_checkpoint(run / "checkpoints")
+    weights = load_file(str(ckpt / "model.safetensors"))
+    teacher = {k[len("teacher_encoder."):]: v for k, v in weights.items() if k.startswith("teacher_encoder.")}
+    student = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
+    assert teacher.keys() == student.keys() and any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    subject = resolve_subject(str(run), None, None, [])
+    assert all(torch.equal(subject.encoder.state_dict()[k], v) for k, v in teacher.items())
+    tuned = Trainer(finetune_config(str(run), overrides=["data.subset_fraction=0.01", "train.progress=false"]),
+                    DistInfo())
+    assert all(torch.equal(tuned.method.encoder.state_dict()[k], v) for k, v in teacher.items())
