@@ -111,6 +111,25 @@ def method_batch(method, images: torch.Tensor, labels: torch.Tensor | None = Non
     return Batch(views[0], labels, views)
 
 
+#: A tiny teacher-student setting: small heads, two 28 px global and two 12 px local views.
+TINY_TEACHER_STUDENT = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16,
+                        "views": [{"count": 2}, {"size": 12, "scale": [0.1, 0.4], "count": 2}]}
+
+
+def tiny_teacher_student(name: str, backbone: str = "vit_tiny_p4", **cfg: object):
+    """A tiny DINO or iBOT on 28 px grey images (seed 0), with ``cfg`` over :data:`TINY_TEACHER_STUDENT`."""
+    torch.manual_seed(0)
+    kwargs = {**TINY_FAMILY[family(backbone)], "img_size": 28, "in_chans": 1}
+    return create_method({"name": name, **TINY_TEACHER_STUDENT, **cfg}, create_backbone(backbone, **kwargs))
+
+
+def four_views(n: int = 4, seed: int = 0) -> Batch:
+    """A batch as :func:`tiny_teacher_student`'s loader would give it: two 28 px and two 12 px views."""
+    g = torch.Generator().manual_seed(seed)
+    views = tuple(torch.randn(n, 1, s, s, generator=g) for s in (28, 28, 12, 12))
+    return Batch(views[0], None, views)
+
+
 #: Every registered method with every backbone that can take it.
 METHOD_BACKBONE_PAIRS = [(m, b) for m in sorted(METHODS) for b in backbones_taking(METHODS[m].mask_kind)]
 

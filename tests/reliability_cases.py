@@ -152,9 +152,9 @@ CASES: list[Case] = [
     Case("invalid-yaml", 5, ("config", "--config", "{ws}/bad.yaml"), r"bad\.yaml: not valid YAML: .* line \d+"),
     Case("missing-config", 5, ("config", "--config", "nope"), r"config 'nope' not found: .*mae_fmnist"),
     Case("unknown-key", 5, ("config", "optim.lr=1"), r"unknown key\(s\) optim\.lr in optim; valid keys: .*base_lr"),
-    Case("unknown-view-key", 5, ("config", "method.views=[{crop: 0.5}]"),
+    Case("unknown-view-key", 5, ("config", "method.views=[{{crop: 0.5}}]"),
          r"method\.views\[0\]: unknown setting\(s\) crop; valid: size, scale, ratio, hflip"),
-    Case("view-size-vs-patch", 5, ("config", "--config", "dino_fmnist", "method.views=[{count: 2}, {size: 10}]"),
+    Case("view-size-vs-patch", 5, ("config", "--config", "dino_fmnist", "method.views=[{{count: 2}}, {{size: 10}}]"),
          r"method\.views\[1\]\.size 10 is not divisible by backbone\.patch_size 4 \(vit_tiny_p4\); use a multiple of 4 "
          r"such as 8, 12"),
     Case("crop-scale-with-many-views", 5, ("config", "--config", "dino_fmnist", "data.crop_scale=[0.5, 1]"),

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import method_batch
 
 import mimkit
 from mimkit.config import (
@@ -184,7 +185,7 @@ def test_packaged_config_loads_and_builds(path):
     assert cfg.optim.base_lr == pytest.approx(raw["optim"]["base_lr"])
     assert cfg.train.epochs == float(raw["train"]["epochs"])
     method = method_from_config(cfg)
-    out = method(torch.randn(2, cfg.data.channels, cfg.data.img_size, cfg.data.img_size))
+    out = method(method_batch(method, torch.randn(2, cfg.data.channels, cfg.data.img_size, cfg.data.img_size)))
     assert torch.isfinite(out.loss)
 
 

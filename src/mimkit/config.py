@@ -268,6 +268,18 @@ def _move_view_keys(tree: dict[str, Any]) -> dict[str, Any]:
     return {**tree, "data": data, "method": method}
 
 
+def _merge_layer(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """``layer`` merged over ``base``; a ``method`` or ``backbone`` that names another ``name`` replaces
+    the whole section, since one method's (or backbone's) settings mean nothing to another.
+    """
+    base = dict(base)
+    for section in ("method", "backbone"):
+        named, old = layer.get(section), base.get(section)
+        if isinstance(named, dict) and "name" in named and isinstance(old, dict) and named["name"] != old.get("name"):
+            base[section] = {}
+    return _merge(base, layer)
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -308,7 +320,7 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     if base_path.resolve() in chain:
         names = " -> ".join(p.name for p in (*chain, base_path.resolve()))
         raise ConfigError(f"{path}: base configs form a cycle: {names}")
-    return _merge(load_yaml(base_path, chain), data)
+    return _merge_layer(load_yaml(base_path, chain), data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
@@ -333,11 +345,7 @@ def compose_config(layers: list[dict[str, Any]], overrides: list[str] | None = N
     """
     tree: dict[str, Any] = asdict(PretrainConfig())
     for layer in layers:
-        for section in ("method", "backbone"):
-            named = layer.get(section)
-            if isinstance(named, dict) and "name" in named and named["name"] != tree[section].get("name"):
-                tree[section] = {}
-        tree = _move_view_keys(_merge(tree, layer))
+        tree = _move_view_keys(_merge_layer(tree, layer))
     tree = _move_view_keys(_merge(tree, parse_overrides(overrides or [])))
     cfg = from_dict(PretrainConfig, tree)
     validate(cfg)

@@ -6,33 +6,24 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_TEACHER_STUDENT, four_views, tiny_teacher_student
 
-from mimkit.backbones import create_backbone
 from mimkit.config import OptimConfig, load_config
 from mimkit.data import Batch
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.step import train_step
 from mimkit.errors import ConfigError
-from mimkit.methods import create_method
 from mimkit.methods.dino import DINO, dino_loss
 from mimkit.methods.heads import DINOHead
 
-SMALL = {"name": "dino", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16,
-         "views": [{"count": 2}, {"size": 12, "scale": [0.1, 0.4], "count": 2}]}
+SMALL = {"name": "dino", **TINY_TEACHER_STUDENT}
 
 
 def _dino(backbone: str = "vit_tiny_p4", **cfg) -> DINO:
-    torch.manual_seed(0)
-    kw = (dict(embed_dim=32, depth=1, num_heads=2) if backbone.startswith("vit")
-          else dict(dims=(16, 32, 64), num_heads=(1, 2, 2), depths=(1, 1, 1)))
-    return create_method({**SMALL, **cfg}, create_backbone(backbone, img_size=28, in_chans=1, **kw))
+    return tiny_teacher_student("dino", backbone, **cfg)
 
 
-def _batch(n: int = 4, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    views = (torch.randn(n, 1, 28, 28, generator=g), torch.randn(n, 1, 28, 28, generator=g),
-             torch.randn(n, 1, 12, 12, generator=g), torch.randn(n, 1, 12, 12, generator=g))
-    return Batch(views[0], None, views)
+_batch = four_views
 
 
 def test_loss_is_the_mean_over_pairs_of_different_views():

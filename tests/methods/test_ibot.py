@@ -5,27 +5,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import four_views, tiny_teacher_student
 
-from mimkit.backbones import create_backbone
-from mimkit.data import Batch
-from mimkit.methods import create_method
 from mimkit.methods.ibot import IBOT, ibot_patch_loss, koleo_loss
-
-SMALL = {"name": "ibot", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16,
-         "views": [{"count": 2}, {"size": 12, "scale": [0.1, 0.4], "count": 2}]}
 
 
 def _ibot(backbone: str = "vit_tiny_p4", **cfg) -> IBOT:
-    torch.manual_seed(0)
-    kw = (dict(embed_dim=32, depth=1, num_heads=2) if backbone.startswith("vit")
-          else dict(dims=(16, 32, 64), num_heads=(1, 2, 2), depths=(1, 1, 1)))
-    return create_method({**SMALL, **cfg}, create_backbone(backbone, img_size=28, in_chans=1, **kw))
+    return tiny_teacher_student("ibot", backbone, **cfg)
 
 
-def _batch(n: int = 4, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    views = tuple(torch.randn(n, 1, s, s, generator=g) for s in (28, 28, 12, 12))
-    return Batch(views[0], None, views)
+_batch = four_views
 
 
 def test_patch_loss_counts_masked_tokens_only_and_unmasked_images_as_zero():
