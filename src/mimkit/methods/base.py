@@ -159,9 +159,10 @@ class PretrainMethod(nn.Module):
             weight_decay: ``optim.weight_decay``.
 
         """
+        # The trained encoder's exemptions: the evaluated module may be a teacher without gradients.
         skip: set[str] = set()
-        if hasattr(self.eval_module, "no_weight_decay"):
-            skip = {f"{self.eval_module_name}.{name}" for name in self.eval_module.no_weight_decay()}
+        if hasattr(self.encoder, "no_weight_decay"):
+            skip = {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=skip)
 
     def reconstruct(

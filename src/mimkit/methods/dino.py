@@ -126,11 +126,12 @@ class DINO(PretrainMethod):
                            bottleneck_dim=self.bottleneck_dim, student_temp=self.student_temp,
                            teacher_temp=self.teacher_temp, teacher_temp_final=self.teacher_temp_final,
                            collapse_check_every=self.collapse_check_every)
-            n = len(expand_views(self.view_specs))
+            views = expand_views(self.view_specs)
+            n = len(views)
             require(1 <= self.global_views < n, "method.global_views",
                     f"at least 1 and fewer than the {n} views of method.views (the student needs another view)",
                     self.global_views)
-            sizes = {s.size for s in expand_views(self.view_specs)[: self.global_views]}
+            sizes = {s.size for s in views[: self.global_views]}
             require(len(sizes) == 1, "method.views", "global views (the first method.global_views) of one size",
                     sorted(sizes))
             require(0.0 <= self.teacher_temp_warmup <= 1.0, "method.teacher_temp_warmup", "in [0, 1]",
@@ -230,7 +231,7 @@ class DINO(PretrainMethod):
         loss = dino_loss(s_logits, list(t_probs.chunk(g)), self.cfg.student_temp)
         if self.training:
             self._add_pending(t_logits)
-        return PretrainOutput(loss, self._logs(loss, t_probs, temp, views[:g]))
+        return PretrainOutput(loss, self._logs(loss, t_probs, temp))
 
     def _add_pending(self, t_logits: torch.Tensor) -> None:
         """Add a micro-batch's teacher logits ``[M, K]`` to the sum the centre moves to at the step's end."""
@@ -239,8 +240,7 @@ class DINO(PretrainMethod):
         self._pending_n += t_logits.shape[0]
 
     @torch.no_grad()
-    def _logs(self, loss: torch.Tensor, t_probs: torch.Tensor, temp: float,
-              global_views: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    def _logs(self, loss: torch.Tensor, t_probs: torch.Tensor, temp: float) -> dict[str, float]:
         """Teacher entropy (per image and of the batch mean) as fractions of log K, KL, centre and schedules."""
         log_k = math.log(self.cfg.out_dim)
         entropy = float(_entropy(t_probs).mean())
@@ -319,17 +319,14 @@ class DINO(PretrainMethod):
                         "method.teacher_temp_final, or lower optim.base_lr", step + 1, marginal)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """The student's parameters, no decay on 1-D ones and the encoder's ``no_weight_decay()``; the
-        decayed group follows DINO's cosine to ``weight_decay_end``.
+        """The base split of the student's parameters; the decayed group follows DINO's cosine to
+        ``weight_decay_end``.
         """
-        skip = {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", set)()}
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
-        return [{"params": no_decay, "weight_decay": 0.0},
-                {"params": decay, "weight_decay": weight_decay, "weight_decay_end": self.cfg.weight_decay_end}]
+        groups = super().param_groups(weight_decay)
+        for group in groups:
+            if group["weight_decay"] > 0:
+                group["weight_decay_end"] = self.cfg.weight_decay_end
+        return groups
 
 
 __all__ = ["DINO", "dino_loss", "dino_views"]

@@ -183,7 +183,7 @@ class IBOT(DINO):
         loss_patch = ibot_patch_loss(list(s_patch.chunk(g)), list(t_patch_probs.chunk(g)), list(masks.chunk(g)),
                                      c.student_temp)
         loss = loss_cls + c.patch_weight * loss_patch
-        logs = self._logs(loss_cls, t_probs, temp, views[:g])
+        logs = self._logs(loss_cls, t_probs, temp)
         logs.update(loss_cls=float(loss_cls.detach()), loss_patch=float(loss_patch.detach()),
                     masked=float(masks.float().mean()), center2_norm=float(self.center2.norm()))
         if c.koleo_weight > 0:
