@@ -12,11 +12,13 @@ and where the update mask can still act. Forward passes on saved checkpoints, mi
              the strides of a backbone: past the stage where it reaches 1 the update mask changes
              nothing.
 
-The CvT has LayerNorm only, no BatchNorm, so there are no running statistics that pre-training on
-masked images could have skewed (the source's linear probe ran BatchNorm layers in train mode).
+The CvT's depthwise q/k/v projections carry BatchNorm, whose running statistics pre-training
+gathered on masked images; evaluation runs on clean ones. ``stages --recalibrate-bn`` adds the same
+encoder with those statistics re-estimated on clean training images (the source's linear probe ran
+its BatchNorm layers in train mode, which has the same effect).
 
 Usage:
-    python benchmarks/bench_cvt_diagnostics.py stages RUN [--random] [--train-fraction 0.2]
+    python benchmarks/bench_cvt_diagnostics.py stages RUN [--random] [--recalibrate-bn] [--train-fraction 0.2]
     python benchmarks/bench_cvt_diagnostics.py bypass RUN [--batches 20]
     python benchmarks/bench_cvt_diagnostics.py visible --config cvt_mae_fmnist_s4 --mask-sizes 2 4 7 14
 """
@@ -24,6 +26,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import time
 
@@ -64,15 +67,35 @@ def stage_features(encoder: torch.nn.Module, loader) -> tuple[dict[str, torch.Te
     return feats, torch.cat(labels)
 
 
+@torch.no_grad()
+def recalibrated(encoder: torch.nn.Module, loader, batches: int) -> torch.nn.Module:
+    """A copy of ``encoder`` whose BatchNorm running statistics are re-estimated (a cumulative mean)
+    on ``batches`` batches of ``loader``'s clean images; everything else as trained."""
+    enc = copy.deepcopy(encoder).eval()
+    norms = [m for m in enc.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for i, batch in enumerate(loader):
+        if i == batches:
+            break
+        enc.forward_features(batch.images)
+    return enc.eval()
+
+
 def stages(args: argparse.Namespace) -> None:
     method, cfg, ckpt = _run(args.run)
     encoders = {"pre-trained": method.encoder}
-    if args.random:
-        torch.manual_seed(cfg.seed)
-        encoders["random init"] = encoder_from_config(cfg).eval()
     data = dataclasses.replace(cfg.data, subset_fraction=1.0)
     train, test = build_dataset(data, "train"), build_dataset(data, "test")
     norm = normalizer_for(train, data.channels)
+    if args.recalibrate_bn:
+        clean = build_loader(train, data, 256, train=False, normalize=norm)
+        encoders["pre-trained, BatchNorm re-estimated on clean images"] = recalibrated(method.encoder, clean, 40)
+    if args.random:
+        torch.manual_seed(cfg.seed)
+        encoders["random init"] = encoder_from_config(cfg).eval()
     bank = train.per_class_fraction(args.train_fraction)
     rows = []
     for which, enc in encoders.items():
@@ -147,6 +170,8 @@ def main() -> None:
     p = sub.add_parser("stages")
     p.add_argument("run")
     p.add_argument("--random", action="store_true", help="also the randomly initialised encoder")
+    p.add_argument("--recalibrate-bn", action="store_true",
+                   help="also the encoder with its BatchNorm statistics re-estimated on 40 clean train batches")
     p.add_argument("--train-fraction", type=float, default=1.0)
     p = sub.add_parser("bypass")
     p.add_argument("run")

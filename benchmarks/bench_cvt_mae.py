@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from cells import Cell, knn_curve, run_cell, seed_summary
+from cells import Cell, knn_curve, parse_shard, run_cell, seed_summary
 from common import markdown_table
 
 from mimkit.evaluation.resources import cpu_flags, measure_configs, resources_table
@@ -108,11 +108,7 @@ def main() -> None:
     ap.add_argument("--finetune-min", type=float, default=0.0,
                     help="also fine-tune each cell's encoder for this many minutes (0: no fine-tuning)")
     args = ap.parse_intermixed_args()
-    try:
-        shard, shards = map(int, args.shard.split("/"))
-        assert 0 <= shard < shards
-    except (ValueError, AssertionError):
-        ap.error(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
+    shard, shards = parse_shard(ap, args.shard)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) / args.experiment

@@ -3,27 +3,33 @@
 A cell pre-trains for a fixed CPU budget (``train.budget_minutes``: the cosine schedule is fitted to
 the time), is evaluated with the frozen-feature protocol of ``mimkit knn`` / ``mimkit linprobe`` and
 optionally fine-tuned; its row is written as ``cell.json`` in its folder, so an interrupted
-experiment continues where it stopped. Used by ``bench_cvt_mae.py`` and ``bench_teacher_student.py``.
+experiment continues where it stopped. Used by ``bench_cvt_mae.py``; :func:`budget_comparison` is
+the whole equal-budget comparison of ``bench_teacher_student.py`` and ``bench_mixing.py``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from common import checkpoint_minutes, evaluate_subject, markdown_table, measure_img_per_s
 
 from mimkit.config import load_config, resolve_config_path
 from mimkit.engine import pretrain
-from mimkit.engine.checkpoint import list_checkpoints, load_state
+from mimkit.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state
 from mimkit.engine.logging import read_metrics
 from mimkit.engine.run_folder import CONFIG_FILE
 from mimkit.evaluation.finetune import RESULT_FILE, finetune_config, finished_checkpoint, run_finetune
-from mimkit.evaluation.resources import cpu_flags
+from mimkit.evaluation.resources import cpu_flags, measure_configs, resources_table
 from mimkit.evaluation.runner import resolve_subject
+from mimkit.viz import first_minutes_at, save_accuracy_curves
 
 
 @dataclass
@@ -137,3 +143,102 @@ def knn_curve(cell: Cell, out: Path, budget: float, train_fraction: float, point
         print(json.dumps(rows[-1]), flush=True)
     result_file.write_text(json.dumps(rows, indent=2) + "\n")
     return rows
+
+
+def parse_shard(ap: argparse.ArgumentParser, text: str) -> tuple[int, int]:
+    """``--shard K/N`` as ``(K, N)``; anything else is an argparse error naming the valid form."""
+    try:
+        shard, shards = map(int, text.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--shard must be K/N with 0 <= K < N, got {text!r}")
+    return shard, shards
+
+
+def final_row(cell: Cell, out: Path, finetune_min: float) -> dict:
+    """The last checkpoint under the full protocol, and its fine-tuning (written once, then read)."""
+    run_dir = cell_dir(out, cell)
+    result_file = run_dir / "final.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    subject = resolve_subject(str(latest_checkpoint(run_dir / "checkpoints")), None, None, cell.eval_overrides)
+    row = {"cell": cell.name, **evaluate_subject(subject, 1.0)}
+    if finetune_min:
+        row |= finetune_cell(cell, run_dir, finetune_min)
+    result_file.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def budget_comparison(doc: str, models: list[Cell], default_out: str,
+                      extra: Callable[[Cell, Path], dict[str, str]] | None = None) -> None:
+    """The equal-budget comparison as a command: curves, full-protocol table, fine-tuning, resources.
+
+    Each model pre-trains for ``--budget-min`` minutes with ``--curve-points`` checkpoints, each
+    probed on a ``--train-fraction`` bank (the curve of accuracy against minutes); the last one is
+    evaluated with the full protocol beside raw pixels and fine-tuned for ``--finetune-min``
+    minutes; ``mimkit resources`` measures every config in its own process. ``--shard K/N`` runs
+    every N-th model (side by side, one core each); the call without it prints the tables.
+
+    Args:
+        doc: The script's docstring (its first line is the command's description).
+        models: The compared models.
+        default_out: ``--out`` when not given.
+        extra: Optional further columns of the final table, from a model's run folder.
+
+    """
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("overrides", nargs="*", help="key=value applied to every pre-training run")
+    ap.add_argument("--budget-min", type=float, default=30.0, help="pre-training minutes per model")
+    ap.add_argument("--curve-points", type=int, default=4, help="intermediate checkpoints per model")
+    ap.add_argument("--train-fraction", type=float, default=0.2, help="per-class bank / probe fraction of the curve")
+    ap.add_argument("--finetune-min", type=float, default=10.0, help="fine-tuning minutes of each final encoder")
+    ap.add_argument("--only", default="", help="run only the models whose name contains this text")
+    ap.add_argument("--shard", default="0/1", help="K/N: run every N-th model starting at the K-th (0-based)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--out", default=default_out)
+    args = ap.parse_intermixed_args()
+    shard, shards = parse_shard(ap, args.shard)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"# {doc.splitlines()[0]}\n# {platform.node()} ({cpu_flags()}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    models = [m for m in models if args.only in m.name]
+    for cell in models[shard::shards]:
+        knn_curve(cell, out, args.budget_min, args.train_fraction, args.curve_points, args.overrides)
+        print(json.dumps(final_row(cell, out, args.finetune_min)), flush=True)
+    if args.only or shards > 1:
+        return
+    curves = {m.name: knn_curve(m, out, args.budget_min, args.train_fraction, args.curve_points, args.overrides)
+              for m in models}
+    finals = [final_row(m, out, args.finetune_min) for m in models]
+    cells = {m.name: json.loads((cell_dir(out, m) / "cell.json").read_text()) for m in models}
+    extras = {m.name: extra(m, cell_dir(out, m)) if extra else {} for m in models}
+    extra_keys = sorted({k for row in extras.values() for k in row})
+    pixels = evaluate_subject(resolve_subject(None, "pixels", "mae_fmnist", []), 1.0)
+    print(f"\n# {args.budget_min:g} one-core minutes of pre-training each; full protocol (whole train split as "
+          f"bank and probe set, full test set); fine-tuning {args.finetune_min:g} minutes")
+    print(markdown_table(
+        ["model", "steps", "epochs", "train img/s", "kNN k=20", "kNN k=200", "linear probe", "fine-tune", *extra_keys],
+        [[r["cell"], cells[r["cell"]]["steps"], cells[r["cell"]]["epochs"], round(cells[r["cell"]]["img_per_s"]),
+          r["knn20"], r["knn200"], r["linprobe"], r.get("finetune", "-"),
+          *[extras[r["cell"]].get(k, "-") for k in extra_keys]] for r in finals]
+        + [["raw pixels", "-", "-", "-", pixels["knn20"], pixels["knn200"], pixels["linprobe"], "-",
+            *["-" for _ in extra_keys]]]))
+    print(f"\n# the curve: every checkpoint, {args.train_fraction:.0%} bank / probe set")
+    print(markdown_table(["model", "step", "pre-train min", "kNN k=20", "kNN k=200", "linear probe"],
+                         [[r["cell"], r["step"], r["minutes"], r["knn20"], r["knn200"], r["linprobe"]]
+                          for rows in curves.values() for r in rows]))
+    print("\n# pre-training minutes until the first checkpoint beats raw pixels (same 20 % protocol; - : never)")
+    px = evaluate_subject(resolve_subject(None, "pixels", "mae_fmnist", []), args.train_fraction)
+    print(markdown_table(["model", f"kNN k=20 > {px['knn20']:.2f}", f"linear probe > {px['linprobe']:.2f}"],
+                         [[name, first_minutes_at(rows, "knn20", px["knn20"] + 1e-9) or "-",
+                           first_minutes_at(rows, "linprobe", px["linprobe"] + 1e-9) or "-"]
+                          for name, rows in curves.items()]))
+    png = save_accuracy_curves(curves, out / "accuracy_vs_minutes.png",
+                               f"{args.budget_min:g} one-core minutes, {args.train_fraction:.0%} bank")
+    print(f"\n# figure: {png}")
+    # The same measurement as `mimkit resources`, each config in its own process.
+    print("\n" + resources_table(measure_configs([m.config for m in models], batch=64)))

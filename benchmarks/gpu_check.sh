@@ -45,6 +45,18 @@ $PY -m mimkit pretrain --config dino_fmnist "run_dir=$OUT/dino_vits" "${TS[@]}" 
 echo "DINO ViT-S/16: $(last "$OUT/dino_vits")"
 $PY -m mimkit pretrain --config ibot_fmnist "run_dir=$OUT/ibot_vits" "${TS[@]}" "${GPU[@]}" train.epochs=0.1
 echo "iBOT ViT-S/16: $(last "$OUT/ibot_vits")"
+# MixMAE on Swin-B/W14 (the released model: windows 14, 14, 14, 7, no shifts) and on CvT-13; MixedAE
+# on ViT-B/16 (196 tokens in four sets of 49). 320 steps each; batch 64 is even and a multiple of 4.
+$PY -m mimkit pretrain --config mixmae_swin_fmnist "run_dir=$OUT/mixmae_swinb" backbone.name=swin_b_w14 \
+    method.decoder_dim=512 method.decoder_depth=4 method.decoder_heads=8 "${GPU[@]}"
+echo "MixMAE Swin-B/W14: $(last "$OUT/mixmae_swinb")"
+$PY -m mimkit pretrain --config mixmae_cvt_fmnist "run_dir=$OUT/mixmae_cvt13" backbone.name=cvt_13 \
+    backbone.strides=[4,2,2] "${GPU[@]}"
+echo "MixMAE CvT-13: $(last "$OUT/mixmae_cvt13")"
+$PY -m mimkit pretrain --config mixedae_fmnist "run_dir=$OUT/mixedae_vitb" backbone.name=vit_base_patch16 \
+    backbone.img_size=224 backbone.patch_size=16 method.decoder_dim=512 method.decoder_depth=4 \
+    method.decoder_heads=8 "${GPU[@]}"
+echo "MixedAE ViT-B/16: $(last "$OUT/mixedae_vitb")"
 $PY -m mimkit finetune "$OUT/mae_vitb" "run_dir=$OUT/mae_vitb/finetune-fmnist" "${GPU[@]}" train.epochs=0.2
 echo "fine-tune ViT-B/16: $(last "$OUT/mae_vitb/finetune-fmnist")"
 # The torchrun path: NCCL with one process (the lent machine has one GPU), 60 steps.
@@ -54,7 +66,8 @@ echo "torchrun MAE: $(last "$OUT/mae_torchrun")"
 # The same pre-training step against HuggingFace's ViTMAEForPreTraining, side by side in one process.
 $PY benchmarks/bench_throughput.py --device cuda --precision bf16 fp32 --batch 256 --rounds 3 --steps 20
 # Costs at 224 px on the GPU (CUDA max allocated), and the fine-tuning step of ViT-B/16 against timm's.
-$PY -m mimkit resources mae_fmnist@vit_base_patch16 cvt_mae_fmnist_s4@cvt_13 --img-size 224 --batch 64 \
+$PY -m mimkit resources mae_fmnist@vit_base_patch16 cvt_mae_fmnist_s4@cvt_13 mixmae_swin_fmnist@swin_b_w14 \
+    mixedae_fmnist@vit_base_patch16 --img-size 224 --batch 64 \
     data.channels=3 train.device=cuda --out "$OUT/resources_224.json"
 $PY benchmarks/bench_finetune_throughput.py --device cuda --img-size 224 --patch 16 --chans 3 --dim 768 \
     --depth 12 --heads 12 --batch 64 --rounds 3 --steps 10

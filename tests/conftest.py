@@ -54,6 +54,7 @@ TINY_RUN_OVERRIDES = [
 TINY_FAMILY = {
     "VisionTransformer": dict(embed_dim=32, depth=1, num_heads=2),
     "ConvVisionTransformer": dict(dims=(16, 32, 64), num_heads=(1, 2, 2), depths=(1, 1, 1)),
+    "SwinTransformer": dict(embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2), window_size=4),
 }
 
 

@@ -29,8 +29,8 @@ def test_backbone_interface(name):
     if "embed_dim" in kwargs:
         assert dim == 32
     assert tokens.ndim == 3 and tokens.shape[0] == 2 and tokens.shape[-1] == dim
-    if hasattr(enc, "patch_size"):
-        assert tokens.shape[1] == enc.num_prefix_tokens + (img // enc.patch_size) ** 2
+    gh, gw = enc.grid_size(img, img)
+    assert tokens.shape[1] == enc.num_prefix_tokens + gh * gw
     pooled = enc.forward_head(tokens, pre_logits=True)
     assert pooled.shape == (2, dim)
     assert torch.isfinite(pooled).all()
@@ -71,8 +71,9 @@ def test_method_interface(name, backbone):
     enc = create_backbone(backbone, **kwargs)
     method = create_method(_tiny_method_cfg(name, img), enc)
     assert method.encoder is enc
-    images = torch.randn(3, 1, img, img)
-    out = method(method_batch(method, images, torch.tensor([0, 1, 2])))
+    n = 3 * method.batch_multiple  # a method mixing images in sets gets whole sets, three of them
+    images = torch.randn(n, 1, img, img)
+    out = method(method_batch(method, images, torch.arange(n) % 3))
     assert isinstance(out, PretrainOutput)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     out.loss.backward()
@@ -82,14 +83,14 @@ def test_method_interface(name, backbone):
     assert all(torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
     if out.mask is not None:
-        assert out.mask.shape[0] == 3
+        assert out.mask.shape[0] == n
         assert set(torch.unique(out.mask).tolist()) <= {0.0, 1.0}
     method.after_step(0, 10)  # the hook exists for every method
     if type(method).reconstruct is PretrainMethod.reconstruct:
         return  # a method that reconstructs nothing (the classifier)
     recon, pixel_mask = method.reconstruct(images, out)
     assert recon.shape == images.shape and torch.isfinite(recon).all()
-    assert pixel_mask.shape == (3, 1, img, img)
+    assert pixel_mask.shape == (n, 1, img, img)
     assert set(torch.unique(pixel_mask).tolist()) <= {0.0, 1.0}
     assert 0 < float(pixel_mask.mean()) < 1
 

@@ -329,9 +329,13 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     cfg = load_config(cfg_path)
     method = method_from_config(cfg)
     load_weights(method, ckpt)
+    multiple = method.batch_multiple
+    num = max(multiple, args.num - args.num % multiple)
+    if num != args.num:
+        print(f"{cfg.method['name']} mixes images in sets of {multiple}: showing {num} images, not {args.num}")
     train = build_dataset(cfg.data, "train")
     data = build_dataset(cfg.data, args.split) if args.split != "train" else train
-    loader = build_loader(data, cfg.data, args.num, train=False, normalize=normalizer_for(train, cfg.data.channels))
+    loader = build_loader(data, cfg.data, num, train=False, normalize=normalizer_for(train, cfg.data.channels))
     images = next(iter(loader)).images
     torch.manual_seed(args.seed)
     run_dir = cfg_path.parent

@@ -206,5 +206,5 @@ def test_token_mask_hides_the_pixels_of_masked_last_stage_tokens(tiny_cvt):
     visible[..., :7, :] = 0
     torch.testing.assert_close(tiny_cvt.forward_features(x, TokenMask(mask)),
                                tiny_cvt.forward_features(x, PixelMask(visible)))
-    with pytest.raises(TypeError, match="ConvVisionTransformer takes masks of kind pixels, token_mask"):
+    with pytest.raises(TypeError, match="ConvVisionTransformer takes masks of kind mix, pixels, token_mask"):
         tiny_cvt.forward_features(x, KeepTokens(torch.zeros(2, 3, dtype=torch.long)))

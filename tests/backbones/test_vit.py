@@ -136,5 +136,5 @@ def test_token_mask_replaces_masked_patch_embeddings(tiny_encoder):
 
 
 def test_a_mask_kind_the_backbone_does_not_take_is_refused(tiny_encoder):
-    with pytest.raises(TypeError, match="takes masks of kind keep_idx, token_mask, got PixelMask"):
+    with pytest.raises(TypeError, match="takes masks of kind groups, keep_idx, token_mask, got PixelMask"):
         tiny_encoder.forward_features(torch.randn(1, 1, 28, 28), PixelMask(torch.ones(1, 1, 28, 28)))

@@ -35,9 +35,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _global_batch() -> Batch:
+def _global_batch(size: int = 28) -> Batch:
     gen = torch.Generator().manual_seed(7)
-    return Batch(torch.randn(WORLD * PER_RANK, 1, 28, 28, generator=gen),
+    return Batch(torch.randn(WORLD * PER_RANK, 1, size, size, generator=gen),
                  torch.randint(0, 10, (WORLD * PER_RANK,), generator=gen))
 
 
@@ -50,6 +50,14 @@ def _method_overrides(method: str, overrides: list[str]) -> list[str]:
     """The tiny run's settings for ``method``: the classifier takes none of MAE's decoder settings."""
     if method == "mae":
         return overrides
+    decoder = [o for o in overrides if o.startswith("method.decoder")]
+    if method == "mixmae":  # pairs within each rank's half of the batch, a two-stage Swin
+        return [o for o in overrides if not o.startswith(("method.", "backbone."))] + [
+            "backbone.name=swin_tiny_p2", "backbone.embed_dims=[16, 32]", "backbone.depths=[1, 1]",
+            "backbone.num_heads=[1, 2]", "method.name=mixmae", *decoder]
+    if method == "mixedae":  # one group of four per rank, 32 px images
+        return [o for o in overrides if not o.startswith("method.")] + [
+            "method.name=mixedae", *decoder, "data.img_size=32", "backbone.img_size=32"]
     tuned = [o for o in overrides if not o.startswith("method.")] + ["method.name=finetune", "method.num_classes=10"]
     return tuned + (["method.ema_decay=0.9"] if method == "finetune+ema" else [])
 
@@ -106,7 +114,8 @@ def _grad_worker(rank: int, port: int, overrides: list[str], out: str) -> None:
     try:
         trainer = Trainer(load_config(None, overrides), info)
         torch.manual_seed(100 + rank)  # this rank's masks
-        forward_backward(trainer.model, _shard(_global_batch(), rank), trainer.device, trainer.precision)
+        batch = _shard(_global_batch(trainer.cfg.data.img_size), rank)
+        forward_backward(trainer.model, batch, trainer.device, trainer.precision)
         grads = {n: p.grad.clone() for n, p in trainer.method.named_parameters() if p.grad is not None}
         torch.save(grads, Path(out) / f"grads{rank}.pt")
     finally:
@@ -118,7 +127,7 @@ def _run_worker(rank: int, port: int, overrides: list[str]) -> None:
     pretrain(load_config(None, overrides))
 
 
-@pytest.mark.parametrize("method", ["mae", "finetune", "finetune+ema"])
+@pytest.mark.parametrize("method", ["mae", "finetune", "finetune+ema", "mixmae", "mixedae"])
 def test_two_process_gradient_equals_single_process_gradient(tmp_path, tiny_run_overrides, method):
     """DDP must average the ranks' gradients: with each rank's loss the mean over its half of the
     global batch, the result is the gradient of the global-batch mean (lightly's issue 1528 was a
@@ -133,7 +142,7 @@ def test_two_process_gradient_equals_single_process_gradient(tmp_path, tiny_run_
     model = method_from_config(cfg)
     for rank in range(WORLD):
         torch.manual_seed(100 + rank)
-        (model(_shard(_global_batch(), rank)).loss / WORLD).backward()
+        (model(_shard(_global_batch(cfg.data.img_size), rank)).loss / WORLD).backward()
     ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     assert g0.keys() == ref.keys() and len(ref) > 10

@@ -34,11 +34,28 @@ DINO = ["method.name=dino", "method.out_dim=64", "method.hidden_dim=32", "method
         "method.freeze_last_layer=0.2", "method.views=[{count: 2, jitter: 0.8}, {size: 12, count: 2}]"]
 
 
-@pytest.mark.parametrize("method", ["mae", "dino", "ibot"])
+#: A tiny MixMAE on a two-stage Swin (pair masks from the global RNG, mix embeddings).
+MIXMAE = ["backbone.name=swin_tiny_p2", "backbone.embed_dims=[16, 32]", "backbone.depths=[1, 1]",
+          "backbone.num_heads=[1, 2]", "method.name=mixmae", "method.decoder_dim=32", "method.decoder_depth=1",
+          "method.decoder_heads=2"]
+
+
+def _overrides(method: str, tiny: list[str]) -> list[str]:
+    """The tiny run's settings for ``method``."""
+    if method in ("dino", "ibot"):  # iBOT: DINO's state, a second centre and block masks from the global RNG
+        return [o for o in tiny if not o.startswith("method.")] + [f"method.name={method}", *DINO[1:]]
+    if method == "mixmae":
+        return [o for o in tiny if not o.startswith(("method.", "backbone."))] + MIXMAE
+    if method == "mixedae":  # group assignments from the global RNG, a segment embedding, a projector
+        return [o for o in tiny if not o.startswith("method.")] + [
+            "method.name=mixedae", "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",
+            "method.projector_dim=16", "data.img_size=32", "backbone.img_size=32"]
+    return tiny
+
+
+@pytest.mark.parametrize("method", ["mae", "dino", "ibot", "mixmae", "mixedae"])
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_run_overrides, method):
-    if method != "mae":  # iBOT: DINO's state, a second centre and block masks from the global RNG
-        tiny_run_overrides = [o for o in tiny_run_overrides if not o.startswith("method.")] + DINO
-        tiny_run_overrides[-len(DINO)] = f"method.name={method}"
+    tiny_run_overrides = _overrides(method, tiny_run_overrides)
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_cmd(full, tiny_run_overrides, False), env=_env(), check=True, capture_output=True)
 

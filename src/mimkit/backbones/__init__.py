@@ -14,12 +14,14 @@ from typing import Any
 from torch import nn
 
 from mimkit.backbones.cvt import CVT_PRESETS, ConvVisionTransformer
+from mimkit.backbones.swin import SWIN_PRESETS, SwinTransformer
 from mimkit.backbones.vit import VIT_PRESETS, VisionTransformer
 from mimkit.errors import ConfigError
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     **{name: functools.partial(VisionTransformer, **preset) for name, preset in VIT_PRESETS.items()},
     **{name: functools.partial(ConvVisionTransformer, **preset) for name, preset in CVT_PRESETS.items()},
+    **{name: functools.partial(SwinTransformer, **preset) for name, preset in SWIN_PRESETS.items()},
 }
 
 
@@ -86,7 +88,7 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
 
 
 __all__ = [
-    "BACKBONES", "ConvVisionTransformer", "VisionTransformer", "backbones_taking", "check_backbone_cfg",
-    "check_backbone_input",
+    "BACKBONES", "ConvVisionTransformer", "SwinTransformer", "VisionTransformer", "backbones_taking",
+    "check_backbone_cfg", "check_backbone_input",
     "create_backbone",
 ]

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from mimkit.backbones.layers.conv_attention import ConvBlock
+from mimkit.backbones.layers.init import trunc_normal_init
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.partial_conv import REWEIGHTS, ConvEmbed
 from mimkit.errors import ConfigError
-from mimkit.masking.kinds import Mask, PixelMask, TokenMask, check_mask, token_mask_to_pixels
+from mimkit.masking.kinds import Mask, MixPairs, PixelMask, TokenMask, check_mask, token_mask_to_pixels
 from mimkit.schema import check_heads, check_positive
 
 #: How a masked image goes through the CvT: ``none`` (a plain CvT on the masked image) or the mask
@@ -47,6 +48,20 @@ class CvTStage(nn.Module):
             tokens = block(tokens, h, w)
         return tokens.transpose(1, 2).reshape(n, d, h, w), visible
 
+    def forward_mixed(self, x: torch.Tensor, labels_in: torch.Tensor, labels_out: torch.Tensor,
+                      reweight: str = "pre_norm", embed: torch.Tensor | None = None) -> torch.Tensor:
+        """A two-image mix ``[N, C, H, W]`` to ``[N, D, H', W']``, every token computed from its own
+        label's inputs only; ``embed [2, D]`` (optional) is added by label to the embedded tokens.
+        """
+        x = self.embed.forward_mixed(x, labels_in, labels_out, reweight)
+        if embed is not None:
+            x = x + embed.to(x.dtype)[labels_out].permute(0, 3, 1, 2)
+        n, d, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            tokens = block(tokens, h, w, labels_out)
+        return tokens.transpose(1, 2).reshape(n, d, h, w)
+
 
 class ConvVisionTransformer(nn.Module):
     """Hierarchical CvT encoder with the timm backbone interface.
@@ -68,8 +83,9 @@ class ConvVisionTransformer(nn.Module):
     """
 
     #: The kinds of mask ``forward_features`` takes (:mod:`mimkit.masking.kinds`); a token mask
-    #: hides its tokens' pixels and goes through the update mask like a pixel mask.
-    mask_kinds = frozenset({"pixels", "token_mask"})
+    #: hides its tokens' pixels and goes through the update mask like a pixel mask; a pair mix keeps
+    #: its two images apart in every convolution and attention.
+    mask_kinds = frozenset({"pixels", "token_mask", "mix"})
     uses_mask_token = False
 
     def __init__(
@@ -136,17 +152,7 @@ class ConvVisionTransformer(nn.Module):
             start, prev = start + depths[i], dim
         self.norm = layer_norm(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(trunc_normal_init)
 
     def forward_stages(
         self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: str = "pre_norm"
@@ -178,14 +184,62 @@ class ConvVisionTransformer(nn.Module):
         maps[-1] = self.norm(maps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return maps
 
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """The last stage's token grid for an input of ``height x width`` pixels (the tokens of
-        :meth:`forward_features`, and the grid a :class:`TokenMask` is given on).
-        """
+    def stage_grids(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Every stage's token grid for an input of ``height x width`` pixels."""
+        grids = []
         for stage in self.stages:
             k, st, pad = stage.embed.kernel, stage.embed.stride, stage.embed.padding
             height, width = (height + 2 * pad - k) // st + 1, (width + 2 * pad - k) // st + 1
-        return height, width
+            grids.append((height, width))
+        return grids
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """The last stage's token grid for an input of ``height x width`` pixels (the tokens of
+        :meth:`forward_features`, and the grid a :class:`TokenMask` or :class:`MixPairs` is given on).
+        """
+        return self.stage_grids(height, width)[-1]
+
+    @property
+    def stage_dims(self) -> tuple[int, ...]:
+        """Token width of each stage."""
+        return self.dims
+
+    #: Mixing cells may have any size: every convolution reads one image's pixels only.
+    mix_unit = 1
+
+    def forward_mixed(self, x: torch.Tensor, mix: MixPairs) -> list[torch.Tensor]:
+        """Every stage's map of a two-image mix, the images kept apart (MixMAE on the CvT).
+
+        Liu et al., "MixMAE: Mixed and Masked Autoencoder for Efficient Pretraining of Hierarchical
+        Vision Transformers", CVPR 2023, applied to a convolutional transformer: the labels (drawn on
+        the last stage's grid) are upsampled to the pixels and to every stage, each embedding is a
+        partial convolution per label (:meth:`ConvEmbed.forward_mixed`), and each attention computes
+        its depthwise q/k/v projections per label and attends within the label. In training mode
+        the BatchNorm of those projections still pools statistics over the batch, as it does for any
+        batch; in evaluation mode a token's output depends on its own image alone (tested).
+
+        Args:
+            x: The mixed images ``[N, C, H, W]`` (:func:`~mimkit.masking.mixing.mix_pairs` with the
+                labels upsampled to the pixels).
+            mix: Labels on the last stage's grid, the mix embedding, the update-mask placement.
+
+        Returns:
+            ``[N, D_i, H_i, W_i]`` per stage, the last through the final norm.
+
+        """
+        if mix.update_mask not in REWEIGHTS:
+            raise ConfigError(f"a mixed input needs update_mask in {', '.join(REWEIGHTS)} (each image's pixels "
+                              f"masked for the other), got {mix.update_mask!r}")
+        labels = mix.stage_labels(tuple(x.shape[-2:]))
+        maps = []
+        for s, (stage, grid) in enumerate(zip(self.stages, self.stage_grids(*x.shape[-2:]), strict=True)):
+            out_labels = mix.stage_labels(grid)
+            x = stage.forward_mixed(x, labels, out_labels, mix.update_mask,
+                                    None if mix.embeds is None else mix.embeds[s])
+            maps.append(x)
+            labels = out_labels
+        maps[-1] = self.norm(maps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return maps
 
     def forward_features(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
         """Normalised last-stage tokens ``[N, H_last * W_last, D]`` of images ``[N, C, H, W]``.
@@ -198,6 +252,8 @@ class ConvVisionTransformer(nn.Module):
 
         """
         check_mask(self, mask)
+        if isinstance(mask, MixPairs):
+            return self.forward_mixed(x, mask)[-1].flatten(2).transpose(1, 2)
         if isinstance(mask, TokenMask):
             mask = PixelMask(token_mask_to_pixels(mask.mask.view(-1, *self.grid_size(*x.shape[-2:])),
                                                   *x.shape[-2:]).to(x.dtype))

@@ -13,10 +13,12 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mimkit.backbones.layers.cpu_kernels import attention_kernel
+from mimkit.backbones.layers.homologous_attention import homologous_block
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.pos_embed import sincos_2d
 from mimkit.errors import ConfigError
-from mimkit.masking.kinds import KeepTokens, Mask, TokenMask, check_mask
+from mimkit.masking.kinds import KeepTokens, Mask, MixGroups, TokenMask, check_mask
+from mimkit.masking.mixing import mix_groups
 from mimkit.schema import check_heads, check_positive
 
 
@@ -33,7 +35,7 @@ class VisionTransformer(nn.Module):
     """
 
     #: The kinds of mask ``forward_features`` takes (:mod:`mimkit.masking.kinds`).
-    mask_kinds = frozenset({"keep_idx", "token_mask"})
+    mask_kinds = frozenset({"keep_idx", "token_mask", "groups"})
     #: A :class:`TokenMask`'s token replaces the masked patch embeddings (a method owns it).
     uses_mask_token = True
 
@@ -142,18 +144,23 @@ class VisionTransformer(nn.Module):
         return tokens + sincos_2d(gh, gw, self.embed_dim, tokens.device).to(tokens.dtype)
 
     def forward_features(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
-        """Encode images: all patch tokens, only those a :class:`KeepTokens` keeps (MAE), or all of
-        them with a :class:`TokenMask`'s replaced by its token.
+        """Encode images: all patch tokens, only those a :class:`KeepTokens` keeps (MAE), all of
+        them with a :class:`TokenMask`'s replaced by its token, or groups of images mixed into one
+        sequence each (:class:`MixGroups`, MixedAE).
 
         Args:
             x: Images ``[N, C, H, W]``.
-            mask: Optional :class:`KeepTokens` (indices ``[N, K]``) or :class:`TokenMask` (``[N, L]``).
+            mask: Optional :class:`KeepTokens` (indices ``[N, K]``), :class:`TokenMask` (``[N, L]``)
+                or :class:`MixGroups` (``source [N / G, L]``).
 
         Returns:
-            Normalised tokens ``[N, 1 + K, D]`` (class token first; ``K = L`` unless tokens are dropped).
+            Normalised tokens ``[N, 1 + K, D]`` (class token first; ``K = L`` unless tokens are
+            dropped), or ``[N / G, 1 + L, D]`` for mixed groups.
 
         """
         check_mask(self, mask)
+        if isinstance(mask, MixGroups):
+            return self._forward_groups(x, mask)
         tokens = self.embed(x, mask if isinstance(mask, TokenMask) else None)  # [N, L, D]
         if isinstance(mask, KeepTokens):
             index = mask.idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
@@ -162,6 +169,23 @@ class VisionTransformer(nn.Module):
         tokens = torch.cat([cls, tokens], dim=1)
         with attention_kernel(tokens, tokens.shape[1], tokens.shape[1]):
             return self.norm(self.blocks(tokens))
+
+    def _forward_groups(self, x: torch.Tensor, mix: MixGroups) -> torch.Tensor:
+        """MixedAE's encoder: images ``[N, C, H, W]`` to mixed sequences ``[N / G, 1 + L, D]``."""
+        tokens = mix_groups(self.embed(x), mix.source)  # [N/G, L, D], positions embedded per image
+        if mix.seg_embed is not None:
+            tokens = tokens + mix.seg_embed.to(tokens.dtype)[mix.source]
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        k = mix.source.shape[1] * mix.source.shape[0] // x.shape[0] + 1  # L / G tokens per image, and the class
+        with attention_kernel(tokens, tokens.shape[1], tokens.shape[1]):
+            for i, block in enumerate(self.blocks):
+                if i < mix.topk_from:
+                    tokens = block(tokens)
+                    continue
+                tokens, recognition = homologous_block(block, tokens, k, mix.source)
+                if mix.stats is not None:
+                    mix.stats[i] = recognition
+        return self.norm(tokens)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int = 1) -> list[torch.Tensor]:
         """Outputs of the last ``indices`` blocks, each through the final norm (timm's API, NLC format).

@@ -9,13 +9,14 @@ from mimkit.data.views import ViewSpec, parse_views
 
 def build_loader(data: ImageSet, cfg, batch_size: int, train: bool, seed: int = 0, rank: int = 0,
                  world_size: int = 1, normalize: Normalize | None = None,
-                 views: list[ViewSpec] | None = None) -> BatchLoader:
+                 views: list[ViewSpec] | None = None, batch_multiple: int = 1) -> BatchLoader:
     """A :class:`BatchLoader` over ``data``; statistics from ``data`` unless ``normalize`` is given.
 
-    ``views`` are the training views (a method's ``views``; one default view when None).
+    ``views`` are the training views (a method's ``views``; one default view when None);
+    ``batch_multiple`` the set size of a method that mixes images (a method's ``batch_multiple``).
     """
     return BatchLoader(data, cfg, batch_size, train, normalize or normalizer_for(data, cfg.channels),
-                       seed=seed, rank=rank, world_size=world_size, views=views)
+                       seed=seed, rank=rank, world_size=world_size, views=views, batch_multiple=batch_multiple)
 
 
 __all__ = ["DATASETS", "Batch", "BatchLoader", "ImageSet", "Normalize", "ViewSpec", "build_dataset", "build_loader",

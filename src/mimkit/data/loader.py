@@ -67,9 +67,15 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         views: Sequence[ViewSpec] | None = None,
+        batch_multiple: int = 1,
     ) -> None:
-        """Set up the iterator; ``train`` turns on shuffling, ``views`` (default: one view) and ``drop_last``."""
+        """Set up the iterator; ``train`` turns on shuffling, ``views`` (default: one view) and ``drop_last``.
+
+        ``batch_multiple``: a batch that lost files which failed to decode is cut to a multiple of
+        this (a method that mixes images in pairs or groups needs whole sets).
+        """
         self.data, self.cfg, self.batch_size, self.train = data, cfg, batch_size, train
+        self.batch_multiple = batch_multiple
         self.normalize, self.seed, self.rank, self.world_size = normalize, seed, rank, world_size
         self.views = list(views) if views else [ViewSpec()]
         self.randaugment = (cfg.randaugment_ops, cfg.randaugment_magnitude)
@@ -148,8 +154,9 @@ class BatchLoader:
         if self._loader is not None:
             for b, (views, labels, skipped) in enumerate(self._loader):
                 self.skipped += skipped
-                if views:
-                    yield self._finish(views, labels, self._batch_generator(b))
+                whole = len(labels) - len(labels) % self.batch_multiple
+                if views and whole:
+                    yield self._finish([v[:whole] for v in views], labels[:whole], self._batch_generator(b))
             return
         idx = self._rank_indices()
         for b in range(self.start_batch, len(self)):

@@ -118,6 +118,13 @@ class Trainer:
         # Model, data and optimizer are built in memory only: the run folder is not touched until
         # open_run() has checked everything, so a bad setting leaves nothing behind.
         self.method = method_from_config(cfg).to(self.device)
+        multiple = self.method.batch_multiple
+        if cfg.optim.batch_size % multiple:
+            lower = cfg.optim.batch_size - cfg.optim.batch_size % multiple
+            raise ConfigError(
+                f"optim.batch_size {cfg.optim.batch_size} is not a multiple of {multiple}: method "
+                f"{cfg.method['name']} mixes images in sets of {multiple}; use "
+                f"{', '.join(str(v) for v in (lower, lower + multiple) if v > 0)}")
         for view in self.method.views:
             side = view.resolved_size(cfg.data.img_size)
             self.method.check_image_size(side, side)
@@ -130,7 +137,8 @@ class Trainer:
         self.logger: RunLogger | None = None
 
         self.loader = build_loader(self.data, cfg.data, cfg.optim.batch_size, train=True, seed=cfg.seed,
-                                   rank=info.rank, world_size=info.world_size, views=self.method.views)
+                                   rank=info.rank, world_size=info.world_size, views=self.method.views,
+                                   batch_multiple=self.method.batch_multiple)
         self.model = DistributedDataParallel(self.method) if info.distributed else self.method
         self.forward = torch.compile(self.model) if tc.compile else self.model
 

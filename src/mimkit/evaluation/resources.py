@@ -72,7 +72,8 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
     Args:
         spec: ``CONFIG`` or ``CONFIG@BACKBONE`` (see :func:`config_spec`).
         img_size: Input side (0 = the config's).
-        batch: Images per training step and per inference pass.
+        batch: Images per training step and per inference pass (rounded up to a whole number of a
+            mixing method's sets, :attr:`~mimkit.methods.PretrainMethod.batch_multiple`).
         steps: Timed steps after two warm-up steps; the median is reported.
         precision: ``auto``, ``bf16`` or ``fp32`` for the timed steps (FLOPs are counted in fp32).
         overrides: ``key=value`` settings for the config.
@@ -93,10 +94,12 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
     device = resolve_device(cfg.train.device)
     prec = resolve_precision(precision, device)
     size, channels = cfg.data.img_size, cfg.data.channels
+    method = method_from_config(cfg).train()
+    multiple = method.batch_multiple  # a method mixing images in sets measures whole sets
+    batch = -(-batch // multiple) * multiple
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, channels, size, size, generator=gen)
     labels = torch.randint(0, int(cfg.method.get("num_classes") or 10), (batch,), generator=gen)
-    method = method_from_config(cfg).train()
     data = Batch(images, labels)
     if len(expand_views(method.views)) > 1:  # the method's own views, at their sizes (multi-crop)
         pixels = torch.randint(0, 256, images.shape, generator=gen).float()
@@ -113,7 +116,7 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
     # FLOPs per image do not depend on the batch: counted on two images, on the CPU. FlopCounterMode
     # has no formula for the CPU flash-attention kernel and would count its attention as free;
     # under the math kernel attention is matmuls, which it counts.
-    few = data.first(2)
+    few = data.first(max(2, multiple))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         method(few).loss.backward()
     row["train_gflop_per_img"] = fc.get_total_flops() / few.size / 1e9

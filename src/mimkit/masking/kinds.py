@@ -10,6 +10,12 @@ kind it does not take refuses it by name.
   encoded (BEiT, Bao et al., "BEiT: BERT Pre-Training of Image Transformers", ICLR 2022; iBOT,
   Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer", ICLR 2022).
 - :class:`PixelMask`: a dense visible-pixel map through partial convolutions (the hybrid CvT-MAE).
+- :class:`MixPairs`: the input is two images mixed, and every token may only see tokens of its own
+  image (MixMAE, Liu et al., "MixMAE: Mixed and Masked Autoencoder for Efficient Pretraining of
+  Hierarchical Vision Transformers", CVPR 2023).
+- :class:`MixGroups`: groups of images mixed into one token sequence, with homologous attention
+  (MixedAE, Chen et al., "Mixed Autoencoder for Self-supervised Visual Representation Learning",
+  CVPR 2023).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from typing import ClassVar
 
 import torch
 
-#: Every kind of mask; ``mix`` (two images in one input, same-image attention) is for MixMAE.
-MASK_KINDS = ("keep_idx", "token_mask", "pixels", "mix")
+#: Every kind of mask: ``mix`` (two images in one input, same-image attention) is MixMAE's, ``groups``
+#: (images mixed into one token sequence) MixedAE's.
+MASK_KINDS = ("keep_idx", "token_mask", "pixels", "mix", "groups")
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,51 @@ class PixelMask:
     kind: ClassVar[str] = "pixels"
 
 
-Mask = KeepTokens | TokenMask | PixelMask
+@dataclass(frozen=True)
+class MixPairs:
+    """The input is a pair mix (:func:`~mimkit.masking.mixing.mix_pairs`) with ``labels`` on the final grid.
+
+    ``labels`` is ``[h, w]`` (shared by the batch, MixMAE's) or ``[N, h, w]``, 0 where a sample
+    shows its own image and 1 where it shows its partner's, on the grid of the encoder's output
+    tokens; the backbone upsamples it to every stage and keeps the two images apart there (attention
+    restricted to same-label tokens, convolutions that read only same-label inputs). ``embeds``
+    (optional, one ``[2, D_s]`` per stage, a parameter of the method) is MixMAE's mix embedding:
+    ``embeds[s][label]`` is added to every token at the input of stage ``s``'s blocks. ``update_mask``
+    is the CvT's re-weighting of each image's partial convolutions (the other image's pixels are
+    its holes); the Swin ignores it.
+    """
+
+    labels: torch.Tensor
+    embeds: tuple[torch.Tensor, ...] | None = None
+    update_mask: str = "pre_norm"
+    kind: ClassVar[str] = "mix"
+
+    def stage_labels(self, size: tuple[int, int]) -> torch.Tensor:
+        """The labels as ``[N or 1, H, W]`` int64 on a stage's ``H x W`` map (nearest upsampling)."""
+        from mimkit.masking.mixing import upsample_labels
+
+        labels = self.labels if self.labels.ndim == 3 else self.labels.unsqueeze(0)
+        return upsample_labels(labels.long(), size)
+
+
+@dataclass(frozen=True)
+class MixGroups:
+    """Mix groups of ``G`` images into one token sequence each; ``source [N / G, L]`` says which image of
+    its group (0 .. G-1) each position is taken from (:func:`~mimkit.masking.mixing.group_assignment`).
+
+    ``seg_embed`` (optional ``[G, D]``, a parameter of the method) is added to each token by its
+    image index. Blocks from ``topk_from`` on use homologous attention with ``K = L / G + 1``; a
+    ``stats`` dict, when given, receives each such block's homologous recognition accuracy.
+    """
+
+    source: torch.Tensor
+    seg_embed: torch.Tensor | None = None
+    topk_from: int = 0
+    stats: dict[int, torch.Tensor] | None = None
+    kind: ClassVar[str] = "groups"
+
+
+Mask = KeepTokens | TokenMask | PixelMask | MixPairs | MixGroups
 
 
 def check_mask(backbone: torch.nn.Module, mask: Mask | None) -> None:
@@ -94,4 +145,5 @@ def token_mask_to_pixels(mask: torch.Tensor, height: int, width: int) -> torch.T
     return torch.nn.functional.interpolate(visible, size=(height, width), mode="nearest")
 
 
-__all__ = ["MASK_KINDS", "KeepTokens", "Mask", "PixelMask", "TokenMask", "check_mask", "token_mask_to_pixels"]
+__all__ = ["MASK_KINDS", "KeepTokens", "Mask", "MixGroups", "MixPairs", "PixelMask", "TokenMask", "check_mask",
+           "token_mask_to_pixels"]

@@ -14,10 +14,13 @@ from mimkit.methods.dino import DINO
 from mimkit.methods.finetune import FineTune
 from mimkit.methods.ibot import IBOT
 from mimkit.methods.mae import MAE
+from mimkit.methods.mixedae import MixedAE
+from mimkit.methods.mixmae import MixMAE
 from mimkit.schema import from_dict
 
 METHODS: dict[str, type[PretrainMethod]] = {
-    "mae": MAE, "cvt_mae": CvTMAE, "dino": DINO, "ibot": IBOT, "finetune": FineTune,
+    "mae": MAE, "cvt_mae": CvTMAE, "dino": DINO, "ibot": IBOT, "mixmae": MixMAE, "mixedae": MixedAE,
+    "finetune": FineTune,
 }
 
 

@@ -63,6 +63,8 @@ class PretrainOutput:
         logs: Extra scalars to log (detached floats or 0-d tensors).
         pred: The method's prediction, e.g. ``[N, L, p*p*C]`` patch pixels for MAE.
         mask: The mask the prediction was made under, e.g. ``[N, L]`` with 1 = masked.
+        inputs: What the encoder was shown when it is not the masked image (MixMAE's mixed pairs),
+            ``[N, C, H, W]`` in the normalised input space; None otherwise.
 
     """
 
@@ -70,6 +72,7 @@ class PretrainOutput:
     logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
     pred: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None
 
 
 class PretrainMethod(nn.Module):
@@ -86,6 +89,8 @@ class PretrainMethod(nn.Module):
     #: dense visible-pixel mask); None for a method that masks nothing and takes any backbone.
     #: Backbones list the kinds they take in ``mask_kinds``.
     mask_kind: str | None = "keep_idx"
+    #: Every training batch must hold a multiple of this many images (images mixed in pairs or groups).
+    batch_multiple: int = 1
 
     def check_encoder(self, encoder: nn.Module) -> None:
         """Refuse an encoder that cannot take this method's kind of mask, naming the ones that can."""

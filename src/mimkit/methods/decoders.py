@@ -48,29 +48,31 @@ class MaskTokenDecoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(
-        self, latent: torch.Tensor, restore_idx: torch.Tensor, grid: tuple[int, int]
+        self, latent: torch.Tensor, restore_idx: torch.Tensor, grid: tuple[int, int], prefix_tokens: int = 1
     ) -> torch.Tensor:
         """Decode visible tokens to a prediction for every position.
 
         Args:
-            latent: Encoder output ``[N, 1 + K, D_enc]`` (class token first).
+            latent: Encoder output ``[N, prefix_tokens + K, D_enc]`` (class token first).
             restore_idx: ``[N, L]`` indices that undo the masking shuffle.
             grid: Patch grid ``(gh, gw)`` with ``gh * gw = L``.
+            prefix_tokens: 1 when ``latent`` starts with a class token (decoded with the patches,
+                as MAE does), 0 when it holds patch tokens only.
 
         Returns:
             ``[N, L, out_dim]`` predictions in the original token order (class token dropped).
 
         """
-        x = self.embed(latent)  # [N, 1+K, d]
-        n, k = x.shape[0], x.shape[1] - 1
+        x = self.embed(latent)  # [N, prefix+K, d]
+        n, k = x.shape[0], x.shape[1] - prefix_tokens
         length = restore_idx.shape[1]
         masked = self.mask_token.to(x.dtype).expand(n, length - k, -1)
-        tokens = torch.cat([x[:, 1:], masked], dim=1)  # [N, L, d], shuffled order
+        tokens = torch.cat([x[:, prefix_tokens:], masked], dim=1)  # [N, L, d], shuffled order
         index = restore_idx.unsqueeze(-1).expand(-1, -1, self.dim)
         tokens = torch.gather(tokens, 1, index)  # [N, L, d], original order
         tokens = tokens + sincos_2d(*grid, self.dim, x.device).to(x.dtype)
-        tokens = torch.cat([x[:, :1], tokens], dim=1)
+        tokens = torch.cat([x[:, :prefix_tokens], tokens], dim=1)
         with attention_kernel(tokens, tokens.shape[1], tokens.shape[1]):
             tokens = self.norm(self.blocks(tokens))
-        return self.pred(tokens[:, 1:])  # [N, L, out_dim]
+        return self.pred(tokens[:, prefix_tokens:])  # [N, L, out_dim]
 

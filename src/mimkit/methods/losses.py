@@ -40,8 +40,36 @@ def patch_norm_stats(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Ten
     return mean, std
 
 
+def patch_reconstruction(images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch: int,
+                         norm_pix: bool, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map a patch prediction back to an image, undoing the per-patch normalisation of the target.
+
+    With ``norm_pix`` the prediction is each patch standardised by its own statistics, so it is
+    mapped back with the true patch's mean and std (as MAE's demo does).
+
+    Args:
+        images: ``[N, C, H, W]`` the true images (normalised input space).
+        pred: ``[N, L, p*p*C]`` predicted patches on the ``(H/p) x (W/p)`` grid.
+        mask: ``[N, L]``, 1 = hidden.
+        patch: Patch side ``p``.
+        norm_pix: Whether ``pred`` is per-patch normalised.
+        eps: The variance epsilon the loss normalised with.
+
+    Returns:
+        ``(reconstruction [N, C, H, W], pixel mask [N, 1, H, W] with 1 = hidden)``.
+
+    """
+    c, grid = images.shape[1], (images.shape[-2] // patch, images.shape[-1] // patch)
+    pred = pred.float()
+    if norm_pix:
+        mean, std = patch_norm_stats(patchify(images, patch), eps)
+        pred = pred * std + mean
+    recon = unpatchify(pred, patch, c, grid)
+    return recon, unpatchify(mask.unsqueeze(-1).expand(-1, -1, patch * patch).float(), patch, 1, grid)
+
+
 def masked_mse(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = False
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = False, eps: float = 1e-6
 ) -> torch.Tensor:
     """MAE's loss: mean squared error over masked patches only.
 
@@ -52,6 +80,7 @@ def masked_mse(
         target: ``[N, L, D]`` true patch pixels.
         mask: ``[N, L]``, 1 = masked (the loss is averaged over these).
         norm_pix: Normalise each target patch by its own mean and std first.
+        eps: Added to each patch's variance when normalising (MAE's 1e-6).
 
     Returns:
         Scalar float32 loss.
@@ -59,7 +88,7 @@ def masked_mse(
     """
     target = target.float()
     if norm_pix:
-        mean, std = patch_norm_stats(target)
+        mean, std = patch_norm_stats(target, eps)
         target = (target - mean) / std
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # [N, L]
     mask = mask.float()

@@ -14,7 +14,7 @@ from mimkit.errors import ConfigError
 from mimkit.masking import KeepTokens, random_masking
 from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
 from mimkit.methods.decoders import MaskTokenDecoder
-from mimkit.methods.losses import masked_mse, patch_norm_stats, patchify, unpatchify
+from mimkit.methods.losses import masked_mse, patch_reconstruction, patchify
 from mimkit.schema import check_heads, check_positive
 
 
@@ -89,12 +89,4 @@ class MAE(PretrainMethod):
         With ``norm_pix_loss`` the decoder predicts each patch standardised by its own statistics,
         so the prediction is mapped back with the true patch's mean and std (as MAE's demo does).
         """
-        p, c = self.encoder.patch_size, images.shape[1]
-        grid = self.encoder.grid_size(*images.shape[-2:])
-        pred = out.pred.float()
-        if self.cfg.norm_pix_loss:
-            mean, std = patch_norm_stats(patchify(images, p))
-            pred = pred * std + mean
-        recon = unpatchify(pred, p, c, grid)
-        mask = unpatchify(out.mask.unsqueeze(-1).expand(-1, -1, p * p).float(), p, 1, grid)
-        return recon, mask
+        return patch_reconstruction(images, out.pred, out.mask, self.encoder.patch_size, self.cfg.norm_pix_loss)

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from mimkit.data.transforms import Normalize  # noqa: E402
 from mimkit.methods import PretrainMethod  # noqa: E402
 
-ROWS = ("original", "masked input", "reconstruction", "reconstruction + visible")
+ROWS = ("original", "encoder input", "reconstruction", "reconstruction + visible")
 
 
 @torch.no_grad()
@@ -34,7 +34,8 @@ def reconstruction_panels(method: PretrainMethod, images: torch.Tensor, normaliz
     recon, mask = method.reconstruct(images, out)  # both in normalised space; mask 1 = hidden
     original = normalize.denormalize(images)
     shown = normalize.denormalize(recon)
-    masked = original * (1 - mask) + 0.5 * mask  # grey where hidden
+    # what the encoder saw: the image greyed where hidden, or the mixed images of a mixing method
+    masked = original * (1 - mask) + 0.5 * mask if out.inputs is None else normalize.denormalize(out.inputs)
     pasted = original * (1 - mask) + shown * mask
     return [original, masked, shown, pasted]
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from mimkit.backbones.layers.cpu_kernels import attention_kernel, bf16_on_cpu
 from mimkit.backbones.layers.norm import layer_norm
+from mimkit.backbones.layers.partial_conv import window_count
 
 
 class ConvProjection(nn.Module):
@@ -26,18 +27,20 @@ class ConvProjection(nn.Module):
         self.conv = nn.Conv2d(dim, dim, 3, stride, 1, groups=dim, bias=False)
         self.bn = nn.BatchNorm2d(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, D, H, W]`` map to ``[N, ceil(H / s) * ceil(W / s), D]`` tokens (``s`` the stride)."""
+    def conv_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The depthwise convolution alone: ``[N, D, H, W]`` to ``[N, D, ceil(H / s), ceil(W / s)]``."""
         stride = self.conv.stride[0]
         if stride > 1 and bf16_on_cpu(x):
             # The stride-1 conv sampled every `stride` pixels: the same numbers. PyTorch's CPU backward
             # of a strided depthwise conv takes a slow path in bf16 (up to 15x the stride-1 conv's
             # time), which made the whole CvT-MAE step 1.9x slower in bf16 than in fp32; in fp32 the
             # strided kernel is the faster one (BENCHMARKS.md, section 10).
-            y = F.conv2d(x, self.conv.weight, None, 1, 1, 1, self.conv.groups)[..., ::stride, ::stride]
-        else:
-            y = self.conv(x)
-        return self.bn(y).flatten(2).transpose(1, 2)
+            return F.conv2d(x, self.conv.weight, None, 1, 1, 1, self.conv.groups)[..., ::stride, ::stride]
+        return self.conv(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, D, H, W]`` map to ``[N, ceil(H / s) * ceil(W / s), D]`` tokens (``s`` the stride)."""
+        return self.bn(self.conv_map(x)).flatten(2).transpose(1, 2)
 
 
 class ConvAttention(nn.Module):
@@ -60,16 +63,57 @@ class ConvAttention(nn.Module):
         n, length, d = t.shape
         return t.view(n, length, self.num_heads, d // self.num_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Attend over tokens ``x [N, H*W, D]`` laid out on an ``height x width`` map."""
+    def forward(self, x: torch.Tensor, height: int, width: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend over tokens ``x [N, H*W, D]`` laid out on an ``height x width`` map.
+
+        With ``labels`` (``[N or 1, H, W]``, 0/1: which of two mixed images each token shows), no
+        token sees the other image: each query's conv window reads only its own label's tokens, keys
+        and values are computed once per label (``2 H'W'`` of them, each from its label's tokens
+        only), and a query attends only to keys of its label whose window held a token of it.
+        """
         n, length, d = x.shape
         fmap = x.transpose(1, 2).reshape(n, d, height, width)
-        q = self._heads(self.proj_q(self.conv_q(fmap)))  # [N, h, HW, D/h]
-        k = self._heads(self.proj_k(self.conv_k(fmap)))  # [N, h, H'W', D/h]
-        v = self._heads(self.proj_v(self.conv_v(fmap)))
+        if labels is None:
+            q, k, v = self.conv_q(fmap), self.conv_k(fmap), self.conv_v(fmap)
+            mask = None
+        else:
+            q, k, v, mask = self._separated(fmap, labels)
+        q = self._heads(self.proj_q(q))  # [N, h, HW, D/h]
+        k = self._heads(self.proj_k(k))  # [N, h, H'W' (x2 with labels), D/h]
+        v = self._heads(self.proj_v(v))
         with attention_kernel(x, q.shape[-2], k.shape[-2]):
-            out = F.scaled_dot_product_attention(q, k, v)  # [N, h, HW, D/h]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [N, h, HW, D/h]
         return self.proj(out.transpose(1, 2).reshape(n, length, d))
+
+    def _separated(self, fmap: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v tokens and a boolean attention mask ``[N or 1, 1, HW, 2 H'W']`` that keep two
+        mixed images apart (see :meth:`forward`).
+        """
+        groups = [(labels == g).unsqueeze(1).to(fmap.dtype) for g in (0, 1)]  # [N|1, 1, H, W]
+        q = self.conv_q.bn(sum(self.conv_q.conv_map(fmap * m) * m for m in groups))
+        q = q.flatten(2).transpose(1, 2)
+
+        conv = self.conv_k.conv
+        filled = torch.cat([window_count(m, conv.kernel_size[0], conv.stride[0], conv.padding[0]).flatten(1) > 0
+                            for m in groups], dim=1)  # [N|1, 2H'W']: windows that hold a token of their label
+        key_label = torch.arange(2, device=fmap.device).repeat_interleave(filled.shape[1] // 2)
+        mask = (labels.flatten(1).unsqueeze(-1) == key_label) & filled.unsqueeze(1)  # [N|1, HW, 2H'W']
+        keep = filled.expand(fmap.shape[0], -1)
+
+        def keys(proj: ConvProjection) -> torch.Tensor:
+            # each label's keys from its own tokens; the BatchNorm statistics over the filled windows
+            # only, so that the empty half of each label's map does not pull them towards zero
+            tokens = torch.cat([proj.conv_map(fmap * m).flatten(2) for m in groups], dim=2).transpose(1, 2)
+            bn = proj.bn
+            if bn.training and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+            factor = bn.momentum if bn.momentum is not None else 1.0 / max(1, int(bn.num_batches_tracked or 1))
+            normed = F.batch_norm(tokens[keep], bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                  bn.training or not bn.track_running_stats, factor, bn.eps)
+            return tokens.new_zeros(tokens.shape).index_put((keep,), normed.to(tokens.dtype))
+
+        k, v = keys(self.conv_k), keys(self.conv_v)
+        return q, k, v, mask.unsqueeze(1)
 
 
 class ConvBlock(nn.Module):
@@ -84,7 +128,9 @@ class ConvBlock(nn.Module):
         self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Tokens ``[N, H*W, D]`` of an ``height x width`` map to tokens of the same shape."""
-        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+    def forward(self, x: torch.Tensor, height: int, width: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens ``[N, H*W, D]`` of an ``height x width`` map to tokens of the same shape
+        (``labels``: keep two mixed images apart, see :meth:`ConvAttention.forward`).
+        """
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width, labels))
         return x + self.drop_path(self.mlp(self.norm2(x)))

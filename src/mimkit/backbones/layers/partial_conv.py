@@ -129,3 +129,24 @@ class ConvEmbed(nn.Module):
         if ratio is not None and reweight == "post_norm":
             y = (y.float() * ratio).to(y.dtype)
         return y, next_visible
+
+    def forward_mixed(self, x: torch.Tensor, labels_in: torch.Tensor, labels_out: torch.Tensor,
+                      reweight: str = "pre_norm") -> torch.Tensor:
+        """Embed a two-image mix without carrying one image into the other's positions.
+
+        Each output token is computed from the input pixels of its own label only: the embedding
+        runs once per label on the input with the other label's pixels hidden (a partial convolution
+        with ``reweight``), and every output position takes the run of its label.
+
+        Args:
+            x: Mixed input ``[N, C, H, W]``.
+            labels_in: ``[N or 1, H, W]`` int64 labels (0 or 1) of the input positions.
+            labels_out: ``[N or 1, H', W']`` labels of the output positions.
+            reweight: ``pre_norm``, ``post_norm`` or ``mask_only``.
+
+        Returns:
+            Tokens as a map ``[N, D, H', W']``.
+
+        """
+        runs = [self.forward(x, (labels_in == g).unsqueeze(1).to(x.dtype), reweight)[0] for g in (0, 1)]
+        return torch.where((labels_out == 1).unsqueeze(1), runs[1], runs[0])
