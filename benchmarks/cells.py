@@ -178,7 +178,8 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
     probed on a ``--train-fraction`` bank (the curve of accuracy against minutes); the last one is
     evaluated with the full protocol beside raw pixels and fine-tuned for ``--finetune-min``
     minutes; ``mimkit resources`` measures every config in its own process. ``--shard K/N`` runs
-    every N-th model (side by side, one core each); the call without it prints the tables.
+    every N-th model (side by side, one core each); the call without it prints the tables (of the
+    ``--only`` models, where given).
 
     Args:
         doc: The script's docstring (its first line is the command's description).
@@ -193,7 +194,8 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
     ap.add_argument("--curve-points", type=int, default=4, help="intermediate checkpoints per model")
     ap.add_argument("--train-fraction", type=float, default=0.2, help="per-class bank / probe fraction of the curve")
     ap.add_argument("--finetune-min", type=float, default=10.0, help="fine-tuning minutes of each final encoder")
-    ap.add_argument("--only", default="", help="run only the models whose name contains this text")
+    ap.add_argument("--only", default="", help="run and tabulate only the models whose name contains one of "
+                    "these comma-separated texts")
     ap.add_argument("--shard", default="0/1", help="K/N: run every N-th model starting at the K-th (0-based)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", default=default_out)
@@ -205,11 +207,11 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
     out.mkdir(parents=True, exist_ok=True)
     print(f"# {doc.splitlines()[0]}\n# {platform.node()} ({cpu_flags()}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    models = [m for m in models if args.only in m.name]
+    models = [m for m in models if any(text in m.name for text in args.only.split(","))]
     for cell in models[shard::shards]:
         knn_curve(cell, out, args.budget_min, args.train_fraction, args.curve_points, args.overrides)
         print(json.dumps(final_row(cell, out, args.finetune_min)), flush=True)
-    if args.only or shards > 1:
+    if shards > 1:
         return
     curves = {m.name: knn_curve(m, out, args.budget_min, args.train_fraction, args.curve_points, args.overrides)
               for m in models}
@@ -217,7 +219,8 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
     cells = {m.name: json.loads((cell_dir(out, m) / "cell.json").read_text()) for m in models}
     extras = {m.name: extra(m, cell_dir(out, m)) if extra else {} for m in models}
     extra_keys = sorted({k for row in extras.values() for k in row})
-    pixels = evaluate_subject(resolve_subject(None, "pixels", "mae_fmnist", []), 1.0)
+    pixels_config = str(resolve_config_path("mae_fmnist"))
+    pixels = evaluate_subject(resolve_subject(None, "pixels", pixels_config, []), 1.0)
     print(f"\n# {args.budget_min:g} one-core minutes of pre-training each; full protocol (whole train split as "
           f"bank and probe set, full test set); fine-tuning {args.finetune_min:g} minutes")
     print(markdown_table(
@@ -232,7 +235,7 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
                          [[r["cell"], r["step"], r["minutes"], r["knn20"], r["knn200"], r["linprobe"]]
                           for rows in curves.values() for r in rows]))
     print("\n# pre-training minutes until the first checkpoint beats raw pixels (same 20 % protocol; - : never)")
-    px = evaluate_subject(resolve_subject(None, "pixels", "mae_fmnist", []), args.train_fraction)
+    px = evaluate_subject(resolve_subject(None, "pixels", pixels_config, []), args.train_fraction)
     print(markdown_table(["model", f"kNN k=20 > {px['knn20']:.2f}", f"linear probe > {px['linprobe']:.2f}"],
                          [[name, first_minutes_at(rows, "knn20", px["knn20"] + 1e-9) or "-",
                            first_minutes_at(rows, "linprobe", px["linprobe"] + 1e-9) or "-"]

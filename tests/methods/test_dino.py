@@ -46,6 +46,36 @@ def test_teacher_takes_no_gradient_and_stays_in_eval(backbone):
     assert dino.eval_module is dino.teacher_encoder
 
 
+def test_the_cvt_teachers_batchnorm_keeps_its_own_statistics():
+    dino = _dino("cvt_tiny_s4").train()
+    bns = [m for m in dino.teacher_encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(m.training for m in bns)  # batch statistics of the teacher's own global views
+    before = [m.running_mean.clone() for m in bns]
+    with torch.no_grad():
+        dino.teacher_logits(_batch().views[:2])
+    assert all(not torch.equal(m.running_mean, b) for m, b in zip(bns, before, strict=True))
+    dino(_batch()).loss.backward()
+    teacher_stats = [m.running_mean.clone() for m in bns]
+    dino.after_step(0, 10)  # the student's statistics (of other weights, and the local crops) are not copied
+    student_bns = [m for m in dino.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m, want, s in zip(bns, teacher_stats, student_bns, strict=True):
+        assert torch.equal(m.running_mean, want) and not torch.equal(m.running_mean, s.running_mean)
+    dino.eval()
+    assert not any(m.training for m in bns)
+
+
+def test_head_logits_are_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    head = DINOHead(8, 64, hidden_dim=16, bottleneck_dim=4)
+    x = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = head.embed(x)
+        logits = head.last_layer(z)
+    assert z.dtype == torch.float32 and logits.dtype == torch.float32
+    w = F.normalize(head.last_v.double(), dim=1)
+    torch.testing.assert_close(logits.double(), z.double() @ w.T, rtol=0, atol=1e-6)  # not bf16's 4e-3
+
+
 def test_after_step_moves_centre_and_teacher_as_dino_does():
     dino = _dino(center_momentum=0.9, momentum=0.99).train()
     batch = _batch()
@@ -154,6 +184,17 @@ def test_collapse_is_reported_with_what_to_change(caplog):
     with caplog.at_level(logging.WARNING, logger="mimkit.methods.dino"):
         dino.after_step(2, 10)
     assert "collapse" not in caplog.text
+
+
+def test_a_short_run_is_checked_for_collapse_twenty_times(caplog):
+    dino = _dino(teacher_temp_warmup=0.0).train()  # collapse_check_every=100, more than the run
+    for step, checked in ((0, False), (1, True)):  # 40 steps: every second one
+        dino(_batch())
+        dino._last["teacher_entropy"] = 0.999
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mimkit.methods.dino"):
+            dino.after_step(step, 40)
+        assert ("outputs are uniform" in caplog.text) is checked
 
 
 def test_logs_report_entropy_as_a_fraction_of_log_k():

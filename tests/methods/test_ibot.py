@@ -87,6 +87,15 @@ def test_a_separate_patch_head_has_its_own_teacher():
     assert not hasattr(_ibot(), "patch_head")
 
 
+def test_koleo_finds_neighbours_in_float32_under_bf16_autocast():
+    # Point 0's nearest neighbour is point 2 (0.010 away, against 0.012), a difference bf16 rounds away.
+    e = torch.eye(3)
+    x = torch.stack([e[0], e[0] + 0.012 * e[1], e[0] + 0.010 * e[2]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = koleo_loss(x)
+    torch.testing.assert_close(got, koleo_loss(x.double()).float())
+
+
 def test_koleo_is_added_when_weighted_and_trains():
     ibot = _ibot(koleo_weight=0.1).train()
     out = ibot(_batch())

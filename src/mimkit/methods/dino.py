@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mimkit.data.batch import Batch
 from mimkit.data.views import expand_views
@@ -116,7 +117,8 @@ class DINO(PretrainMethod):
         weight_decay_end: float = 0.4
         """Weight decay at the end of a cosine from ``optim.weight_decay`` (DINO: 0.04 to 0.4)."""
         collapse_check_every: int = 100
-        """Steps between collapse checks (after the temperature warm-up); a collapse is logged as a warning."""
+        """Steps between collapse checks (after the temperature warm-up; at most ``total_steps / 20``); a
+        collapse is logged as a warning."""
 
         num_views: ClassVar[int | None] = None
 
@@ -179,10 +181,20 @@ class DINO(PretrainMethod):
         return 1.0 - (1.0 - self.cfg.momentum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def train(self, mode: bool = True) -> DINO:
-        """Train the student; the teacher always stays in eval mode (no drop path, no dropout)."""
+        """Train the student; the teacher stays in eval mode (no drop path, no dropout) except its
+        BatchNorm layers, which follow ``mode``.
+
+        DINO never puts its teacher in eval: a BatchNorm layer (the CvT's) normalises the teacher's
+        global views with their own batch statistics, and its running statistics come from the
+        teacher's own weights and inputs, which is what evaluation then reads. Copying the
+        student's would give the teacher statistics of other weights, mixed with the local crops.
+        """
         super().train(mode)
         self.teacher_encoder.eval()
         self.teacher_head.eval()
+        for m in self.teacher_encoder.modules():
+            if isinstance(m, _BatchNorm):
+                m.train(mode)
         return self
 
     # ---- the forward pass ----
@@ -295,18 +307,23 @@ class DINO(PretrainMethod):
         for student, teacher in ((self.encoder, self.teacher_encoder), (self.head, self.teacher_head)):
             for ps, pt in zip(student.parameters(), teacher.parameters(), strict=True):
                 pt.lerp_(ps.detach(), 1.0 - m)
-            # Buffers are copied, not averaged (timm's ModelEmaV3 does the same); the ViT and CvT
-            # have none that training changes (no BatchNorm).
-            for bs, bt in zip(student.buffers(), teacher.buffers(), strict=True):
-                bt.copy_(bs)
+            # Other buffers are copied, not averaged (timm's ModelEmaV3 does the same); BatchNorm
+            # keeps the teacher's own running statistics (see train()).
+            for ms, mt in zip(student.modules(), teacher.modules(), strict=True):
+                if not isinstance(mt, _BatchNorm):
+                    for bs, bt in zip(ms.buffers(recurse=False), mt.buffers(recurse=False), strict=True):
+                        bt.copy_(bs)
         self.step.fill_(step + 1)
         self.progress.fill_(min(1.0, (step + 1) / max(1, total_steps)))
-        self._check_collapse(step)
+        self._check_collapse(step, total_steps)
 
-    def _check_collapse(self, step: int) -> None:
-        """Warn, with what to change, when the teacher's outputs have collapsed (after the warm-up)."""
-        if not self._last or (step + 1) % self.cfg.collapse_check_every or float(self.progress) < \
-                self.cfg.teacher_temp_warmup:
+    def _check_collapse(self, step: int, total_steps: int) -> None:
+        """Warn, with what to change, when the teacher's outputs have collapsed (after the warm-up).
+
+        The check runs every ``collapse_check_every`` steps, or twenty times in a shorter run.
+        """
+        every = max(1, min(self.cfg.collapse_check_every, total_steps // 20))
+        if not self._last or (step + 1) % every or float(self.progress) < self.cfg.teacher_temp_warmup:
             return
         h, marginal = self._last["teacher_entropy"], self._last["teacher_marginal_entropy"]
         if h > 0.98:

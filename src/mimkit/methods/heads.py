@@ -43,13 +43,20 @@ class DINOHead(nn.Module):
         self.last_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The L2-normalised bottleneck ``[N, bottleneck]`` of features ``[N, D]`` (iBOT's patch path shares it)."""
-        return F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+        """The L2-normalised float32 bottleneck ``[N, bottleneck]`` of features ``[N, D]`` (iBOT's patch path
+        shares it).
+        """
+        return F.normalize(self.mlp(x).float(), dim=-1, eps=1e-6)
 
     def last_layer(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits ``[..., out_dim]`` of normalised bottleneck vectors ``z [..., bottleneck]``."""
-        w = self.last_g * F.normalize(self.last_v, dim=1, eps=1e-6)
-        return F.linear(z, w.to(z.dtype))
+        """Float32 logits ``[..., out_dim]`` of normalised bottleneck vectors ``z [..., bottleneck]``.
+
+        Autocast is off here: the teacher divides these cosines by a temperature of 0.04, where one
+        bf16 rounding step near 1 (2^-8) would move its distribution by a tenth of a nat.
+        """
+        w = self.last_g * F.normalize(self.last_v.float(), dim=1, eps=1e-6)
+        with torch.autocast(z.device.type, enabled=False):
+            return F.linear(z.float(), w.float())
 
     def last_layer_params(self) -> list[nn.Parameter]:
         """The weight-normalised last layer's parameters (DINO's frozen ones)."""

@@ -58,12 +58,13 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     It spreads the features of a batch (the differential entropy estimate of Kozachenko and
     Leonenko), as DINOv2 adds it to each global crop's student features.
     """
-    x = F.normalize(x.float(), dim=-1, eps=eps)
-    with torch.no_grad():  # each point's nearest neighbour, as DINOv2 finds it
-        sim = x @ x.T
-        sim.fill_diagonal_(-1.0)
-        nearest = sim.argmax(dim=1)
-    return -torch.log(F.pairwise_distance(x, x[nearest], eps=eps) + eps).mean()
+    with torch.autocast(x.device.type, enabled=False):  # as DINOv2: a bf16 x @ x.T picks wrong neighbours
+        x = F.normalize(x.float(), dim=-1, eps=eps)
+        with torch.no_grad():  # each point's nearest neighbour, as DINOv2 finds it
+            sim = x @ x.T
+            sim.fill_diagonal_(-1.0)
+            nearest = sim.argmax(dim=1)
+        return -torch.log(F.pairwise_distance(x, x[nearest], eps=eps) + eps).mean()
 
 
 class IBOT(DINO):
