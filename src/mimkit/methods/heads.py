@@ -54,9 +54,9 @@ class DINOHead(nn.Module):
         Autocast is off here: the teacher divides these cosines by a temperature of 0.04, where one
         bf16 rounding step near 1 (2^-8) would move its distribution by a tenth of a nat.
         """
-        w = self.last_g * F.normalize(self.last_v.float(), dim=1, eps=1e-6)
         with torch.autocast(z.device.type, enabled=False):
-            return F.linear(z.float(), w.float())
+            w = self.last_g.float() * F.normalize(self.last_v.float(), dim=1, eps=1e-6)
+            return F.linear(z.float(), w)
 
     def last_layer_params(self) -> list[nn.Parameter]:
         """The weight-normalised last layer's parameters (DINO's frozen ones)."""
