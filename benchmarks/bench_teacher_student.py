@@ -7,7 +7,7 @@ evaluated with the full protocol (the whole train split as bank and probe set) b
 and fine-tuned for ``--finetune-min`` minutes. ``mimkit resources`` measures every config's training
 images/s and peak memory in its own process.
 
-    MAE (ViT), CvT-MAE (stride 4), DINO (ViT), DINO (CvT), iBOT (ViT)
+    MAE (ViT), CvT-MAE (stride 4), DINO (ViT), DINO (CvT), DINO (ViT micro), iBOT (ViT)
 
 Usage (two models side by side, one core each, then a last call for the tables and the figure):
     python benchmarks/bench_teacher_student.py --budget-min 30 --threads 1 --shard 0/2 --out RUNS
@@ -24,6 +24,7 @@ MODELS = [
     Cell("CvT-MAE (stride 4)", "cvt_mae_fmnist_s4"),
     Cell("DINO (ViT)", "dino_fmnist"),
     Cell("DINO (CvT)", "dino_cvt_fmnist"),
+    Cell("DINO (ViT micro)", "dino_micro_fmnist"),
     Cell("iBOT (ViT)", "ibot_fmnist"),
 ]
 

@@ -235,6 +235,7 @@ class VisionTransformer(nn.Module):
 VIT_PRESETS: dict[str, dict[str, int]] = {
     # Small-image presets (28-64 px inputs).
     "vit_micro_p2": dict(embed_dim=128, depth=4, num_heads=4, patch_size=2, img_size=28),
+    "vit_micro_p4": dict(embed_dim=128, depth=4, num_heads=4, patch_size=4, img_size=28),
     "vit_tiny_p2": dict(embed_dim=192, depth=6, num_heads=3, patch_size=2, img_size=28),
     "vit_tiny_p4": dict(embed_dim=192, depth=6, num_heads=3, patch_size=4, img_size=28),
     "vit_small_p4": dict(embed_dim=384, depth=12, num_heads=6, patch_size=4, img_size=32),
