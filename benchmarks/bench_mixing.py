@@ -8,6 +8,7 @@ homologous recognition accuracy per block (the mean of the last logged values).
 
     MAE (ViT, 32 px)      the masked-token baseline with MixedAE's encoder and input size
     MixedAE (ViT)         groups of four, segment embedding, homologous attention and contrast
+    MixedAE without segment embedding (ViT)   the same, nothing naming a token's image
     naive mixing (ViT)    the same groups without the three additions
     MixMAE (Swin)         pairs on the 7x7 last-stage grid, attention within each image
     MixMAE (CvT)          the same on the stride-4 CvT with a stride-1 last stage
@@ -31,6 +32,7 @@ from mimkit.engine.logging import read_metrics
 MODELS = [
     Cell("MAE (ViT, 32 px)", "mae_fmnist_32"),
     Cell("MixedAE (ViT)", "mixedae_fmnist"),
+    Cell("MixedAE without segment embedding (ViT)", "mixedae_noseg_fmnist"),
     Cell("naive mixing (ViT)", "mixedae_naive_fmnist"),
     Cell("MixMAE (Swin)", "mixmae_swin_fmnist"),
     Cell("MixMAE (CvT)", "mixmae_cvt_fmnist"),
