@@ -6,13 +6,13 @@ minutes), the last checkpoint is evaluated with the full protocol beside raw pix
 and ``mimkit resources`` measures training images/s and peak memory. The final table adds MixedAE's
 homologous recognition accuracy per block (the mean of the last logged values).
 
-    MAE (ViT, 32 px)      the masked-token baseline with MixedAE's encoder and input size
-    MixedAE (ViT)         groups of four, segment embedding, homologous attention and contrast
-    MixedAE without segment embedding (ViT)   the same, nothing naming a token's image
-    naive mixing (ViT)    the same groups without the three additions
-    MixMAE (Swin)         pairs on the 7x7 last-stage grid, attention within each image
-    MixMAE (CvT)          the same on the stride-4 CvT with a stride-1 last stage
-    CvT-MAE (4-2-1)       the masked-pixel baseline on that same CvT (``cvt_mae_fmnist_s4_421``)
+    MAE (ViT, 32 px)                         the masked-token baseline with MixedAE's encoder and input size
+    MixedAE (ViT)                            groups of four, segment embedding, homologous attention and contrast
+    MixedAE without segment embedding (ViT)  the same, nothing naming a token's image
+    naive mixing (ViT)                       the same groups without the three additions
+    MixMAE (Swin)                            pairs on the 7x7 last-stage grid, attention within each image
+    MixMAE (CvT)                             the same on the stride-4 CvT with a stride-1 last stage
+    CvT-MAE (4-2-1)                          the masked-pixel baseline on that same CvT (``cvt_mae_fmnist_s4_421``)
 
 Usage (two models side by side, one core each, then a last call for the tables and the figure):
     python benchmarks/bench_mixing.py --budget-min 30 --threads 1 --shard 0/2 --out RUNS
