@@ -13,6 +13,7 @@ homologous recognition accuracy per block (the mean of the last logged values).
     MixMAE (Swin)                            pairs on the 7x7 last-stage grid, attention within each image
     MixMAE (CvT)                             the same on the stride-4 CvT with a stride-1 last stage
     CvT-MAE (4-2-1)                          the masked-pixel baseline on that same CvT (``cvt_mae_fmnist_s4_421``)
+    CvT-MAE with MixMAE's 7 px cells (4-2-1) the same with holes as large as MixMAE's cells
 
 Usage (two models side by side, one core each, then a last call for the tables and the figure):
     python benchmarks/bench_mixing.py --budget-min 30 --threads 1 --shard 0/2 --out RUNS
@@ -37,6 +38,7 @@ MODELS = [
     Cell("MixMAE (Swin)", "mixmae_swin_fmnist"),
     Cell("MixMAE (CvT)", "mixmae_cvt_fmnist"),
     Cell("CvT-MAE (4-2-1)", "cvt_mae_fmnist_s4_421"),
+    Cell("CvT-MAE with MixMAE's 7 px cells (4-2-1)", "cvt_mae_fmnist_s4_421_m7"),
 ]
 
 

@@ -65,9 +65,43 @@ def test_the_vit_encodes_one_mixed_sequence_per_group_and_reports_recognition():
     torch.manual_seed(0)
     vit = create_backbone("vit_tiny_p4", img_size=16, in_chans=1, embed_dim=32, depth=2, num_heads=2).eval()
     mix = group_assignment(8, 4, 16)
+    x = torch.randn(8, 1, 16, 16)
     stats: dict = {}
     with torch.no_grad():
-        out = vit.forward_features(torch.randn(8, 1, 16, 16), MixGroups(mix.source, topk_from=1, stats=stats))
-        vanilla = vit.forward_features(torch.randn(8, 1, 16, 16), MixGroups(mix.source, topk_from=2))
+        out = vit.forward_features(x, MixGroups(mix.source, topk_from=1, stats=stats))
+        vanilla = vit.forward_features(x, MixGroups(mix.source, topk_from=2))
     assert out.shape == vanilla.shape == (2, 17, 32) and list(stats) == [1]
     assert 0 <= float(stats[1]) <= 1
+    assert not torch.allclose(out, vanilla)  # the TopK block attends to fewer keys than the vanilla one
+
+
+def test_the_vit_keeps_one_image_worth_of_keys_not_one_head_dim(monkeypatch):
+    """K = L / G + 1 (the tokens of one image and the class token), whatever the head width; a K tied
+    to the head dimension is the public port's bug, so the heads here are 8 wide against L / G = 4."""
+    import mimkit.backbones.vit as vit_module
+
+    seen: list[int] = []
+    real = vit_module.homologous_block
+
+    def spy(block, tokens, k, source):
+        seen.append(k)
+        return real(block, tokens, k, source)
+
+    monkeypatch.setattr(vit_module, "homologous_block", spy)
+    vit = create_backbone("vit_tiny_p4", img_size=16, in_chans=1, embed_dim=32, depth=2, num_heads=4).eval()
+    with torch.no_grad():
+        vit.forward_features(torch.randn(8, 1, 16, 16), MixGroups(group_assignment(8, 4, 16).source))
+    assert seen == [16 // 4 + 1] * 2
+
+
+def test_the_segment_embedding_reaches_the_encoder():
+    torch.manual_seed(0)
+    vit = create_backbone("vit_tiny_p4", img_size=16, in_chans=1, embed_dim=32, depth=1, num_heads=2).eval()
+    mix = group_assignment(8, 4, 16)
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        plain = vit.forward_features(x, MixGroups(mix.source))
+        zero = vit.forward_features(x, MixGroups(mix.source, torch.zeros(4, 32)))
+        learned = vit.forward_features(x, MixGroups(mix.source, torch.randn(4, 32)))
+    torch.testing.assert_close(zero, plain, atol=0, rtol=0)
+    assert not torch.allclose(learned, plain)

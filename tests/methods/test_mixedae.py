@@ -101,7 +101,7 @@ def test_settings_and_batches_are_checked():
         _mixedae().check_image_size(28, 28)  # 49 tokens do not split four ways
 
 
-def test_bf16_autocast_gives_a_finite_loss():
+def test_bf16_autocast_gives_a_finite_loss_and_float32_masks():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _mixedae()(torch.randn(4, 1, 32, 32))
-    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert torch.isfinite(out.loss) and out.mask.dtype == torch.float32  # masks stay float32 under autocast
