@@ -104,4 +104,5 @@ def test_settings_and_batches_are_checked():
 def test_bf16_autocast_gives_a_finite_loss_and_float32_masks():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _mixedae()(torch.randn(4, 1, 32, 32))
-    assert torch.isfinite(out.loss) and out.mask.dtype == torch.float32  # masks stay float32 under autocast
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert out.mask.dtype == torch.float32  # masks stay float32 under autocast

@@ -30,6 +30,7 @@ def test_shapes_on_the_last_stage_grid(kind, grid):
     block = 28 // grid
     assert out.pred.shape == (4, grid * grid, block * block) and out.mask.shape == (4, grid * grid)
     assert (out.mask.sum(1) == grid * grid // 2).all() and out.mask.dtype == torch.float32
+    assert (out.mask == out.mask[:1]).all()  # one mask per step, shared by the batch
     assert out.inputs.shape == (4, 1, 28, 28)
 
 
@@ -99,7 +100,8 @@ def test_bf16_autocast_gives_a_finite_loss_and_float32_masks(kind):
     method = _mixmae(kind)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = method(torch.randn(4, 1, 28, 28))
-    assert torch.isfinite(out.loss) and out.mask.dtype == torch.float32  # masks stay float32 under autocast
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert out.mask.dtype == torch.float32  # masks stay float32 under autocast
 
 
 def test_reconstruction_undoes_the_patch_normalisation():
