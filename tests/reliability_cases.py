@@ -3,7 +3,8 @@
 Each case is a command, the class of failure it belongs to (the classes of ``RELIABILITY.md``) and
 what must happen: a refusal (exit 2, one line matching ``expect``, the workspace left exactly as it
 was) or, with ``rc=0``, a run that succeeds and prints ``expect``. Placeholders: ``{ws}`` is the case's
-own copy of the workspace, ``{run}`` its completed tiny run, ``{ckpt}`` that run's newest checkpoint.
+own copy of the workspace, ``{run}`` its completed tiny run, ``{ckpt}`` that run's newest checkpoint; the
+workspace also holds ``dino`` (a tiny DINO run) and ``export`` (the run released by ``mimkit export``).
 ``RELIABILITY.md`` lists every case by its id; a test keeps the two in step.
 """
 
@@ -20,6 +21,10 @@ CLASSES = {
     4: "No silently wrong results",
     5: "Messages, not tracebacks",
     6: "The command line",
+    7: "A run is continued only under its own settings",
+    8: "No run is read from under its writer",
+    9: "Output places are checked before the work",
+    10: "Values read from files are checked like typed ones",
 }
 
 
@@ -55,8 +60,8 @@ CASES: list[Case] = [
     Case("existing-run", 1, RUN, r"run folder .*/run already holds a run \(config\.yaml, metrics\.jsonl, train\.log, "
          r"tb, checkpoints \(2\)\); --resume auto continues it, --overwrite replaces it"),
     Case("resume-shape-mismatch", 1, (*RUN, "backbone.embed_dim=64", "backbone.num_heads=2", "--resume", "auto"),
-         r"step_00000018/model\.safetensors does not fit this architecture: shape mismatches .*; resume with the "
-         r"run's own settings \(.*/run/config\.yaml\)"),
+         r"--resume would continue the run in .*/run under other settings \(backbone\.embed_dim: run 32, now 64\); "
+         r"continue it with its own \(mimkit pretrain --config .*/run/config\.yaml --resume auto\)"),
     Case("resume-missing-path", 1, (*NEW, "--resume", "{ws}/nowhere/step_00000004"),
          r"no complete checkpoint at .*/nowhere/step_00000004"),
     Case("resume-corrupt-path", 1, (*NEW, "--resume", "{ws}/broken_ckpt"),
@@ -206,4 +211,87 @@ CASES: list[Case] = [
     Case("not-a-setting", 6, ("config", "optim"), r"override 'optim' is not of the form key=value"),
     Case("bad-choice", 6, ("knn", "{run}", "--baseline", "noise"),
          r"argument --baseline: invalid choice: 'noise' \(choose from .*pixels.*random"),
+    # 7. Continuing a run
+    Case("resume-other-method-setting", 7, (*RUN, "train.ckpt_every_steps=6", "method.mask_ratio=0.5", "--resume",
+                                            "auto"),
+         r"under other settings \(method\.mask_ratio: run 0\.75, now 0\.5\);.* Only train\.epochs, .* may change"),
+    Case("resume-smaller-keep-last", 7, (*RUN, "train.ckpt_every_steps=6", "train.keep_last=1", "--resume", "auto"),
+         r"under other settings \(train\.keep_last: run 2, now 1\)"),
+    Case("resume-other-precision-and-seed", 7, (*RUN, "train.ckpt_every_steps=6", "train.precision=bf16", "seed=3",
+                                                "--resume", "auto"),
+         r"under other settings \(seed: run 0, now 3; train\.precision: run \"fp32\", now \"bf16\"\)"),
+    Case("resume-named-checkpoint-other-settings", 7, (*NEW, "method.mask_ratio=0.5", "--resume", "{ckpt}"),
+         r"--resume would continue the run in .*/run under other settings \(method\.mask_ratio: run 0\.75, now 0\.5"),
+    Case("resume-corrupt-change-record", 7, (*RUN, "train.ckpt_every_steps=6", "--resume", "auto"),
+         r"run/config-changes\.jsonl line 1: not valid JSON", setup="corrupt_changes"),
+    Case("resume-longer-schedule", 7, (*RUN, "train.ckpt_every_steps=6", "train.epochs=1.5", "--resume", "auto"),
+         r"run folder: .*/run", rc=0),
+    # 8. Reading a run that is being written
+    Case("knn-while-writing", 8, ("knn", "{run}", "--no-progress"),
+         r"run .*/run is being written by mimkit process \(pid \d+\): its checkpoints are rotated", setup="hold_lock"),
+    Case("linprobe-while-writing", 8, ("linprobe", "{ckpt}", "--no-progress"),
+         r"run .*/run is being written by mimkit process \(pid \d+\)", setup="hold_lock"),
+    Case("finetune-while-writing", 8, ("finetune", "{run}"), r"run .*/run is being written by mimkit process",
+         setup="hold_lock"),
+    Case("export-while-writing", 8, ("export", "{run}", "--out", "{ws}/exported"),
+         r"run .*/run is being written by mimkit process", setup="hold_lock"),
+    Case("transfer-while-writing", 8, ("transfer", "{run}", "--datasets", "fashion_mnist"),
+         r"run .*/run is being written by mimkit process", setup="hold_lock"),
+    Case("visualize-while-writing", 8, ("visualize", "{run}"), r"run .*/run is being written by mimkit process",
+         setup="hold_lock"),
+    Case("init-from-a-run-being-written", 8, (*NEW, "init={run}"), r"run .*/run is being written by mimkit process",
+         setup="hold_lock"),
+    Case("resume-while-being-read", 8, (*RUN, "train.ckpt_every_steps=6", "--resume", "auto"),
+         r"run folder .*/run is being read by another mimkit command \(pid \d+", setup="hold_read"),
+    # 9. Output places
+    Case("unwritable-checkpoints", 9, NEW, r"cannot write .*/new/checkpoints: no permission to write there .*"
+         r"so nothing was started", setup="unwritable_checkpoints"),
+    Case("unwritable-tensorboard", 9, (*RUN, "train.ckpt_every_steps=6", "train.epochs=2", "--resume", "auto"),
+         r"cannot write .*/run/tb: no permission to write there", setup="unwritable_tb"),
+    Case("knn-on-a-read-only-run", 9, ("knn", "{run}", "--no-progress"),
+         r"cannot write evaluation results to .*/run/checkpoints/step_00000018: .*Read-only file system",
+         setup="read_only_run"),
+    Case("linprobe-on-a-read-only-run", 9, ("linprobe", "{run}", "--no-progress"),
+         r"cannot write evaluation results to .*step_00000018: .*Read-only", setup="read_only_run"),
+    Case("transfer-on-a-read-only-run", 9, ("transfer", "{run}", "--datasets", "fashion_mnist"),
+         r"cannot write transfer results to .*step_00000018: .*Read-only", setup="read_only_run"),
+    Case("finetune-on-a-read-only-run", 9, ("finetune", "{run}"),
+         r"cannot write run folder .*/run/finetune-fmnist: .*Read-only", setup="read_only_run"),
+    Case("visualize-on-a-read-only-run", 9, ("visualize", "{run}"),
+         r"cannot write the figure to .*/run/reconstructions\.png: .*Read-only.*give --out", setup="read_only_run"),
+    Case("export-out-below-a-file", 9, ("export", "{run}", "--out", "{ws}/afile/exported"),
+         r"cannot write the export to .*/afile/exported: .*afile is not a folder"),
+    Case("visualize-out-below-a-file", 9, ("visualize", "{run}", "--out", "{ws}/afile/grid.png"),
+         r"cannot write the figure to .*/afile/grid\.png: .*afile is not a folder"),
+    Case("resources-out-below-a-file", 9, ("resources", "mae_fmnist", "--out", "{ws}/afile/rows.json"),
+         r"cannot write the rows to .*/afile/rows\.json: .*afile is not a folder"),
+    # 10. Values read from files
+    Case("run-config-not-a-number", 10, ("knn", "{run}"),
+         r"run/config\.yaml: backbone\.embed_dim: expected int, got 'wide'", setup="config_not_a_number"),
+    Case("run-config-out-of-range", 10, ("export", "{run}", "--out", "{ws}/exported"),
+         r"run/config\.yaml: method\.mask_ratio must be in \(0, 1\), got 1\.5", setup="config_bad_ratio"),
+    Case("export-config-huge-width", 10, ("knn", "{ws}/export"),
+         r"export/model\.safetensors does not fit this architecture: shape mismatches", setup="export_huge"),
+    Case("export-config-deep", 10, ("visualize", "{ws}/export"),
+         r"export/model\.safetensors does not fit this architecture: (unexpected|missing) keys",
+         setup="export_deep"),
+    Case("report-truncated-result", 10, ("report", "{run}"),
+         r"\| 71\.50 \|(.|\n)*left out, unreadable: .*knn\.json \(JSONDecodeError", rc=0, setup="truncated_knn"),
+    Case("report-non-numeric-result", 10, ("report", "{run}"),
+         r"left out, unreadable: .*knn\.json \(top1_k20='high' is not a finite number\)", rc=0,
+         setup="knn_not_a_number"),
+    Case("report-only-unreadable-results", 10, ("report", "{run}"),
+         r"no knn\.json, linprobe\.json or finetune\.json found .*; unreadable: .*knn\.json",
+         setup="only_truncated"),
+    # 4. Quietly wrong answers
+    Case("fmnist-root-missing", 4, ("knn", *PIX, "data.root={ws}/nowhere", "run_dir={ws}/evals"),
+         r"data\.root: folder not found: .*/nowhere .*leave data\.root empty for the default location"),
+    Case("fmnist-root-without-files", 4, ("knn", *PIX, "data.root={ws}/few", "run_dir={ws}/evals"),
+         r"data\.root: no Fashion-MNIST IDX files: .*/few"),
+    Case("visualize-unknown-split", 4, ("visualize", "{run}", "--split", "val"),
+         r"argument --split: invalid choice: 'val' \(choose from .*train.*test"),
+    Case("resources-empty-backbone", 4, ("resources", "mae_fmnist@"),
+         r"'mae_fmnist@': nothing after '@'; name a registered backbone \(.*vit_tiny_p4"),
+    Case("visualize-dino", 4, ("visualize", "{ws}/dino", "--num", "4"),
+         r"dino has no pixel reconstruction; the views it trains on -> .*dino/views\.png", rc=0),
 ]

@@ -112,3 +112,28 @@ def test_export_refuses_to_overwrite_and_load_refuses_what_is_not_an_export(tmp_
     (out / ENCODER_WEIGHTS).write_bytes(before)
     with pytest.raises(CheckpointMismatchError, match="does not fit this architecture"):
         mimkit.load_encoder(out)
+
+
+def test_encoder_json_values_are_checked_like_typed_ones(tmp_path, monkeypatch):
+    """A non-numeric or oversized setting in encoder.json is refused, and no real model is built for it."""
+    from mimkit import export
+
+    _checkpoint(tmp_path / "ckpt", "mae", "vit_tiny_p4")
+    out = export_checkpoint(tmp_path / "ckpt", tmp_path / "export")
+    meta = json.loads((out / "encoder.json").read_text())
+    (out / "encoder.json").write_text(json.dumps({**meta, "backbone": {**meta["backbone"], "depth": "two"}}))
+    with pytest.raises(CheckpointError, match=r"encoder\.json: backbone\.depth: expected int, got 'two'"):
+        mimkit.load_encoder(out)
+    built_on = []
+    real = export.create_backbone
+
+    def spy(name, **kwargs):
+        built_on.append(torch.empty(0).device.type)  # the default device the module is built on
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(export, "create_backbone", spy)
+    huge = {**meta["backbone"], "depth": 48, "embed_dim": 65536, "num_heads": 16}
+    (out / "encoder.json").write_text(json.dumps({**meta, "backbone": huge}))
+    with pytest.raises(CheckpointMismatchError, match="does not fit this architecture"):
+        mimkit.load_encoder(out)
+    assert built_on == ["meta"], "the oversized model must only be built on the meta device"

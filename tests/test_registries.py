@@ -140,3 +140,14 @@ def test_method_contract_v2(name, backbone):
     assert result.taken and result.images == 4 and torch.isfinite(result.grad_norm)
     assert any(not torch.equal(a, b) for a, b in zip(before, method.parameters(), strict=True))
     assert all(p.grad is None for p in method.parameters())
+
+
+@pytest.mark.parametrize("name, backbone", METHOD_BACKBONE_PAIRS)
+def test_every_method_builds_on_the_meta_device(name, backbone):
+    """Settings read from a file are checked against the weights on a meta-device build (nothing allocated)
+    before the real one; that check is only as good as the meta build, so each pair must have one."""
+    kwargs, img = _tiny_backbone_kwargs(backbone, in_chans=1)
+    with torch.device("meta"):
+        skeleton = create_method(_tiny_method_cfg(name, img), create_backbone(backbone, **kwargs))
+    real = create_method(_tiny_method_cfg(name, img), create_backbone(backbone, **kwargs))
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}

@@ -130,13 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=POSITIVE_INT, default=5)
     p.add_argument("--top", type=POSITIVE_INT, default=15, help="operators to list")
 
-    p = sub.add_parser("visualize", help="reconstruction grid and loss curve PNGs",
+    p = sub.add_parser("visualize", help="reconstruction grid (or the views a method sees) and loss curve PNGs",
                        description="Write reconstructions (original, masked, reconstruction, pasted) "
-                       "and the loss curve.")
+                       "and the loss curve. A method without a pixel reconstruction (DINO, iBOT) gets the "
+                       "augmented views its encoder trains on instead (views.png).")
     p.add_argument("run", help="run folder or checkpoint")
     p.add_argument("--num", type=POSITIVE_INT, default=8, help="images in the grid")
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", help="PNG path (default: reconstructions.png in the run folder)")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="images to draw (default: test)")
+    p.add_argument("--out", help="PNG path (default: reconstructions.png in the run folder, or views.png for a "
+                   "method without a pixel reconstruction)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("export", help="release an encoder: safetensors + config, loadable by mimkit.load_encoder",
@@ -263,6 +265,8 @@ def _eval_protocol(args: argparse.Namespace):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from mimkit.engine.run_folder import check_writable
+
     _eval_protocol(args)
     from mimkit.evaluation.runner import (
         features_for,
@@ -278,6 +282,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--blocks {args.blocks} does not apply to --baseline pixels (raw pixels have no blocks)")
     subject = resolve_subject(run, args.baseline, str(resolve_config_path(args.config)) if args.config else None,
                               overrides, args.seed)
+    check_writable(subject.out_dir, "evaluation results", "results and the feature cache are written beside the "
+                   "checkpoint (or in the baseline's folder): evaluate a writable copy of the run")
     if args.blocks > 1 and subject.encoder is not None:
         import torch
 
@@ -319,15 +325,22 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     import torch
 
     from mimkit.data import build_dataset, build_loader, normalizer_for
-    from mimkit.engine.checkpoint import load_weights, resolve_checkpoint
+    from mimkit.engine.checkpoint import MODEL_FILE, build_for_weights, load_weights, resolve_checkpoint
+    from mimkit.engine.continuation import load_run_config
+    from mimkit.engine.run_folder import check_writable
     from mimkit.evaluation.runner import run_config_for
+    from mimkit.methods import PretrainMethod
     from mimkit.models import method_from_config
-    from mimkit.viz import save_loss_curve, save_reconstructions
+    from mimkit.viz import save_loss_curve, save_reconstructions, save_views
 
     ckpt = resolve_checkpoint(args.run)
     cfg_path = run_config_for(ckpt)
-    cfg = load_config(cfg_path)
-    method = method_from_config(cfg)
+    cfg = load_run_config(cfg_path)
+    method = build_for_weights(lambda: method_from_config(cfg), ckpt / MODEL_FILE)
+    reconstructs = type(method).reconstruct is not PretrainMethod.reconstruct
+    run_dir = cfg_path.parent
+    out = Path(args.out) if args.out else run_dir / ("reconstructions.png" if reconstructs else "views.png")
+    check_writable(out, "the figure", "give --out a writable PNG path")
     load_weights(method, ckpt)
     multiple = method.batch_multiple
     num = max(multiple, args.num - args.num % multiple)
@@ -335,17 +348,28 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         print(f"{cfg.method['name']} mixes images in sets of {multiple}: showing {num} images, not {args.num}")
     train = build_dataset(cfg.data, "train")
     data = build_dataset(cfg.data, args.split) if args.split != "train" else train
-    loader = build_loader(data, cfg.data, num, train=False, normalize=normalizer_for(train, cfg.data.channels))
-    images = next(iter(loader)).images
+    title = f"{cfg.method['name']} {ckpt.name}"
     torch.manual_seed(args.seed)
-    run_dir = cfg_path.parent
-    out = Path(args.out) if args.out else run_dir / "reconstructions.png"
-    save_reconstructions(method, images, loader.normalize, out, title=f"{cfg.method['name']} {ckpt.name}")
-    print(f"reconstructions -> {out}")
+    normalize = normalizer_for(train, cfg.data.channels)
+    if reconstructs:
+        loader = build_loader(data, cfg.data, num, train=False, normalize=normalize)
+        save_reconstructions(method, next(iter(loader)).images, loader.normalize, out, title=title)
+        print(f"reconstructions -> {out}")
+    else:
+        # No pixels to reconstruct: what the encoder is trained on is the method's augmented views.
+        loader = build_loader(data, cfg.data, num, train=True, normalize=normalize, seed=args.seed,
+                              views=method.views)
+        batch = next(iter(loader))
+        save_views(batch.all_views, loader.normalize, out, title=f"{title}: the views it trains on")
+        print(f"{cfg.method['name']} has no pixel reconstruction; the views it trains on -> {out}")
     try:
         print(f"loss curve -> {save_loss_curve(run_dir)}")
     except FileNotFoundError as err:
         print(f"no loss curve: {err}")
+    except OSError as err:
+        from mimkit.engine.run_folder import describe_error
+
+        print(f"no loss curve: cannot write it to {run_dir} ({describe_error(err)})")
     return 0
 
 
@@ -366,6 +390,10 @@ def _cmd_resources(args: argparse.Namespace) -> int:
     from mimkit.engine.run_folder import write_json
     from mimkit.evaluation.resources import measure_configs, resources_table
 
+    if args.out:
+        from mimkit.engine.run_folder import check_writable
+
+        check_writable(Path(args.out), "the rows", "give --out a writable path")
     rows = measure_configs(args.configs, args.img_size, args.batch, args.steps, args.precision, args.overrides,
                            args.threads)
     print(resources_table(rows))
@@ -374,25 +402,51 @@ def _cmd_resources(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    import json
+def _read_result(path: Path, numbers: tuple[str, ...], problems: list[str]) -> dict | None:
+    """A result file checked like typed input: a JSON object with a text ``subject`` and finite numbers.
 
+    An unreadable one (truncated, hand-edited) is left out of the table and named in ``problems``.
+    """
+    import json
+    import math
+
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        problems.append(f"{path} ({type(err).__name__}: {err})")
+        return None
+    if not isinstance(res, dict) or not isinstance(res.get("subject"), str):
+        problems.append(f"{path} (not a result object with a subject)")
+        return None
+    bad = [k for k in numbers if k in res and not (isinstance(res[k], int | float) and not isinstance(res[k], bool)
+                                                   and math.isfinite(res[k]))]
+    if bad:
+        problems.append(f"{path} ({', '.join(f'{k}={res[k]!r}' for k in bad)} is not a finite number)")
+        return None
+    return res
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
     from mimkit.engine.checkpoint import latest_checkpoint
     from mimkit.engine.run_folder import DERIVED
     from mimkit.evaluation.finetune import RESULT_FILE
 
     run_dir = Path(args.run)
-    rows = []
+    rows, problems = [], []
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     folders = ([ckpt] if ckpt else []) + sorted(run_dir.glob("baseline-*"))
+    numbers = ("top1_k20", "top1_k200", "top1")
     for folder in folders:
         # One row per evaluation protocol: knn.json, knn-frac0.2.json, knn-blocks3.json, ...
         variants = sorted({p.stem.split("-", 1)[1] if "-" in p.stem else ""
                            for p in (*folder.glob("knn*.json"), *folder.glob("linprobe*.json"))})
         for variant in variants:
             suffix = f"-{variant}" if variant else ""
-            res = {kind: json.loads((folder / f"{kind}{suffix}.json").read_text())
+            res = {kind: _read_result(folder / f"{kind}{suffix}.json", numbers, problems)
                    for kind in ("knn", "linprobe") if (folder / f"{kind}{suffix}.json").is_file()}
+            res = {k: v for k, v in res.items() if v is not None}
+            if not res:
+                continue
             label = next(iter(res.values()))["subject"] + (f" ({variant})" if variant else "")
             knn, lin = res.get("knn", {}), res.get("linprobe", {})
             cell = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
@@ -402,17 +456,62 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for folder in sorted(run_dir.glob(DERIVED)):
         last = latest_checkpoint(folder / "checkpoints")
         if last is not None and (last / RESULT_FILE).is_file():
-            res = json.loads((last / RESULT_FILE).read_text())
+            res = _read_result(last / RESULT_FILE, ("top1", "top1_ema"), problems)
+            if res is None or "top1" not in res:
+                continue
             ema = f" (weight average {res['top1_ema']:.2f})" if "top1_ema" in res else ""
             tuned.append(f"| {res['subject']} ({folder.name}, {last.name}) | - | - | - | {res['top1']:.2f}{ema} |")
+    unreadable = f"; unreadable: {'; '.join(problems)} (run the evaluation again to rewrite it)" if problems else ""
     if not rows and not tuned:
-        raise ConfigError(f"no knn.json, linprobe.json or finetune.json found for run {run_dir}")
+        raise ConfigError(f"no knn.json, linprobe.json or finetune.json found for run {run_dir}{unreadable}")
     header = "| encoder | kNN k=20 (%) | kNN k=200 (%) | linear probe (%) |"
     if tuned:
         header, rows = header + " fine-tune (%) |", [r + " - |" for r in rows] + tuned
     print(header + "\n" + "|---" * header.count(" |") + "|")
     print("\n".join(rows))
+    for problem in problems:
+        print(f"left out, unreadable: {problem}; run the evaluation again to rewrite it")
     return 0
+
+
+def _run_read_by(args: argparse.Namespace) -> str | None:
+    """The run (or checkpoint) a command reads, if any."""
+    if args.command in ("knn", "linprobe"):
+        return _split_args(args.args)[0]
+    if args.command in ("finetune", "export", "transfer", "visualize"):
+        return args.run
+    return None
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "pretrain":
+        return _cmd_pretrain(args)
+    if args.command == "finetune":
+        return _cmd_finetune(args)
+    if args.command == "config":
+        print(to_yaml(load_config(resolve_config_path(args.config), args.overrides)), end="")
+        return 0
+    if args.command in ("knn", "linprobe"):
+        return _cmd_eval(args)
+    if args.command == "report":
+        return _cmd_report(args)
+    if args.command == "profile":
+        from mimkit.engine.profiler import profile_steps
+
+        cfg = load_config(resolve_config_path(args.config), args.overrides)
+        print(profile_steps(cfg, steps=args.steps, top=args.top).table())
+        return 0
+    if args.command == "resources":
+        return _cmd_resources(args)
+    if args.command == "transfer":
+        return _cmd_transfer(args)
+    if args.command == "export":
+        from mimkit.export import export_checkpoint
+
+        out = export_checkpoint(args.run, args.out, args.overwrite)
+        print(f"export -> {out}  (load with mimkit.load_encoder({str(out)!r}))")
+        return 0
+    return _cmd_visualize(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,34 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        if args.command == "pretrain":
-            return _cmd_pretrain(args)
-        if args.command == "finetune":
-            return _cmd_finetune(args)
-        if args.command == "config":
-            print(to_yaml(load_config(resolve_config_path(args.config), args.overrides)), end="")
-            return 0
-        if args.command in ("knn", "linprobe"):
-            return _cmd_eval(args)
-        if args.command == "report":
-            return _cmd_report(args)
-        if args.command == "profile":
-            from mimkit.engine.profiler import profile_steps
+        from mimkit.engine.run_folder import reading_run
 
-            cfg = load_config(resolve_config_path(args.config), args.overrides)
-            print(profile_steps(cfg, steps=args.steps, top=args.top).table())
-            return 0
-        if args.command == "resources":
-            return _cmd_resources(args)
-        if args.command == "transfer":
-            return _cmd_transfer(args)
-        if args.command == "export":
-            from mimkit.export import export_checkpoint
-
-            out = export_checkpoint(args.run, args.out, args.overwrite)
-            print(f"export -> {out}  (load with mimkit.load_encoder({str(out)!r}))")
-            return 0
-        return _cmd_visualize(args)
+        # A command that reads a run holds it for reading: refused at once while the run is being
+        # written, and no writer starts (or rotates a checkpoint away) until it is done.
+        with reading_run(_run_read_by(args)):
+            return _dispatch(args)
     except MimkitError as err:
         # One line: a multi-line message (a YAML parser's) is folded so that scripts can grep it.
         print(f"mimkit {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -17,6 +17,7 @@ An export folder holds
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -26,12 +27,20 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mimkit.backbones import create_backbone
+from mimkit.backbones import check_backbone_cfg, create_backbone
 from mimkit.backbones.layers.pos_embed import sincos_2d
 from mimkit.backbones.vit import VisionTransformer
-from mimkit.engine.checkpoint import MODEL_FILE, check_weights, load_weights, read_safetensors, resolve_checkpoint
-from mimkit.engine.run_folder import CONFIG_FILE, run_config_for
+from mimkit.engine.checkpoint import (
+    MODEL_FILE,
+    build_for_weights,
+    check_weights,
+    load_weights,
+    read_safetensors,
+    resolve_checkpoint,
+)
+from mimkit.engine.run_folder import CONFIG_FILE, check_writable, run_config_for
 from mimkit.errors import CheckpointError, ConfigError
+from mimkit.schema import require
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_META = "encoder.json"
@@ -91,12 +100,13 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
         CheckpointError: No complete checkpoint, or weights that do not fit the run's config.
 
     """
-    from mimkit.config import load_config
     from mimkit.data import build_dataset, normalizer_for
+    from mimkit.engine.continuation import load_run_config
     from mimkit.models import backbone_settings, method_from_config
 
     ckpt = resolve_checkpoint(run)
     out = Path(out)
+    check_writable(out, "the export", "choose a writable --out")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the export")
     if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
@@ -105,8 +115,8 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
         raise ConfigError(f"export folder {out} already holds files; pass --overwrite to replace them, "
                           "or choose another --out")
     cfg_path = run_config_for(ckpt)
-    cfg = load_config(cfg_path)
-    method = method_from_config(cfg)
+    cfg = load_run_config(cfg_path)
+    method = build_for_weights(lambda: method_from_config(cfg), ckpt / MODEL_FILE)
     load_weights(method, ckpt)
     encoder = method.eval_module.eval()
     train = build_dataset(cfg.data, "train")
@@ -150,6 +160,20 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
     return out
 
 
+def _check_input(spec: dict[str, Any]) -> None:
+    """Refuse an ``input`` entry whose size, channels or normalisation could not feed the encoder."""
+    size, channels = spec.get("img_size"), spec.get("channels")
+    require(isinstance(size, int) and not isinstance(size, bool) and size > 0, "input.img_size", "a positive integer",
+            size)
+    require(channels in (1, 3), "input.channels", "1 or 3", channels)
+    for key in ("mean", "std"):
+        values = spec.get(key)
+        ok = (isinstance(values, list) and len(values) == channels
+              and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values))
+        require(ok and (key == "mean" or min(values) > 0), f"input.{key}",
+                f"{channels} finite number(s){' above 0' if key == 'std' else ''}", values)
+
+
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The encoder of an export folder, in eval mode, without the run it came from.
 
@@ -186,8 +210,17 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
         raise CheckpointError(f"{meta_file}: no {' or '.join(missing) or 'backbone name'} entry; it is not a "
                               "complete mimkit export")
     settings = dict(meta["backbone"])
-    encoder = create_backbone(settings.pop("name"), **settings)
+    try:  # checked as the same settings typed on the command line would be
+        check_backbone_cfg(settings)
+        _check_input(meta["input"])
+    except ConfigError as err:
+        raise CheckpointError(f"{meta_file}: {err}") from None
+    name = settings.pop("name")
     weights = folder / ENCODER_WEIGHTS
+    try:
+        encoder = build_for_weights(lambda: create_backbone(name, **settings), weights)
+    except ConfigError as err:  # a value the builder itself refuses (a zero depth, heads that do not divide)
+        raise CheckpointError(f"{meta_file}: {err}") from None
     encoder.load_state_dict(check_weights(encoder, read_safetensors(weights), weights))
     encoder.input_stats = meta["input"]
     return encoder.to(device).eval()

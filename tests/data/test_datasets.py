@@ -57,7 +57,16 @@ def test_fashion_mnist_missing_root_without_download(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "none")
     with pytest.raises(ConfigError, match="Fashion-MNIST not found"):
+        build_dataset(DataConfig(), "train")
+    with pytest.raises(ConfigError, match="data.root: no Fashion-MNIST IDX files"):
         build_dataset(DataConfig(root=str(tmp_path)), "train")
+
+
+@pytest.mark.fmnist
+def test_a_given_fashion_mnist_root_is_not_replaced_by_the_default_location(tmp_path):
+    """The Debian files exist, but a root that was given and lacks the data is refused, not ignored."""
+    with pytest.raises(ConfigError, match=r"data.root: folder not found: .*nowhere"):
+        build_dataset(DataConfig(root=str(tmp_path / "nowhere")), "train")
 
 
 # ----------------------------------------------------------------------------- per_class_subset

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mimkit.engine.logging import truncate_metrics
-from mimkit.engine.run_folder import LOCK_FILE, RunFolder
+from mimkit.engine.run_folder import LOCK_FILE, RunFolder, writable_problem
 from mimkit.errors import RunFolderError
 
 
@@ -60,3 +60,35 @@ def test_truncate_metrics_drops_the_rows_a_resume_redoes(tmp_path):
     assert truncate_metrics(tmp_path, 4) == 5
     kept = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == [1, 2, 3, 4]
+
+
+def test_readers_share_a_run_and_exclude_its_writer(tmp_path):
+    """A reading command is refused beside a writer, and a writer is refused beside a reader."""
+    writer = RunFolder(tmp_path / "run")
+    writer.lock()
+    with pytest.raises(RunFolderError, match=rf"being written by mimkit process \(pid {os.getpid()}\)"):
+        with RunFolder(tmp_path / "run").reading():
+            pass
+    writer.release()
+    with RunFolder(tmp_path / "run").reading(), RunFolder(tmp_path / "run").reading():  # readers share
+        with pytest.raises(RunFolderError, match="being read by another mimkit command"):
+            RunFolder(tmp_path / "run").lock()
+    RunFolder(tmp_path / "run").lock()
+
+
+def test_a_folder_without_a_lock_file_is_read_as_it_is(tmp_path):
+    with RunFolder(tmp_path / "export").reading():
+        pass
+    assert not (tmp_path / "export").exists(), "reading creates nothing"
+
+
+def test_writable_problem_probes_without_leaving_anything(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert writable_problem(tmp_path / "new" / "deeper") is None
+    assert writable_problem(tmp_path / "afile") is None
+    assert "is not a folder" in writable_problem(tmp_path / "afile" / "below")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    assert "dangling symbolic link" in writable_problem(tmp_path / "dangling")
+    (tmp_path / "sys").symlink_to("/sys/kernel")  # not writable even by root
+    assert "no permission" in writable_problem(tmp_path / "sys")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling", "sys"]

@@ -6,8 +6,11 @@ Every backbone provides ``forward_features(x)``, ``forward_head(x, pre_logits=Tr
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import inspect
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +20,7 @@ from mimkit.backbones.cvt import CVT_PRESETS, ConvVisionTransformer
 from mimkit.backbones.swin import SWIN_PRESETS, SwinTransformer
 from mimkit.backbones.vit import VIT_PRESETS, VisionTransformer
 from mimkit.errors import ConfigError
+from mimkit.schema import coerce
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     **{name: functools.partial(VisionTransformer, **preset) for name, preset in VIT_PRESETS.items()},
@@ -54,6 +58,39 @@ def check_backbone_cfg(cfg: dict[str, Any]) -> None:
             f"unknown key(s) {', '.join('backbone.' + k for k in unknown)} for backbone {name}; "
             f"valid keys: name, {', '.join(valid)}"
         )
+    hints = _type_hints(name)
+    for key, value in cfg.items():
+        if key in hints:
+            _check_type(value, hints[key], f"backbone.{key}")
+
+
+def _type_hints(name: str) -> dict[str, Any]:
+    builder = BACKBONES[name]
+    target = builder.func if isinstance(builder, functools.partial) else builder
+    try:
+        return typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    except (NameError, TypeError):  # an annotation that cannot be resolved is not checked
+        return {}
+
+
+def _check_type(value: Any, typ: Any, key: str) -> None:
+    """Refuse ``value`` unless it fits one member of ``typ`` (a union is tried member by member)."""
+    union = typing.get_origin(typ) in (typing.Union, types.UnionType)
+    first: ConfigError | None = None
+    for option in typing.get_args(typ) if union else (typ,):
+        if option is type(None):
+            if value is None:
+                return
+            continue
+        if typing.get_origin(option) in (collections.abc.Sequence, tuple):
+            option = list[typing.get_args(option)[0]]  # a YAML list of the same items
+        try:
+            coerce(value, option, key)
+            return
+        except ConfigError as err:
+            first = first or err
+    if first is not None:
+        raise first
 
 
 def check_backbone_input(cfg: dict[str, Any], img_size: int, key: str = "data.img_size") -> None:

@@ -143,7 +143,7 @@ class ConvVisionTransformer(nn.Module):
         self.strides = tuple(strides)
         self.embed_dim = self.num_features = dims[-1]
         self.num_prefix_tokens = 0  # no class token: every output token is a patch token (timm's attribute)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # numbers, also under meta
         self.stages = nn.ModuleList()
         start, prev = 0, in_chans
         for i, dim in enumerate(dims):

@@ -213,7 +213,7 @@ class SwinTransformer(nn.Module):
         if img_size % patch_size:
             raise ConfigError(f"backbone.img_size {img_size} is not divisible by backbone.patch_size {patch_size}")
         self.windows = stage_windows(img_size, patch_size, len(embed_dims), windows)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # numbers, also under meta
         self.stages = nn.ModuleList()
         start = 0
         for i, dim in enumerate(embed_dims):

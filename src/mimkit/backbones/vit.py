@@ -89,7 +89,7 @@ class VisionTransformer(nn.Module):
             strict_img_size=False,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # numbers, also under a meta device
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
                   norm_layer=layer_norm)

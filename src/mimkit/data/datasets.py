@@ -114,15 +114,13 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 def load_fashion_mnist(cfg: DataConfig, split: str) -> ImageSet:
     """Fashion-MNIST (Xiao et al., 2017): the Debian package's files, ``data.root``, or a download.
 
-    Looks in ``data.root`` (also its ``FashionMNIST/raw`` sub-folder, torchvision's layout), then in
-    ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``), then downloads with
-    torchvision when ``data.download`` is true.
+    Looks in ``data.root`` (also its ``FashionMNIST/raw`` sub-folder, torchvision's layout) when it
+    is given, else in ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``);
+    downloads with torchvision when ``data.download`` is true. A given root that lacks the files is
+    refused rather than read from the default location.
     """
     prefix = "train" if split == "train" else "t10k"
-    folders = []
-    if cfg.root:
-        folders += [Path(cfg.root), Path(cfg.root) / "FashionMNIST"]
-    folders.append(DEBIAN_FASHION_MNIST)
+    folders = [Path(cfg.root), Path(cfg.root) / "FashionMNIST"] if cfg.root else [DEBIAN_FASHION_MNIST]
     for folder in folders:
         images = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
         labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
@@ -139,6 +137,13 @@ def load_fashion_mnist(cfg: DataConfig, split: str) -> ImageSet:
         ds = FashionMNIST(cfg.root or "data", train=split == "train", download=True)
         return ImageSet("fashion_mnist", ds.targets.long(), list(FASHION_MNIST_CLASSES), images=ds.data.unsqueeze(1))
     searched = ", ".join(str(f) for f in folders)
+    if cfg.root:
+        # A root that was given is where the data must be: another copy elsewhere is not what was asked for.
+        where = "folder not found" if not Path(cfg.root).is_dir() else "no Fashion-MNIST IDX files"
+        raise ConfigError(
+            f"data.root: {where}: {cfg.root} (searched {searched} for {prefix}-images-idx3-ubyte[.gz] and "
+            f"{prefix}-labels-idx1-ubyte[.gz]); leave data.root empty for the default location "
+            f"{DEBIAN_FASHION_MNIST}, or set data.download=true to download there")
     raise ConfigError(
         f"Fashion-MNIST not found (searched {searched}); install the Debian package "
         "dataset-fashion-mnist, point data.root at the IDX files, or set data.download=true"

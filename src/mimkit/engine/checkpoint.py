@@ -13,11 +13,13 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
@@ -255,13 +257,69 @@ def check_weights(model: nn.Module, weights: dict[str, torch.Tensor], file: Path
         CheckpointError: NaN/inf values.
 
     """
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(weights)) if own[k].shape != weights[k].shape
-    ]
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                 {k: tuple(v.shape) for k, v in weights.items()}, file)
+    bad = nonfinite_tensors(weights)
+    if bad:
+        raise CheckpointError(f"{file}: {', '.join(bad)} hold NaN or inf")
+    return weights
+
+
+def weight_shapes(file: Path, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """The tensor shapes in a safetensors file, read from its header alone (no weights are loaded).
+
+    Raises:
+        CheckpointError: The file cannot be read.
+
+    """
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 - not a dict
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{file}: cannot read weights ({err})") from None
+    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def build_for_weights(build: Callable[[], nn.Module], file: Path, prefix: str = "") -> nn.Module:
+    """``build()``, once the weights in ``file`` are known to fit what it will build.
+
+    The module is first built on the meta device, which allocates nothing, and its state dict
+    compared with the file's header. So settings read from a file (a run's ``config.yaml``, an
+    export's ``encoder.json``) that describe a much larger model than the weights are refused
+    before any memory is taken for them.
+
+    Args:
+        build: Builds the module from the settings.
+        file: The safetensors file the module will be loaded from.
+        prefix: Only keys starting with this (stripped), e.g. ``encoder.``.
+
+    Raises:
+        CheckpointMismatchError: Missing, unexpected or differently shaped tensors, listed by name.
+        CheckpointError: The file cannot be read.
+
+    """
+    shapes = weight_shapes(file, prefix)
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except (RuntimeError, NotImplementedError, ValueError):  # a builder that computes on real tensors
+        skeleton = None
+    if skeleton is not None:
+        check_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes, file)
+    return build()
+
+
+def check_shapes(own: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], file: Path) -> None:
+    """Refuse ``found`` (a file's tensor shapes) unless its keys and shapes are exactly ``own``'s.
+
+    Raises:
+        CheckpointMismatchError: Missing or unexpected keys, or shape mismatches, listed by name.
+
+    """
+    missing = sorted(set(own) - set(found))
+    unexpected = sorted(set(found) - set(own))
+    shapes = [f"{k}: checkpoint {found[k]} vs model {own[k]}" for k in sorted(set(own) & set(found))
+              if tuple(own[k]) != tuple(found[k])]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -271,10 +329,6 @@ def check_weights(model: nn.Module, weights: dict[str, torch.Tensor], file: Path
         if shapes:
             parts.append(f"shape mismatches {_short(shapes)}")
         raise CheckpointMismatchError(f"{file} does not fit this architecture: " + "; ".join(parts))
-    bad = nonfinite_tensors(weights)
-    if bad:
-        raise CheckpointError(f"{file}: {', '.join(bad)} hold NaN or inf")
-    return weights
 
 
 def load_weights(model: nn.Module, ckpt: Path, prefix: str = "") -> None:

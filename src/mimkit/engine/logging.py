@@ -87,14 +87,19 @@ def truncate_metrics(run_dir: Path, last_step: int) -> int:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All rows of a run's ``metrics.jsonl`` (a torn last line from a killed run is ignored)."""
+    """All rows of a run's ``metrics.jsonl`` (a torn last line from a killed run, or a line that is not a
+    row with an integer ``step``, is ignored).
+    """
     rows = []
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return rows
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        # A row is a mapping with an integer step; anything else (a hand-edited line) is not a row.
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+            rows.append(row)
     return rows

@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,15 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
+#: The settings a run was continued with where they differ from ``config.yaml`` (one JSON row per
+#: continuation): ``config.yaml`` stays the record of how the run started.
+CHANGES_FILE = "config-changes.jsonl"
 #: What a run writes into its folder; ``--overwrite`` removes exactly these, and the fine-tunings
 #: of its checkpoints (``finetune-*``), which belong to the run they started from.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, "train.log", "tb", "checkpoints", "reconstructions.png", "loss_curve.png")
+RUN_FILES = (CONFIG_FILE, CHANGES_FILE, METRICS_FILE, "train.log", "tb", "checkpoints", "reconstructions.png",
+             "views.png", "loss_curve.png")
+#: The places inside a run folder that training writes, checked before the first step.
+WRITTEN_BY_TRAINING = (CONFIG_FILE, CHANGES_FILE, METRICS_FILE, "train.log", "tb", "checkpoints")
 DERIVED = "finetune-*"
 
 
@@ -62,6 +70,69 @@ def describe_error(err: OSError) -> str:
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"no permission to write there ({err.strerror})"
     return err.strerror or str(err)
+
+
+def writable_problem(path: Path) -> str | None:
+    """Why ``path`` could not be written, or None; nothing is left behind by the check.
+
+    A folder (existing, or to be created) is probed by creating and removing a file in it, which is
+    the only test that holds for root, read-only mounts and full disks alike; an existing file is
+    opened for appending without writing. A missing path is judged by its nearest existing parent.
+    """
+    path = Path(path)
+    probe_dir, existing_file = path, None
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a dangling symbolic link"
+    if path.exists() and not path.is_dir():
+        existing_file, probe_dir = path, path.parent
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        return f"{probe_dir} is not a folder"
+    try:
+        if existing_file is not None:
+            os.close(os.open(existing_file, os.O_WRONLY | os.O_APPEND))
+        probe = probe_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return describe_error(err)
+    return None
+
+
+def check_writable(path: Path, what: str, hint: str) -> None:
+    """Refuse, before any work, a place a command would write its output to.
+
+    Args:
+        path: A folder or file the command will write (it need not exist yet).
+        what: What goes there, for the message (e.g. ``"results"``).
+        hint: What the user can do instead.
+
+    Raises:
+        RunFolderError: ``path`` cannot be written, with the reason.
+
+    """
+    problem = writable_problem(path)
+    if problem is not None:
+        raise RunFolderError(f"cannot write {what} to {path}: {problem}; {hint}")
+
+
+def lock_holders(lock: Path) -> list[int]:
+    """The processes holding a ``flock`` on ``lock`` (from ``/proc/locks``; empty where it is not readable)."""
+    try:
+        inode = os.stat(lock).st_ino
+        table = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    pids = []
+    for line in table:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" (a blocked waiter's line has "->" first)
+        if "FLOCK" in parts and len(parts) >= 6:
+            at = parts.index("FLOCK")
+            if len(parts) > at + 4 and parts[at + 4].rsplit(":", 1)[-1] == str(inode):
+                pids.append(int(parts[at + 3]))
+    return sorted(set(pids) - {os.getpid()})
 
 
 class RunFolder:
@@ -112,13 +183,65 @@ class RunFolder:
         finally:
             os.close(fd)
 
-    def _in_use_message(self) -> str:
+    def _writer_pid(self) -> str:
+        holders = lock_holders(self.path / LOCK_FILE)
+        if holders:
+            return ", ".join(map(str, holders))
         try:
-            pid = (self.path / LOCK_FILE).read_text().strip() or "unknown"
+            return (self.path / LOCK_FILE).read_text().strip() or "unknown"
         except OSError:
-            pid = "unknown"
-        return (f"run folder {self.path} is in use by another mimkit process (pid {pid}); wait for it to "
-                "finish or choose another run_dir")
+            return "unknown"
+
+    def _in_use_message(self) -> str:
+        lock = self.path / LOCK_FILE
+        try:  # a shared lock is granted only when every holder is a reader
+            fd = os.open(lock, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                readers = True
+            except BlockingIOError:
+                readers = False
+            finally:
+                os.close(fd)
+        except OSError:
+            readers = False
+        if readers:
+            pids = ", ".join(map(str, lock_holders(lock))) or "unknown"
+            return (f"run folder {self.path} is being read by another mimkit command (pid {pids}: an evaluation, "
+                    "fine-tuning or export of this run); wait for it to finish or choose another run_dir")
+        return (f"run folder {self.path} is in use by another mimkit process (pid {self._writer_pid()}); wait for "
+                "it to finish or choose another run_dir")
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the run for reading: refuse at once while a process writes it, and keep writers out meanwhile.
+
+        A reader takes a shared ``flock`` on the run's lock file: any number of readers at once,
+        none beside a writer. So the checkpoint a command reads cannot be rotated away or replaced
+        under it. A folder without a lock file (an export, a copied checkpoint) is read as it is.
+
+        Raises:
+            RunFolderError: A process is writing the run (its pid named).
+
+        """
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunFolderError(
+                f"run {self.path} is being written by mimkit process (pid {self._writer_pid()}): its checkpoints "
+                "are rotated while it trains, so this command could lose the one it reads; run it when training "
+                "has finished, or on a copy of a checkpoint (cp -r CHECKPOINT SOMEWHERE)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def lock(self) -> None:
         """Create the folder if needed, take its lock and prove it writable.
@@ -127,6 +250,13 @@ class RunFolder:
             RunFolderError: The folder cannot be created or written, or another process holds it.
 
         """
+        # Every place training writes is probed first: a refusal leaves the folder as it was.
+        for name in ("", *WRITTEN_BY_TRAINING):
+            problem = writable_problem(self.path / name)
+            if problem is not None:
+                where = f"run folder {self.path}" if not name else f"{self.path / name}"
+                raise RunFolderError(f"cannot write {where}: {problem}; training writes there, so nothing was "
+                                     "started: make it writable, or choose a writable run_dir")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -142,9 +272,6 @@ class RunFolder:
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
-            probe = self.path / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
         except OSError as err:
             self.release()
             raise RunFolderError(f"cannot write run folder {self.path}: {describe_error(err)}; "
@@ -177,4 +304,25 @@ class RunFolder:
             self._fd = None
 
 
-__all__ = ["CONFIG_FILE", "LOCK_FILE", "RUN_FILES", "RunFolder", "describe_error", "run_config_for"]
+def run_folder_of(path: str | Path) -> Path | None:
+    """The run folder a run, checkpoint or ``model.safetensors`` path belongs to (None if it is none)."""
+    path = Path(path)
+    for folder in (path, *path.parents[:4]):
+        if (folder / CONFIG_FILE).is_file() and (folder / "checkpoints").is_dir():
+            return folder
+    return None
+
+
+@contextmanager
+def reading_run(path: str | Path | None) -> Iterator[None]:
+    """:meth:`RunFolder.reading` for the run that ``path`` (a run, checkpoint or export) belongs to."""
+    folder = run_folder_of(path) if path is not None else None
+    if folder is None:
+        yield
+        return
+    with RunFolder(folder).reading():
+        yield
+
+
+__all__ = ["CHANGES_FILE", "CONFIG_FILE", "LOCK_FILE", "RUN_FILES", "RunFolder", "check_writable", "describe_error",
+           "lock_holders", "reading_run", "run_config_for", "run_folder_of", "writable_problem"]

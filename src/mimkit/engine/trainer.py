@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mimkit.config import PretrainConfig, load_config, to_yaml
+from mimkit.config import PretrainConfig, to_yaml
 from mimkit.data import Batch, build_dataset, build_loader
 from mimkit.engine.checkpoint import (
     checkpoint_bytes,
@@ -32,11 +32,12 @@ from mimkit.engine.checkpoint import (
     set_aside,
     set_rng_state,
 )
+from mimkit.engine.continuation import check_continuation, load_run_config, record_changes
 from mimkit.engine.distributed import DistInfo, all_reduce_mean, broadcast_from_main, cleanup, init_distributed
 from mimkit.engine.logging import RunLogger, truncate_metrics
 from mimkit.engine.optim import build_optimizer, cosine_lr, scaled_lr
 from mimkit.engine.precision import resolve_precision
-from mimkit.engine.run_folder import CONFIG_FILE, RunFolder, run_config_for
+from mimkit.engine.run_folder import CONFIG_FILE, RunFolder, reading_run, run_config_for, run_folder_of
 from mimkit.engine.step import StepResult, train_step
 from mimkit.errors import (
     CheckpointError,
@@ -163,9 +164,10 @@ class Trainer:
 
     def _initialise_from(self, path: str) -> None:
         """Load another run's evaluated module (its encoder, or teacher) into this method's trained encoder."""
-        ckpt = resolve_checkpoint(path)
-        source = load_config(run_config_for(ckpt))
-        load_weights(self.method.encoder, ckpt, prefix=eval_prefix(source))
+        with reading_run(path):
+            ckpt = resolve_checkpoint(path)
+            source = load_run_config(run_config_for(ckpt))
+            load_weights(self.method.encoder, ckpt, prefix=eval_prefix(source))
         self.method.encoder_loaded()  # a teacher starts from the loaded student
         log.info("initialised the encoder from %s (%s's %s)", ckpt, source.method["name"],
                  eval_prefix(source).rstrip("."))
@@ -255,19 +257,33 @@ class Trainer:
 
     def _check_and_prepare(self, resume: str | None, overwrite: bool) -> ResumePoint | None:
         self.folder.check_not_in_use()
-        point = self.find_resume_point(resume)
         existing = self.folder.contents()
-        inside = point is not None and self.run_dir.resolve() in point.ckpt.resolve().parents
-        if existing and not overwrite and (resume is None or (point is not None and not inside)):
-            how = ("--resume auto continues it" if resume is None
-                   else f"--resume {resume} is a checkpoint of another run")
-            raise RunFolderError(
-                f"run folder {self.run_dir} already holds a run ({', '.join(existing)}); {how}, "
-                "--overwrite replaces it, or choose another run_dir")
-        self._prepare_folder(point, overwrite)
+        own_run = resume is not None and not overwrite and (self.run_dir / CONFIG_FILE).is_file()
+        # The settings first: a continuation under other settings is refused before any checkpoint is read.
+        changes = check_continuation(self.run_dir, self.cfg) if own_run and resume == "auto" else {}
+        named = run_folder_of(resume) if resume not in (None, "auto") else None
+        other = named if named is not None and named.resolve() != self.run_dir.resolve() else None
+        with reading_run(other):
+            point = self.find_resume_point(resume)
+            inside = point is not None and self.run_dir.resolve() in point.ckpt.resolve().parents
+            if existing and not overwrite and (resume is None or (point is not None and not inside)):
+                how = ("--resume auto continues it" if resume is None
+                       else f"--resume {resume} is a checkpoint of another run")
+                raise RunFolderError(
+                    f"run folder {self.run_dir} already holds a run ({', '.join(existing)}); {how}, "
+                    "--overwrite replaces it, or choose another run_dir")
+            source = None
+            if point is not None and resume != "auto":
+                # A named checkpoint continues the run it belongs to, whichever folder it goes on in.
+                source = run_folder_of(point.ckpt)
+                changes = check_continuation(source, self.cfg) if source is not None else {}
+                if source is not None and source.resolve() == self.run_dir.resolve():
+                    source = None
+            self._prepare_folder(point, overwrite, changes, source and point.ckpt)
         return point
 
-    def _prepare_folder(self, point: ResumePoint | None, overwrite: bool) -> None:
+    def _prepare_folder(self, point: ResumePoint | None, overwrite: bool, changes: dict[str, tuple[Any, Any]],
+                        source: Path | None) -> None:
         self.folder.lock()
         self.folder.check_space(checkpoint_bytes(self.method))
         if overwrite:
@@ -283,7 +299,12 @@ class Trainer:
             step = point.state["step"]
         # Rows logged after the checkpoint describe steps that are about to be redone.
         truncate_metrics(self.run_dir, step)
-        (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.cfg))
+        if not (self.run_dir / CONFIG_FILE).is_file():
+            # Written once, when the run starts: a continuation records its changes beside it instead.
+            (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.cfg))
+        for key, (old, new) in changes.items():
+            log.warning("continuing with %s = %r (the run had %r); recorded in config-changes.jsonl", key, new, old)
+        record_changes(self.run_dir, step, changes, source)
         self.logger = RunLogger(self.run_dir, purge_step=step + 1)
 
     def _apply(self, point: ResumePoint) -> None:

@@ -20,6 +20,7 @@ import torch
 from mimkit.config import CONFIG_ROOT, PretrainConfig, compose_config, load_yaml, resolve_config_path
 from mimkit.data import build_dataset, build_loader, check_labelled, normalizer_for
 from mimkit.engine.checkpoint import latest_checkpoint, load_weights, resolve_checkpoint
+from mimkit.engine.continuation import load_run_config
 from mimkit.engine.distributed import resolve_device
 from mimkit.engine.precision import autocast, resolve_precision
 from mimkit.engine.run_folder import run_config_for, write_json
@@ -65,6 +66,7 @@ def finetune_config(run: str | None, config: str = "fmnist", overrides: list[str
         raise ConfigError("--arch names the backbone of a run-less --scratch baseline; a run brings its own")
     ckpt = resolve_checkpoint(run) if run is not None else None
     base_path = run_config_for(ckpt) if ckpt is not None else resolve_config_path(arch)
+    load_run_config(base_path)  # the run's own settings checked on their own, so an error names its file
     base = load_yaml(base_path)
     ft_path = finetune_config_path(config)
     root = base_path.parent if ckpt is not None else Path(base.get("run_dir", "runs/default"))
@@ -132,7 +134,8 @@ def test_accuracy(cfg: PretrainConfig, ckpt: Path, device: str = "auto", precisi
 
 def write_finetune_result(cfg: PretrainConfig, ckpt: Path, result: dict[str, Any]) -> Path:
     """``finetune.json`` beside the fine-tuned checkpoint, with what was fine-tuned and how."""
-    source = "scratch" if not cfg.init else str(resolve_checkpoint(cfg.init))
+    # As the run recorded it: the checkpoint may be gone by now (rotated out of its run), the score is not.
+    source = cfg.init or "scratch"
     row = {"evaluation": "finetune", "subject": _label(cfg), "init": source, "dataset": cfg.data.name,
            "img_size": cfg.data.img_size, "checkpoint": str(ckpt), **result,
            "method": cfg.method, "optim": asdict(cfg.optim), "epochs": cfg.train.epochs,

@@ -52,7 +52,12 @@ def config_spec(spec: str, img_size: int, overrides: list[str]):
     """
     from mimkit.config import compose_config, load_yaml, resolve_config_path
 
-    name, _, backbone = spec.partition("@")
+    name, at, backbone = spec.partition("@")
+    if at and not backbone.strip():
+        from mimkit.backbones import BACKBONES
+
+        raise ConfigError(f"{spec!r}: nothing after '@'; name a registered backbone ({', '.join(sorted(BACKBONES))}) "
+                          "or leave out '@' to measure the config as it is")
     layers = [load_yaml(resolve_config_path(name))]
     if backbone:
         layers.append({"backbone": {"name": backbone}})

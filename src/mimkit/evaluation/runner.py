@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mimkit.config import ConfigError, PretrainConfig, load_config
-from mimkit.engine.checkpoint import load_weights, resolve_checkpoint
+from mimkit.config import ConfigError, PretrainConfig
+from mimkit.engine.checkpoint import MODEL_FILE, build_for_weights, load_weights, resolve_checkpoint
+from mimkit.engine.continuation import load_run_config
 from mimkit.engine.distributed import resolve_device
 from mimkit.engine.run_folder import run_config_for, write_json
 from mimkit.engine.trainer import seed_everything
@@ -57,8 +58,8 @@ def load_run_encoder(path: str | Path) -> tuple[nn.Module, PretrainConfig, Path]
 
     """
     ckpt = resolve_checkpoint(path)
-    cfg = load_config(run_config_for(ckpt))
-    encoder = encoder_from_config(cfg)
+    cfg = load_run_config(run_config_for(ckpt))
+    encoder = build_for_weights(lambda: encoder_from_config(cfg), ckpt / MODEL_FILE, eval_prefix(cfg))
     load_weights(encoder, ckpt, prefix=eval_prefix(cfg))
     return encoder, cfg, ckpt
 
@@ -86,10 +87,10 @@ def resolve_subject(
     else:
         base_path = config
         base_overrides = [o for o in overrides if not o.startswith("data.")]
-    base, cfg = load_config(base_path, base_overrides), load_config(base_path, overrides)
+    base, cfg = load_run_config(base_path, base_overrides), load_run_config(base_path, overrides)
     changes = {k: v for k, v in asdict(cfg.data).items() if asdict(base.data)[k] != v}
     if run is not None and baseline is None:
-        encoder = encoder_from_config(cfg)
+        encoder = build_for_weights(lambda: encoder_from_config(cfg), ckpt / MODEL_FILE, eval_prefix(cfg))
         load_weights(encoder, ckpt, prefix=eval_prefix(cfg))
         return Subject(encoder, cfg, ckpt, str(ckpt.resolve()), f"{cfg.method['name']} {ckpt.name}", changes)
     out = Path(cfg.run_dir) / f"baseline-{baseline}"

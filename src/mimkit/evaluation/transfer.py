@@ -21,9 +21,10 @@ from typing import Any
 from mimkit.config import DataConfig, EvalConfig
 from mimkit.data import build_dataset, check_labelled
 from mimkit.engine.checkpoint import resolve_checkpoint
+from mimkit.engine.continuation import load_run_config
 from mimkit.engine.distributed import resolve_device
 from mimkit.engine.precision import resolve_precision
-from mimkit.engine.run_folder import CONFIG_FILE, run_config_for, write_json
+from mimkit.engine.run_folder import CONFIG_FILE, check_writable, run_config_for, write_json
 from mimkit.errors import ConfigError
 from mimkit.evaluation.runner import (
     features_for,
@@ -116,7 +117,7 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
         ConfigError: A bad spec, or a dataset that cannot be scored, before anything is extracted.
 
     """
-    from mimkit.config import load_config, load_eval_config
+    from mimkit.config import load_eval_config
 
     protocol = protocol or load_eval_config()
     not_data = [e for e in (extra or []) if not e.startswith("data.")]
@@ -127,7 +128,12 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
                           "apply with --finetune only")
     ks, fraction, blocks = tuple(protocol.knn.k), protocol.features.train_fraction, protocol.features.blocks
     ckpt = resolve_checkpoint(run)
-    channels = load_config(run_config_for(ckpt)).data.channels
+    check_writable(ckpt, "transfer results", "results are written beside the checkpoint: transfer a writable copy "
+                   "of the run")
+    if finetune:
+        check_writable(run_config_for(ckpt).parent, "fine-tuning runs", "they are written in the run's folder: "
+                       "transfer a writable copy of the run")
+    channels = load_run_config(run_config_for(ckpt)).data.channels
     plans = [(spec, dataset_overrides(spec, channels, extra or [])) for spec in specs]
     subjects = [(spec, resolve_subject(str(ckpt), None, None, overrides)) for spec, overrides in plans]
     for spec, subject in subjects:  # every dataset found and labelled before the first is extracted

@@ -19,7 +19,7 @@ def save_loss_curve(run_dir: Path, path: Path | None = None) -> Path:
         FileNotFoundError: When the run has no logged loss yet.
 
     """
-    rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    rows = [r for r in read_metrics(run_dir) if _number(r.get("loss"))]
     if not rows:
         raise FileNotFoundError(f"{run_dir}: no loss values in metrics.jsonl")
     steps = [r["step"] for r in rows]
@@ -28,7 +28,7 @@ def save_loss_curve(run_dir: Path, path: Path | None = None) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    if "lr" in rows[0]:
+    if all(_number(r.get("lr")) for r in rows):
         ax2 = ax.twinx()
         ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="lr")
         ax2.set_ylabel("learning rate")
@@ -38,6 +38,10 @@ def save_loss_curve(run_dir: Path, path: Path | None = None) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 ACCURACY_KEYS = {"knn20": "kNN k=20 (%)", "linprobe": "linear probe (%)"}

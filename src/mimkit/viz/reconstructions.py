@@ -1,4 +1,4 @@
-"""PNG grids of masked-autoencoder reconstructions."""
+"""PNG grids of masked-autoencoder reconstructions, and of the views a method without one trains on."""
 
 from __future__ import annotations
 
@@ -43,13 +43,34 @@ def reconstruction_panels(method: PretrainMethod, images: torch.Tensor, normaliz
 def save_reconstructions(method: PretrainMethod, images: torch.Tensor, normalize: Normalize, path: Path,
                          title: str = "") -> Path:
     """Write the reconstruction grid (rows: original, masked, reconstruction, pasted) to ``path``."""
-    panels = reconstruction_panels(method, images, normalize)
-    n = images.shape[0]
+    return save_grid(reconstruction_panels(method, images, normalize), ROWS, path, title)
+
+
+def save_views(views: tuple[torch.Tensor, ...], normalize: Normalize, path: Path, title: str = "") -> Path:
+    """Write the augmented views a method trains on, one row per view, to ``path``.
+
+    For a method without a pixel reconstruction (DINO, iBOT) these crops are what its encoder sees.
+
+    Args:
+        views: Normalised views ``[N, C, S_v, S_v]``, one tensor per view (sizes may differ); each row
+            is labelled with its view's number and side.
+        normalize: The normalisation the views went through (to map back to pixels).
+        path: The PNG to write.
+        title: The figure title.
+
+    """
+    names = [f"view {i + 1} ({v.shape[-1]} px)" for i, v in enumerate(views)]
+    return save_grid([normalize.denormalize(v) for v in views], names, path, title)
+
+
+def save_grid(panels: list[torch.Tensor], names: tuple[str, ...] | list[str], path: Path, title: str = "") -> Path:
+    """Write rows of images (``[N, C, H, W]`` in [0, 1], one tensor per row) as a labelled PNG grid."""
+    n = panels[0].shape[0]
     fig, axes = plt.subplots(len(panels), n, figsize=(1.3 * n, 1.4 * len(panels)), squeeze=False)
-    for r, (panel, name) in enumerate(zip(panels, ROWS, strict=True)):
+    for r, (panel, name) in enumerate(zip(panels, names, strict=True)):
         for c in range(n):
             ax = axes[r][c]
-            img = panel[c].permute(1, 2, 0).cpu().numpy()
+            img = panel[c].clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
                       vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])

@@ -1,0 +1,173 @@
+"""Continuing a run: the same settings, or a recorded change to the few that may change.
+
+A run's ``config.yaml`` is the record of the settings it trained with. A continuation
+(``--resume``) must use them: any other value would train the rest of the run under settings the
+record does not name (another method setting), or act on what the run already holds (a smaller
+``train.keep_last`` deletes its checkpoints). So a resume compares its settings with the run's own
+and refuses every difference, naming each key with both values.
+
+A few settings may change on a continuation, because they lengthen or watch the run without
+changing what a step computes (:data:`CONTINUABLE`). Such a change is written as one row of
+``config-changes.jsonl`` (step, date, each key with its old and new value); ``config.yaml`` is never
+rewritten, and :func:`run_settings` replays the rows over it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mimkit.config import PretrainConfig, load_config
+from mimkit.engine.run_folder import CHANGES_FILE, CONFIG_FILE
+from mimkit.errors import ConfigError
+
+#: The settings a continuation may change, and why that is safe. Everything else must match.
+CONTINUABLE: dict[str, str] = {
+    "train.epochs": "a longer (or shorter) schedule",
+    "train.max_minutes": "a time limit",
+    "train.budget_minutes": "a time budget the schedule is fitted to",
+    "train.log_every": "how often the log is written",
+    "train.ckpt_every_steps": "extra checkpoints (never fewer kept)",
+    "train.progress": "the progress bar",
+    "train.max_bad_steps": "how many non-finite steps in a row stop the run",
+    "train.device": "where the run continues (cpu, cuda)",
+    "data.num_workers": "loader processes (the images are the same)",
+}
+#: Never compared: the folder is where the run is, not a setting of it.
+NOT_SETTINGS = ("run_dir",)
+_UNSET = "(not set)"
+
+
+def flat_settings(cfg: PretrainConfig) -> dict[str, Any]:
+    """Every setting of ``cfg`` as ``{"section.key": value}``, the method's with its defaults filled in."""
+    from mimkit.methods import check_method_cfg
+
+    tree = asdict(cfg)
+    try:
+        tree["method"] = {"name": cfg.method["name"], **asdict(check_method_cfg(cfg.method))}
+    except (ConfigError, TypeError):  # an unparsable section compares as written
+        pass
+    out: dict[str, Any] = {}
+
+    def visit(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                visit(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            out[prefix] = list(node) if isinstance(node, tuple) else node
+
+    visit("", tree)
+    for key in NOT_SETTINGS:
+        out.pop(key, None)
+    return out
+
+
+def differences(old: PretrainConfig, new: PretrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old value, new value)}`` for every setting that differs (a missing key as ``(not set)``)."""
+    a, b = flat_settings(old), flat_settings(new)
+    return {k: (a.get(k, _UNSET), b.get(k, _UNSET)) for k in sorted(set(a) | set(b)) if a.get(k, _UNSET) !=
+            b.get(k, _UNSET)}
+
+
+def read_changes(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``config-changes.jsonl``, oldest first.
+
+    Raises:
+        ConfigError: A row that is not a JSON object with a ``changes`` mapping (the file and line named).
+
+    """
+    path = Path(run_dir) / CHANGES_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} line {n}: not valid JSON ({err})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("changes"), dict):
+            raise ConfigError(f"{path} line {n}: expected an object with a 'changes' mapping")
+        rows.append(row)
+    return rows
+
+
+def run_settings(run_dir: Path) -> PretrainConfig:
+    """The settings a run holds now: its ``config.yaml`` with every recorded continuation replayed over it.
+
+    Raises:
+        ConfigError: A missing or invalid ``config.yaml`` or change row (the file named).
+
+    """
+    run_dir = Path(run_dir)
+    overrides = [f"{key}={json.dumps(change['to'])}" for row in read_changes(run_dir)
+                 for key, change in row["changes"].items()]
+    return load_run_config(run_dir / CONFIG_FILE, overrides)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
+    """A run's ``config.yaml`` read and checked like settings typed on the command line; errors name the file.
+
+    Raises:
+        ConfigError: The file is missing, not valid YAML, or holds an unknown key or invalid value.
+
+    """
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        text = str(err)
+        raise ConfigError(text if path is None or str(path) in text else f"{path}: {text}") from None
+
+
+def check_continuation(run_dir: Path, new: PretrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Refuse to continue the run in ``run_dir`` under other settings; return the allowed changes.
+
+    Args:
+        run_dir: The run being continued (its ``config.yaml`` and ``config-changes.jsonl``).
+        new: The settings given for the continuation.
+
+    Returns:
+        ``{key: (run's value, new value)}`` for the :data:`CONTINUABLE` settings that change.
+
+    Raises:
+        ConfigError: Any other setting differs; each is named with both values.
+
+    """
+    own = run_settings(run_dir)
+    diff = differences(own, new)
+    refused = {k: v for k, v in diff.items() if k not in CONTINUABLE}
+    if refused:
+        listed = "; ".join(f"{k}: run {_show(a)}, now {_show(b)}" for k, (a, b) in refused.items())
+        raise ConfigError(
+            f"--resume would continue the run in {run_dir} under other settings ({listed}); continue it with its "
+            f"own (mimkit pretrain --config {run_dir / CONFIG_FILE} --resume auto), start a new run_dir for new "
+            f"settings, or --overwrite it. Only {', '.join(CONTINUABLE)} may change on a continuation")
+    return {k: v for k, v in diff.items() if k in CONTINUABLE}
+
+
+def record_changes(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]], source: Path | None = None) -> None:
+    """Append one continuation's changed settings to ``config-changes.jsonl`` (nothing when there are none)."""
+    if not changes and source is None:
+        return
+    row = {"step": step, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
+    if source is not None:
+        row["resumed_from"] = str(source)
+    path = Path(run_dir) / CHANGES_FILE
+    rows = path.read_text() if path.is_file() else ""
+    # The whole file is rewritten under a temporary name: a crash never leaves a torn row.
+    tmp = path.with_name(f".{CHANGES_FILE}.tmp")
+    tmp.write_text(rows + json.dumps(row, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _show(value: Any) -> str:
+    return value if value == _UNSET else json.dumps(value, default=str)
+
+
+__all__ = ["CONTINUABLE", "check_continuation", "differences", "flat_settings", "load_run_config", "read_changes",
+           "record_changes", "run_settings"]
