@@ -134,6 +134,23 @@ def _results(ws: Path, knn: str, linprobe: str = ""):
         (ckpt / "linprobe.json").write_text(linprobe)
 
 
+def _held_finetuning(ws: Path):
+    """A fine-tuning of the run that another process is writing."""
+    folder = ws / "run" / "finetune-fmnist"
+    folder.mkdir()
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return lambda: os.close(fd)
+
+
+def _finetuning_without_top1(ws: Path):
+    ckpt = ws / "run" / "finetune-fmnist" / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    for name in ("model.safetensors", "state.pt"):
+        (ckpt / name).write_bytes(b"")
+    (ckpt / "finetune.json").write_text('{"evaluation": "finetune", "subject": "fine-tune vit_tiny_p4"}')
+
+
 _GOOD_PROBE = '{"evaluation": "linprobe", "subject": "mae step_00000018", "top1": 71.5}'
 _KNN = '{"evaluation": "knn", "subject": "mae step_00000018", "top1_k20": 70.1, "top1_k200": 66.0}'
 
@@ -167,6 +184,18 @@ SETUPS = {
     "only_truncated": lambda ws: _results(ws, _KNN[:40]),
     "knn_not_a_number": lambda ws: _results(ws, _KNN.replace("70.1", '"high"'), _GOOD_PROBE),
     "corrupt_changes": lambda ws: _write(ws / "run" / "config-changes.jsonl", '{"step": 6, "chan\n'),
+    "changes_method_key": lambda ws: _write(ws / "run" / "config-changes.jsonl", '{"step": 6, "changes": '
+                                            '{"method.mask_ratio": {"from": 0.75, "to": 0.5}}}\n'),
+    "changes_bare_value": lambda ws: _write(ws / "run" / "config-changes.jsonl",
+                                            '{"step": 6, "changes": {"train.epochs": 3}}\n'),
+    "changes_bad_value": lambda ws: _write(ws / "run" / "config-changes.jsonl",
+                                           '{"step": 6, "changes": {"train.epochs": {"from": 1.0, "to": -1}}}\n'),
+    "odd_metrics_rows": lambda ws: _write(ws / "run" / "metrics.jsonl", (ws / "run" / "metrics.jsonl").read_text()
+                                          + '[1, 2]\nnull\n{"step": "5"}\n'),
+    "empty_run_config": lambda ws: _write(ws / "run" / "config.yaml", ""),
+    "run_config_wide": lambda ws: _edit(ws / "run" / "config.yaml", "embed_dim: 32", "embed_dim: 4096"),
+    "held_finetuning": _held_finetuning,
+    "finetuning_without_top1": _finetuning_without_top1,
 }
 
 

@@ -341,6 +341,9 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     run_dir = cfg_path.parent
     out = Path(args.out) if args.out else run_dir / ("reconstructions.png" if reconstructs else "views.png")
     check_writable(out, "the figure", "give --out a writable PNG path")
+    if out.is_file() and out.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ConfigError(f"--out {out} is a file that is not a PNG; the figure replaces only an earlier figure: "
+                          "choose another --out")
     load_weights(method, ckpt)
     multiple = method.batch_multiple
     num = max(multiple, args.num - args.num % multiple)
@@ -348,6 +351,9 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         print(f"{cfg.method['name']} mixes images in sets of {multiple}: showing {num} images, not {args.num}")
     train = build_dataset(cfg.data, "train")
     data = build_dataset(cfg.data, args.split) if args.split != "train" else train
+    if num > len(data):
+        num = max(multiple, len(data) - len(data) % multiple)
+        print(f"the {args.split} split has {len(data)} images: showing {num}")
     title = f"{cfg.method['name']} {ckpt.name}"
     torch.manual_seed(args.seed)
     normalize = normalizer_for(train, cfg.data.channels)
@@ -394,6 +400,7 @@ def _cmd_resources(args: argparse.Namespace) -> int:
         from mimkit.engine.run_folder import check_writable
 
         check_writable(Path(args.out), "the rows", "give --out a writable path")
+        _check_replaces_rows(Path(args.out))
     rows = measure_configs(args.configs, args.img_size, args.batch, args.steps, args.precision, args.overrides,
                            args.threads)
     print(resources_table(rows))
@@ -408,7 +415,8 @@ def _read_result(path: Path, numbers: tuple[str, ...], problems: list[str]) -> d
     An unreadable one (truncated, hand-edited) is left out of the table and named in ``problems``.
     """
     import json
-    import math
+
+    from mimkit.schema import is_number
 
     try:
         res = json.loads(path.read_text())
@@ -418,12 +426,26 @@ def _read_result(path: Path, numbers: tuple[str, ...], problems: list[str]) -> d
     if not isinstance(res, dict) or not isinstance(res.get("subject"), str):
         problems.append(f"{path} (not a result object with a subject)")
         return None
-    bad = [k for k in numbers if k in res and not (isinstance(res[k], int | float) and not isinstance(res[k], bool)
-                                                   and math.isfinite(res[k]))]
+    bad = [k for k in numbers if k in res and not is_number(res[k])]
     if bad:
         problems.append(f"{path} ({', '.join(f'{k}={res[k]!r}' for k in bad)} is not a finite number)")
         return None
     return res
+
+
+def _check_replaces_rows(path: Path) -> None:
+    """Refuse an ``--out`` that exists and is not an earlier ``resources`` JSON (a list of rows)."""
+    import json
+
+    if not path.exists():
+        return
+    try:
+        rows = json.loads(path.read_text())
+        ok = isinstance(rows, list) and all(isinstance(r, dict) and "config" in r for r in rows)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"--out {path} exists and is not an earlier resources table; choose another --out")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -457,6 +479,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         last = latest_checkpoint(folder / "checkpoints")
         if last is not None and (last / RESULT_FILE).is_file():
             res = _read_result(last / RESULT_FILE, ("top1", "top1_ema"), problems)
+            if res is not None and "top1" not in res:
+                problems.append(f"{last / RESULT_FILE} (no top1)")
             if res is None or "top1" not in res:
                 continue
             ema = f" (weight average {res['top1_ema']:.2f})" if "top1_ema" in res else ""

@@ -17,7 +17,6 @@ An export folder holds
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -38,9 +37,9 @@ from mimkit.engine.checkpoint import (
     read_safetensors,
     resolve_checkpoint,
 )
-from mimkit.engine.run_folder import CONFIG_FILE, check_writable, run_config_for
+from mimkit.engine.run_folder import CONFIG_FILE, check_room, check_writable, run_config_for
 from mimkit.errors import CheckpointError, ConfigError
-from mimkit.schema import require
+from mimkit.schema import is_number, require
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_META = "encoder.json"
@@ -90,7 +89,7 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
     Args:
         run: A run folder or checkpoint.
         out: The export folder to create.
-        overwrite: Replace ``out`` if it already holds files.
+        overwrite: Replace ``out`` if it holds an earlier export (never a run or other files).
 
     Returns:
         ``out``.
@@ -107,13 +106,22 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
     ckpt = resolve_checkpoint(run)
     out = Path(out)
     check_writable(out, "the export", "choose a writable --out")
+    # The whole model, the encoder and timm's copy of it: at most three times the checkpoint's weights.
+    check_room(out, 3 * (ckpt / MODEL_FILE).stat().st_size + (1 << 20), "the export", "choose --out on another disk")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the export")
     if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
         raise ConfigError(f"--out {out} holds the checkpoint being exported ({ckpt}); choose a folder outside it")
+    if out.is_dir() and any((out / name).exists() for name in (".lock", "checkpoints", "metrics.jsonl")):
+        raise ConfigError(f"--out {out} holds a run: an export never replaces a run, even with --overwrite; "
+                          "choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"export folder {out} already holds files; pass --overwrite to replace them, "
                           "or choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / ENCODER_META).is_file():
+        listed = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise ConfigError(f"--out {out} holds files that are not an export ({listed}); --overwrite replaces only "
+                          "an earlier export: choose another --out")
     cfg_path = run_config_for(ckpt)
     cfg = load_run_config(cfg_path)
     method = build_for_weights(lambda: method_from_config(cfg), ckpt / MODEL_FILE)
@@ -163,13 +171,11 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
 def _check_input(spec: dict[str, Any]) -> None:
     """Refuse an ``input`` entry whose size, channels or normalisation could not feed the encoder."""
     size, channels = spec.get("img_size"), spec.get("channels")
-    require(isinstance(size, int) and not isinstance(size, bool) and size > 0, "input.img_size", "a positive integer",
-            size)
+    require(is_number(size) and isinstance(size, int) and size > 0, "input.img_size", "a positive integer", size)
     require(channels in (1, 3), "input.channels", "1 or 3", channels)
     for key in ("mean", "std"):
         values = spec.get(key)
-        ok = (isinstance(values, list) and len(values) == channels
-              and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values))
+        ok = isinstance(values, list) and len(values) == channels and all(is_number(v) for v in values)
         require(ok and (key == "mean" or min(values) > 0), f"input.{key}",
                 f"{channels} finite number(s){' above 0' if key == 'std' else ''}", values)
 

@@ -122,6 +122,11 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", also_valid: tup
     return cls(**kwargs)
 
 
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool): the test for numbers read from files."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def require(ok: bool, key: str, rule: str, value: Any) -> None:
     """Refuse ``value`` of setting ``key`` unless ``ok``, saying what ``rule`` it must follow."""
     if not ok:
@@ -149,4 +154,4 @@ def check_heads(dim_key: str, dim: int, heads_key: str, heads: int) -> None:
                           f"{', '.join(map(str, valid))}")
 
 
-__all__ = ["check_heads", "check_positive", "from_dict", "require", "yaml_load"]
+__all__ = ["check_heads", "check_positive", "from_dict", "is_number", "require", "yaml_load"]

@@ -156,3 +156,35 @@ def test_finetune_at_another_resolution_than_pretraining(pretrained, tmp_path):
     trainer.fit()
     result = test_accuracy(cfg, finished_checkpoint(cfg))
     assert result["test_images"] == 10000 and 10.0 < result["top1"] <= 100.0
+
+
+def test_a_finetuning_continues_after_its_start_checkpoint_is_rotated_away(tmp_path, tiny_run_overrides):
+    """A continuation takes its weights from its own checkpoint: the pre-training checkpoint it started
+    from may be gone (the run was continued and rotated it), and the record still names that one."""
+    from mimkit.evaluation.finetune import run_finetune
+
+    run = tmp_path / "mae"
+    settings = [f"run_dir={run}", *tiny_run_overrides, "train.epochs=1", "train.keep_last=1"]
+    pretrain(load_config(None, settings))
+    start = latest_checkpoint(run / "checkpoints").resolve()
+    tuning = ["data.subset_fraction=0.01", "train.epochs=1", "train.progress=false", "optim.batch_size=32",
+              "train.ckpt_every_steps=5"]
+    with pytest.raises(KeyboardInterrupt):  # stopped by hand after its first checkpoint
+        import mimkit.engine.trainer as trainer_module
+
+        real = trainer_module.Trainer.checkpoint
+
+        def stop(self, batch):
+            real(self, batch)
+            raise KeyboardInterrupt
+
+        trainer_module.Trainer.checkpoint = stop
+        try:
+            run_finetune(finetune_config(str(run), overrides=tuning))
+        finally:
+            trainer_module.Trainer.checkpoint = real
+    pretrain(load_config(None, [*settings, "train.epochs=2"]), resume="auto")
+    assert not start.exists(), "the pre-training run rotated its old checkpoint away"
+    result, path, _ = run_finetune(finetune_config(str(run), overrides=tuning), resume="auto")
+    assert json.loads(path.read_text())["init"] == str(start), "the record names the checkpoint it started from"
+    assert 0.0 <= result["top1"] <= 100.0

@@ -35,6 +35,16 @@ def _valid_keys(name: str) -> list[str]:
     return sorted(inspect.signature(target).parameters)
 
 
+def backbone_defaults(name: str) -> dict[str, Any]:
+    """Every setting of a registered backbone with the value it is built with when not given (its preset's)."""
+    builder = BACKBONES[name]
+    target = builder.func if isinstance(builder, functools.partial) else builder
+    params = inspect.signature(target).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    defaults.update(getattr(builder, "keywords", {}))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+
+
 def backbones_taking(mask_kind: str | None) -> list[str]:
     """Names of the registered backbones whose ``mask_kinds`` include ``mask_kind``; all for None."""
     return sorted(name for name, b in BACKBONES.items()
@@ -125,7 +135,7 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
 
 
 __all__ = [
-    "BACKBONES", "ConvVisionTransformer", "SwinTransformer", "VisionTransformer", "backbones_taking",
-    "check_backbone_cfg", "check_backbone_input",
+    "BACKBONES", "ConvVisionTransformer", "SwinTransformer", "VisionTransformer", "backbone_defaults",
+    "backbones_taking", "check_backbone_cfg", "check_backbone_input",
     "create_backbone",
 ]

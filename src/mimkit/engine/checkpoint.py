@@ -281,12 +281,18 @@ def weight_shapes(file: Path, prefix: str = "") -> dict[str, tuple[int, ...]]:
 
 
 def build_for_weights(build: Callable[[], nn.Module], file: Path, prefix: str = "") -> nn.Module:
-    """``build()``, once the weights in ``file`` are known to fit what it will build.
+    """``build()``, once the weights in ``file`` are known to fit what it will build (see :func:`check_fits`)."""
+    check_fits(build, file, prefix)
+    return build()
 
-    The module is first built on the meta device, which allocates nothing, and its state dict
-    compared with the file's header. So settings read from a file (a run's ``config.yaml``, an
-    export's ``encoder.json``) that describe a much larger model than the weights are refused
-    before any memory is taken for them.
+
+def check_fits(build: Callable[[], nn.Module], file: Path, prefix: str = "") -> None:
+    """Refuse weights that do not fit what ``build`` would build, without building it for real.
+
+    The module is built on the meta device, which allocates nothing, and its state dict compared
+    with the file's header. So settings read from a file (a run's ``config.yaml``, an export's
+    ``encoder.json``) that describe a much larger model than the weights are refused before any
+    memory is taken for them.
 
     Args:
         build: Builds the module from the settings.
@@ -302,11 +308,10 @@ def build_for_weights(build: Callable[[], nn.Module], file: Path, prefix: str = 
     try:
         with torch.device("meta"):
             skeleton = build()
-    except (RuntimeError, NotImplementedError, ValueError):  # a builder that computes on real tensors
-        skeleton = None
-    if skeleton is not None:
-        check_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes, file)
-    return build()
+    except (RuntimeError, NotImplementedError, ValueError) as err:  # a builder that computes on real tensors
+        log.warning("cannot build the model on the meta device (%s); its size is checked after it is built", err)
+        return
+    check_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes, file)
 
 
 def check_shapes(own: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], file: Path) -> None:

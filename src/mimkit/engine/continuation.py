@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mimkit.config import PretrainConfig, load_config
+from mimkit.config import PretrainConfig, load_config, load_yaml
 from mimkit.engine.run_folder import CHANGES_FILE, CONFIG_FILE
 from mimkit.errors import ConfigError
 
@@ -36,19 +36,24 @@ CONTINUABLE: dict[str, str] = {
     "train.device": "where the run continues (cpu, cuda)",
     "data.num_workers": "loader processes (the images are the same)",
 }
-#: Never compared: the folder is where the run is, not a setting of it.
-NOT_SETTINGS = ("run_dir",)
+#: Never compared: the folder is where the run is, not a setting of it; ``init`` is read only when a run
+#: starts (a continuation takes every weight from its checkpoint), and the record keeps the one it started from.
+NOT_SETTINGS = ("run_dir", "init")
 _UNSET = "(not set)"
 
 
 def flat_settings(cfg: PretrainConfig) -> dict[str, Any]:
     """Every setting of ``cfg`` as ``{"section.key": value}``, the method's with its defaults filled in."""
+    from mimkit.backbones import backbone_defaults
     from mimkit.methods import check_method_cfg
+    from mimkit.models import backbone_settings
 
     tree = asdict(cfg)
-    try:
+    try:  # the settings the modules are built with, defaults filled in, so writing a default out is no change
         tree["method"] = {"name": cfg.method["name"], **asdict(check_method_cfg(cfg.method))}
-    except (ConfigError, TypeError):  # an unparsable section compares as written
+        tree["backbone"] = {"name": cfg.backbone["name"], **backbone_defaults(cfg.backbone["name"]),
+                            **backbone_settings(cfg)}
+    except (ConfigError, KeyError, TypeError):  # an unparsable section compares as written
         pass
     out: dict[str, Any] = {}
 
@@ -73,10 +78,11 @@ def differences(old: PretrainConfig, new: PretrainConfig) -> dict[str, tuple[Any
 
 
 def read_changes(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``config-changes.jsonl``, oldest first.
+    """The rows of a run's ``config-changes.jsonl``, oldest first, each checked.
 
     Raises:
-        ConfigError: A row that is not a JSON object with a ``changes`` mapping (the file and line named).
+        ConfigError: A row that is not a JSON object whose ``changes`` map continuable settings to
+            ``{"from": ..., "to": ...}`` (the file, line and key named).
 
     """
     path = Path(run_dir) / CHANGES_FILE
@@ -86,12 +92,19 @@ def read_changes(run_dir: Path) -> list[dict[str, Any]]:
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{path} line {n}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} line {n}: not valid JSON ({err})") from None
+            raise ConfigError(f"{where}: not valid JSON ({err})") from None
         if not isinstance(row, dict) or not isinstance(row.get("changes"), dict):
-            raise ConfigError(f"{path} line {n}: expected an object with a 'changes' mapping")
+            raise ConfigError(f"{where}: expected an object with a 'changes' mapping")
+        for key, change in row["changes"].items():
+            if key not in CONTINUABLE:
+                raise ConfigError(f"{where}: {key} cannot change on a continuation; a run changes only "
+                                  f"{', '.join(CONTINUABLE)}")
+            if not isinstance(change, dict) or set(change) != {"from", "to"}:
+                raise ConfigError(f"{where}: {key}: expected {{\"from\": ..., \"to\": ...}}, got {change!r}")
         rows.append(row)
     return rows
 
@@ -100,41 +113,65 @@ def run_settings(run_dir: Path) -> PretrainConfig:
     """The settings a run holds now: its ``config.yaml`` with every recorded continuation replayed over it.
 
     Raises:
-        ConfigError: A missing or invalid ``config.yaml`` or change row (the file named).
+        ConfigError: An invalid ``config.yaml`` or change row; the file at fault is named.
 
     """
     run_dir = Path(run_dir)
+    own = load_run_config(run_dir / CONFIG_FILE)
     overrides = [f"{key}={json.dumps(change['to'])}" for row in read_changes(run_dir)
                  for key, change in row["changes"].items()]
-    return load_run_config(run_dir / CONFIG_FILE, overrides)
+    if not overrides:
+        return own
+    try:
+        return load_config(run_dir / CONFIG_FILE, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{run_dir / CHANGES_FILE}: {err}") from None
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
+#: The sections ``config.yaml`` holds when a run writes it: a run's file that lacks one is cut short.
+_RUN_SECTIONS = ("run_dir", "seed", "init", "data", "backbone", "method", "optim", "train")
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None,
+                    complete: bool = True) -> PretrainConfig:
     """A run's ``config.yaml`` read and checked like settings typed on the command line; errors name the file.
 
+    Args:
+        path: The file (None: the defaults).
+        overrides: ``key=value`` settings over it.
+        complete: Refuse a file without every section a run writes (a truncated or emptied
+            ``config.yaml`` would otherwise read as defaults); False for a hand-written config.
+
     Raises:
-        ConfigError: The file is missing, not valid YAML, or holds an unknown key or invalid value.
+        ConfigError: The file is missing, not valid YAML, cut short, or holds an unknown key or invalid value.
 
     """
     try:
+        if path is not None and complete:
+            missing = [k for k in _RUN_SECTIONS if k not in load_yaml(path)]
+            if missing:
+                raise ConfigError(f"{path} lacks {', '.join(missing)}: a run writes its config.yaml whole, so this "
+                                  "one is cut short or not a run's")
         return load_config(path, overrides)
     except ConfigError as err:
         text = str(err)
         raise ConfigError(text if path is None or str(path) in text else f"{path}: {text}") from None
 
 
-def check_continuation(run_dir: Path, new: PretrainConfig) -> dict[str, tuple[Any, Any]]:
+def check_continuation(run_dir: Path, new: PretrainConfig, named: str | None = None) -> dict[str, tuple[Any, Any]]:
     """Refuse to continue the run in ``run_dir`` under other settings; return the allowed changes.
 
     Args:
         run_dir: The run being continued (its ``config.yaml`` and ``config-changes.jsonl``).
         new: The settings given for the continuation.
+        named: The checkpoint named by ``--resume`` (None for ``--resume auto``), for the message.
 
     Returns:
         ``{key: (run's value, new value)}`` for the :data:`CONTINUABLE` settings that change.
 
     Raises:
-        ConfigError: Any other setting differs; each is named with both values.
+        ConfigError: Any other setting differs; each is named with both values, and the message
+            gives the run's values to continue with.
 
     """
     own = run_settings(run_dir)
@@ -142,10 +179,14 @@ def check_continuation(run_dir: Path, new: PretrainConfig) -> dict[str, tuple[An
     refused = {k: v for k, v in diff.items() if k not in CONTINUABLE}
     if refused:
         listed = "; ".join(f"{k}: run {_show(a)}, now {_show(b)}" for k, (a, b) in refused.items())
+        values = " ".join(f"{k}={json.dumps(a, default=str, separators=(',', ':'))}"
+                          for k, (a, _) in refused.items() if a != _UNSET)
+        other = (f"to train from its weights under new settings, start a new run_dir with init={named}"
+                 if named else "for new settings start a new run_dir, or --overwrite this one")
         raise ConfigError(
-            f"--resume would continue the run in {run_dir} under other settings ({listed}); continue it with its "
-            f"own (mimkit pretrain --config {run_dir / CONFIG_FILE} --resume auto), start a new run_dir for new "
-            f"settings, or --overwrite it. Only {', '.join(CONTINUABLE)} may change on a continuation")
+            f"--resume would continue the run in {run_dir} under other settings ({listed}); to continue it, give "
+            f"the run's own values ({values or 'leave the keys out'}); {other}. Only {', '.join(CONTINUABLE)} "
+            "may change on a continuation")
     return {k: v for k, v in diff.items() if k in CONTINUABLE}
 
 

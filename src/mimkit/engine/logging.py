@@ -73,13 +73,8 @@ def truncate_metrics(run_dir: Path, last_step: int) -> int:
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines()
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line).get("step", 0) <= last_step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a torn last line from a killed run
-            continue
+    # A torn last line from a killed run, or a line that is not a row, is dropped with the redone steps.
+    keep = [line for line in lines if (row := _row(line)) is not None and row["step"] <= last_step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(f"{line}\n" for line in keep))
     tmp.replace(path)
@@ -95,11 +90,18 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return rows
     for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        # A row is a mapping with an integer step; anything else (a hand-edited line) is not a row.
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+        row = _row(line)
+        if row is not None:
             rows.append(row)
     return rows
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    """A line of ``metrics.jsonl`` as a row: a mapping with an integer ``step``; None for anything else."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+        return row
+    return None

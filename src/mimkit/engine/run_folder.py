@@ -40,25 +40,45 @@ WRITTEN_BY_TRAINING = (CONFIG_FILE, CHANGES_FILE, METRICS_FILE, "train.log", "tb
 DERIVED = "finetune-*"
 
 
+def run_folder_of(path: str | Path) -> Path | None:
+    """The folder of the run a path belongs to: the nearest of it and its three parents holding ``config.yaml``.
+
+    A run folder, its ``checkpoints/``, one checkpoint, a checkpoint's ``model.safetensors``, an export
+    folder, or a checkpoint copied out together with its run's ``config.yaml`` all resolve; None if
+    no ``config.yaml`` is there.
+    """
+    path = Path(path)
+    for folder in (path, *path.parents[:3]):
+        if (folder / CONFIG_FILE).is_file():
+            return folder
+    return None
+
+
 def run_config_for(ckpt: Path) -> Path:
-    """The ``config.yaml`` of the run a checkpoint belongs to (beside it, or up to three folders up).
+    """The ``config.yaml`` of the run a checkpoint belongs to (see :func:`run_folder_of`).
 
     Raises:
         ConfigError: No run config is found.
 
     """
-    for folder in (ckpt, *ckpt.parents[:3]):
-        if (folder / CONFIG_FILE).is_file():
-            return folder / CONFIG_FILE
-    raise ConfigError(f"no {CONFIG_FILE} found beside checkpoint {ckpt} or in its run folder")
+    folder = run_folder_of(ckpt)
+    if folder is None:
+        raise ConfigError(f"no {CONFIG_FILE} found beside checkpoint {ckpt} or in its run folder; a checkpoint "
+                          f"copied out of its run needs the run's {CONFIG_FILE} beside it")
+    return folder / CONFIG_FILE
 
 
 def write_json(path: Path, obj: Any) -> Path:
     """Write ``obj`` as JSON under a temporary name, then rename: a reader never sees half a file."""
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` under a temporary name, then rename: a reader (or a crash) never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
     return path
 
@@ -76,8 +96,9 @@ def writable_problem(path: Path) -> str | None:
     """Why ``path`` could not be written, or None; nothing is left behind by the check.
 
     A folder (existing, or to be created) is probed by creating and removing a file in it, which is
-    the only test that holds for root, read-only mounts and full disks alike; an existing file is
-    opened for appending without writing. A missing path is judged by its nearest existing parent.
+    the test that holds for root and read-only mounts alike; an existing file is opened for
+    appending without writing. A missing path is judged by its nearest existing parent. Whether the
+    output fits is :func:`check_room`'s question: a full disk still takes an empty file.
     """
     path = Path(path)
     probe_dir, existing_file = path, None
@@ -117,20 +138,41 @@ def check_writable(path: Path, what: str, hint: str) -> None:
         raise RunFolderError(f"cannot write {what} to {path}: {problem}; {hint}")
 
 
+def check_room(path: Path, needed_bytes: int, what: str, hint: str) -> None:
+    """Refuse, before the work, a disk without ``needed_bytes`` free where ``path`` (or its nearest parent) is.
+
+    A probe file shows that a place may be written, not that what goes there fits; a command that
+    knows the size of its output checks it here.
+
+    Raises:
+        RunFolderError: Naming the place, the free and the needed MiB.
+
+    """
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < needed_bytes:
+        raise RunFolderError(f"{path}: {free / 2**20:.1f} MiB free, but {what} needs about "
+                             f"{needed_bytes / 2**20:.1f} MiB; {hint}")
+
+
 def lock_holders(lock: Path) -> list[int]:
     """The processes holding a ``flock`` on ``lock`` (from ``/proc/locks``; empty where it is not readable)."""
     try:
-        inode = os.stat(lock).st_ino
+        st = os.stat(lock)
         table = Path("/proc/locks").read_text().splitlines()
     except OSError:
         return []
+    # /proc/locks names a file as MAJOR:MINOR:INODE, the device numbers in hex.
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     pids = []
     for line in table:
         parts = line.split()
         # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" (a blocked waiter's line has "->" first)
-        if "FLOCK" in parts and len(parts) >= 6:
+        if "FLOCK" in parts:
             at = parts.index("FLOCK")
-            if len(parts) > at + 4 and parts[at + 4].rsplit(":", 1)[-1] == str(inode):
+            if len(parts) > at + 4 and parts[at + 4] == ident:
                 pids.append(int(parts[at + 3]))
     return sorted(set(pids) - {os.getpid()})
 
@@ -236,7 +278,8 @@ class RunFolder:
             raise RunFolderError(
                 f"run {self.path} is being written by mimkit process (pid {self._writer_pid()}): its checkpoints "
                 "are rotated while it trains, so this command could lose the one it reads; run it when training "
-                "has finished, or on a copy of a checkpoint (cp -r CHECKPOINT SOMEWHERE)") from None
+                f"has finished, or on a copy of a checkpoint with the run's settings (cp -r CHECKPOINT COPY && cp "
+                f"{self.path / CONFIG_FILE} COPY/)") from None
         try:
             yield
         finally:
@@ -279,14 +322,26 @@ class RunFolder:
 
     def check_space(self, needed_bytes: int) -> None:
         """Refuse a disk without room for one checkpoint (``needed_bytes``), before training starts."""
-        free = shutil.disk_usage(self.path).free
-        if free < needed_bytes:
-            raise RunFolderError(
-                f"run folder {self.path}: {free / 2**20:.1f} MiB free, but one checkpoint needs about "
-                f"{needed_bytes / 2**20:.1f} MiB; free space or choose another run_dir")
+        check_room(self.path, needed_bytes, "one checkpoint", "free space or choose another run_dir")
+
+    def check_derived_not_in_use(self) -> None:
+        """Refuse to replace the run while one of its fine-tunings (``finetune-*``) is written or read.
+
+        Raises:
+            RunFolderError: Naming the fine-tuning folder and the process that holds it.
+
+        """
+        for derived in sorted(self.path.glob(DERIVED)):
+            RunFolder(derived).check_not_in_use()
 
     def clear(self) -> list[str]:
-        """Remove the previous run's files (``--overwrite``); returns what was removed."""
+        """Remove the previous run's files (``--overwrite``); returns what was removed.
+
+        Raises:
+            RunFolderError: A fine-tuning of the run is in use (nothing is removed then).
+
+        """
+        self.check_derived_not_in_use()
         removed = self.contents()
         derived = sorted(self.path.glob(DERIVED))
         for item in [*(self.path / name for name in RUN_FILES), *derived]:
@@ -304,15 +359,6 @@ class RunFolder:
             self._fd = None
 
 
-def run_folder_of(path: str | Path) -> Path | None:
-    """The run folder a run, checkpoint or ``model.safetensors`` path belongs to (None if it is none)."""
-    path = Path(path)
-    for folder in (path, *path.parents[:4]):
-        if (folder / CONFIG_FILE).is_file() and (folder / "checkpoints").is_dir():
-            return folder
-    return None
-
-
 @contextmanager
 def reading_run(path: str | Path | None) -> Iterator[None]:
     """:meth:`RunFolder.reading` for the run that ``path`` (a run, checkpoint or export) belongs to."""
@@ -324,5 +370,6 @@ def reading_run(path: str | Path | None) -> Iterator[None]:
         yield
 
 
-__all__ = ["CHANGES_FILE", "CONFIG_FILE", "LOCK_FILE", "RUN_FILES", "RunFolder", "check_writable", "describe_error",
-           "lock_holders", "reading_run", "run_config_for", "run_folder_of", "writable_problem"]
+__all__ = ["CHANGES_FILE", "CONFIG_FILE", "LOCK_FILE", "RUN_FILES", "RunFolder", "check_room", "check_writable",
+           "describe_error", "lock_holders", "reading_run", "run_config_for", "run_folder_of", "writable_problem",
+           "write_json", "write_text"]

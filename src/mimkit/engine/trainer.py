@@ -18,6 +18,8 @@ from tqdm import tqdm
 from mimkit.config import PretrainConfig, to_yaml
 from mimkit.data import Batch, build_dataset, build_loader
 from mimkit.engine.checkpoint import (
+    MODEL_FILE,
+    check_fits,
     checkpoint_bytes,
     latest_checkpoint,
     list_checkpoints,
@@ -31,13 +33,14 @@ from mimkit.engine.checkpoint import (
     save_checkpoint,
     set_aside,
     set_rng_state,
+    weight_shapes,
 )
 from mimkit.engine.continuation import check_continuation, load_run_config, record_changes
 from mimkit.engine.distributed import DistInfo, all_reduce_mean, broadcast_from_main, cleanup, init_distributed
 from mimkit.engine.logging import RunLogger, truncate_metrics
 from mimkit.engine.optim import build_optimizer, cosine_lr, scaled_lr
 from mimkit.engine.precision import resolve_precision
-from mimkit.engine.run_folder import CONFIG_FILE, RunFolder, reading_run, run_config_for, run_folder_of
+from mimkit.engine.run_folder import CONFIG_FILE, RunFolder, reading_run, run_config_for, run_folder_of, write_text
 from mimkit.engine.step import StepResult, train_step
 from mimkit.errors import (
     CheckpointError,
@@ -48,7 +51,7 @@ from mimkit.errors import (
     RunFolderError,
 )
 from mimkit.methods import PretrainOutput
-from mimkit.models import eval_prefix, method_from_config
+from mimkit.models import encoder_from_config, eval_prefix, method_from_config
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
     """
     info = init_distributed(cfg.train.device)
     try:
-        trainer = Trainer(cfg, info)
+        trainer = Trainer(cfg, info, resume)
         trainer.open_run(resume, overwrite)
         return trainer.fit()
     finally:
@@ -108,8 +111,12 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
 class Trainer:
     """Everything one pre-training run holds; :meth:`fit` is the loop, the other methods its steps."""
 
-    def __init__(self, cfg: PretrainConfig, info: DistInfo) -> None:
-        """Build data, method, optimizer and schedule for ``cfg`` on this process's device."""
+    def __init__(self, cfg: PretrainConfig, info: DistInfo, resume: str | None = None) -> None:
+        """Build data, method, optimizer and schedule for ``cfg`` on this process's device.
+
+        ``cfg.init`` is loaded here for a fresh run; with ``resume`` given it is loaded only if
+        :meth:`open_run` finds nothing to continue, since a continuation's checkpoint holds every weight.
+        """
         self.cfg, self.info, tc = cfg, info, cfg.train
         self.device = info.device
         self.precision = resolve_precision(tc.precision, self.device)
@@ -118,6 +125,13 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         # Model, data and optimizer are built in memory only: the run folder is not touched until
         # open_run() has checked everything, so a bad setting leaves nothing behind.
+        if cfg.init and resume is None:
+            # Settings read from another run (a fine-tuning's) are checked against its weights before
+            # the model they describe takes any memory.
+            with reading_run(cfg.init):
+                init = resolve_checkpoint(cfg.init)
+                source = load_run_config(run_config_for(init))
+                check_fits(lambda: encoder_from_config(cfg), init / MODEL_FILE, eval_prefix(source))
         self.method = method_from_config(cfg).to(self.device)
         multiple = self.method.batch_multiple
         if cfg.optim.batch_size % multiple:
@@ -129,8 +143,9 @@ class Trainer:
         for view in self.method.views:
             side = view.resolved_size(cfg.data.img_size)
             self.method.check_image_size(side, side)
-        if cfg.init:
-            self._initialise_from(cfg.init)
+        self._initialised = False
+        if resume is None:
+            self._initialise()
         self.data = build_dataset(cfg.data, "train")
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -161,6 +176,12 @@ class Trainer:
         self.grad_norm: torch.Tensor | None = None
         self.t_start, self.step_at_start, self.minutes_before = time.perf_counter(), 0, 0.0
         self._reset_window()
+
+    def _initialise(self) -> None:
+        """Load ``cfg.init``, once, into the trained encoder (nothing without an ``init``)."""
+        if self.cfg.init and not self._initialised:
+            self._initialise_from(self.cfg.init)
+        self._initialised = True
 
     def _initialise_from(self, path: str) -> None:
         """Load another run's evaluated module (its encoder, or teacher) into this method's trained encoder."""
@@ -254,15 +275,34 @@ class Trainer:
             broadcast_from_main([1], self.info)
         if point is not None:
             self._apply(point)
+        else:
+            self._initialise()  # a fresh start; a continuation takes every weight from its checkpoint
 
     def _check_and_prepare(self, resume: str | None, overwrite: bool) -> ResumePoint | None:
         self.folder.check_not_in_use()
+        if overwrite:
+            self.folder.check_derived_not_in_use()
         existing = self.folder.contents()
-        own_run = resume is not None and not overwrite and (self.run_dir / CONFIG_FILE).is_file()
-        # The settings first: a continuation under other settings is refused before any checkpoint is read.
-        changes = check_continuation(self.run_dir, self.cfg) if own_run and resume == "auto" else {}
-        named = run_folder_of(resume) if resume not in (None, "auto") else None
-        other = named if named is not None and named.resolve() != self.run_dir.resolve() else None
+        # The settings first: a continuation under other settings is refused before any checkpoint is
+        # read. A named checkpoint continues the run it belongs to, whichever folder it goes on in.
+        changes: dict[str, tuple[Any, Any]] = {}
+        source = None
+        if resume == "auto" and not overwrite and (self.run_dir / CONFIG_FILE).is_file():
+            changes = check_continuation(self.run_dir, self.cfg)
+        elif resume not in (None, "auto"):
+            # A missing or unreadable checkpoint is named as such before its settings are looked for.
+            weight_shapes(resolve_checkpoint(resume) / MODEL_FILE)
+            source = run_folder_of(resume)
+            if source is None and existing:
+                raise RunFolderError(
+                    f"run folder {self.run_dir} already holds a run ({', '.join(existing)}); --resume {resume} is a "
+                    "checkpoint of another run, --overwrite replaces it, or choose another run_dir")
+            if source is None:
+                raise ConfigError(f"--resume {resume}: no {CONFIG_FILE} beside it or in its run folder, so its "
+                                  "settings cannot be compared with these; copy the run's config.yaml beside the "
+                                  "checkpoint, or start from its weights with init= in a new run_dir")
+            changes = check_continuation(source, self.cfg, named=resume)
+        other = source if source is not None and source.resolve() != self.run_dir.resolve() else None
         with reading_run(other):
             point = self.find_resume_point(resume)
             inside = point is not None and self.run_dir.resolve() in point.ckpt.resolve().parents
@@ -272,14 +312,7 @@ class Trainer:
                 raise RunFolderError(
                     f"run folder {self.run_dir} already holds a run ({', '.join(existing)}); {how}, "
                     "--overwrite replaces it, or choose another run_dir")
-            source = None
-            if point is not None and resume != "auto":
-                # A named checkpoint continues the run it belongs to, whichever folder it goes on in.
-                source = run_folder_of(point.ckpt)
-                changes = check_continuation(source, self.cfg) if source is not None else {}
-                if source is not None and source.resolve() == self.run_dir.resolve():
-                    source = None
-            self._prepare_folder(point, overwrite, changes, source and point.ckpt)
+            self._prepare_folder(point, overwrite, changes, point.ckpt.resolve() if other and point else None)
         return point
 
     def _prepare_folder(self, point: ResumePoint | None, overwrite: bool, changes: dict[str, tuple[Any, Any]],
@@ -301,7 +334,7 @@ class Trainer:
         truncate_metrics(self.run_dir, step)
         if not (self.run_dir / CONFIG_FILE).is_file():
             # Written once, when the run starts: a continuation records its changes beside it instead.
-            (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.cfg))
+            write_text(self.run_dir / CONFIG_FILE, to_yaml(self.cfg))
         for key, (old, new) in changes.items():
             log.warning("continuing with %s = %r (the run had %r); recorded in config-changes.jsonl", key, new, old)
         record_changes(self.run_dir, step, changes, source)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from mimkit.config import DataConfig
 from mimkit.data import Batch, build_dataset, build_loader, check_labelled, normalizer_for
 from mimkit.engine.precision import autocast
+from mimkit.engine.run_folder import check_room
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,11 @@ def dataset_features(
     check_labelled(train, test, "evaluation (kNN, linear probe)")
     norm = normalizer_for(train, cfg.channels)
     train = train.per_class_fraction(train_fraction)
+    if path is not None:
+        # float32 features of both splits: refused now rather than after the extraction.
+        dim = encoder.num_features * blocks if encoder is not None else cfg.channels * cfg.img_size ** 2
+        check_room(path.parent, 4 * dim * (len(train) + len(test)) + (1 << 20), "the feature cache",
+                   "free space there, or evaluate a copy of the run on another disk")
     out = {}
     for split, data in (("train", train), ("test", test)):
         loader = build_loader(data, cfg, batch_size, train=False, normalize=norm)

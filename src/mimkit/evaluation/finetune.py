@@ -23,7 +23,7 @@ from mimkit.engine.checkpoint import latest_checkpoint, load_weights, resolve_ch
 from mimkit.engine.continuation import load_run_config
 from mimkit.engine.distributed import resolve_device
 from mimkit.engine.precision import autocast, resolve_precision
-from mimkit.engine.run_folder import run_config_for, write_json
+from mimkit.engine.run_folder import CONFIG_FILE, run_config_for, write_json
 from mimkit.errors import ConfigError
 from mimkit.models import method_from_config
 
@@ -169,7 +169,9 @@ def run_finetune(cfg: PretrainConfig, resume: str | None = None,
     run_dir = pretrain(cfg, resume=resume, overwrite=overwrite)
     ckpt = finished_checkpoint(cfg)
     result = test_accuracy(cfg, ckpt, cfg.train.device, cfg.train.precision)
-    return result, write_finetune_result(cfg, ckpt, result), run_dir
+    # The checkpoint the run started from, as its record says (a continuation is given the newest one).
+    started = dataclasses.replace(cfg, init=load_run_config(run_dir / CONFIG_FILE).init)
+    return result, write_finetune_result(started, ckpt, result), run_dir
 
 
 def finished_checkpoint(cfg: PretrainConfig) -> Path:

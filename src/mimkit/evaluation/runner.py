@@ -87,13 +87,16 @@ def resolve_subject(
     else:
         base_path = config
         base_overrides = [o for o in overrides if not o.startswith("data.")]
-    base, cfg = load_run_config(base_path, base_overrides), load_run_config(base_path, overrides)
+    complete = run is not None  # a run's config.yaml is written whole; a --config may be partial
+    base = load_run_config(base_path, base_overrides, complete)
+    cfg = load_run_config(base_path, overrides, complete)
     changes = {k: v for k, v in asdict(cfg.data).items() if asdict(base.data)[k] != v}
     if run is not None and baseline is None:
         encoder = build_for_weights(lambda: encoder_from_config(cfg), ckpt / MODEL_FILE, eval_prefix(cfg))
         load_weights(encoder, ckpt, prefix=eval_prefix(cfg))
         return Subject(encoder, cfg, ckpt, str(ckpt.resolve()), f"{cfg.method['name']} {ckpt.name}", changes)
-    out = Path(cfg.run_dir) / f"baseline-{baseline}"
+    # Beside the run that was named (its config's run_dir may be relative to where it was trained).
+    out = (base_path.parent if run is not None else Path(cfg.run_dir)) / f"baseline-{baseline}"
     if baseline == "pixels":
         return Subject(None, cfg, out, "pixels", "raw pixels", changes)
     seed_everything(seed)

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from mimkit.engine.logging import read_metrics  # noqa: E402
+from mimkit.schema import is_number  # noqa: E402
 
 
 def save_loss_curve(run_dir: Path, path: Path | None = None) -> Path:
@@ -19,7 +20,7 @@ def save_loss_curve(run_dir: Path, path: Path | None = None) -> Path:
         FileNotFoundError: When the run has no logged loss yet.
 
     """
-    rows = [r for r in read_metrics(run_dir) if _number(r.get("loss"))]
+    rows = [r for r in read_metrics(run_dir) if is_number(r.get("loss"))]
     if not rows:
         raise FileNotFoundError(f"{run_dir}: no loss values in metrics.jsonl")
     steps = [r["step"] for r in rows]
@@ -28,7 +29,7 @@ def save_loss_curve(run_dir: Path, path: Path | None = None) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    if all(_number(r.get("lr")) for r in rows):
+    if all(is_number(r.get("lr")) for r in rows):
         ax2 = ax.twinx()
         ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="lr")
         ax2.set_ylabel("learning rate")
@@ -38,10 +39,6 @@ def save_loss_curve(run_dir: Path, path: Path | None = None) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 ACCURACY_KEYS = {"knn20": "kNN k=20 (%)", "linprobe": "linear probe (%)"}
