@@ -195,6 +195,12 @@ SETUPS = {
     "empty_run_config": lambda ws: _write(ws / "run" / "config.yaml", ""),
     "run_config_wide": lambda ws: _edit(ws / "run" / "config.yaml", "embed_dim: 32", "embed_dim: 4096"),
     "held_finetuning": _held_finetuning,
+    "export_with_notes": lambda ws: _write(ws / "export" / "notes.txt", "mine\n"),
+    "config_not_utf8": lambda ws: (ws / "run" / "config.yaml").write_bytes(b"seed: 0\n\xff\xfe\n") and None,
+    "changes_not_utf8": lambda ws: (ws / "run" / "config-changes.jsonl").write_bytes(b"\xff\xfe\n") and None,
+    "config_heads_do_not_divide": lambda ws: _edit(ws / "run" / "config.yaml", "num_heads: 2", "num_heads: 3"),
+    "good_knn": lambda ws: _results(ws, _KNN),
+    "png_named_notes": lambda ws: _write(ws / "notes.png", "my notes, not a picture\n"),
     "finetuning_without_top1": _finetuning_without_top1,
 }
 

@@ -234,7 +234,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from mimkit.evaluation.finetune import finetune_config, run_finetune
     from mimkit.viz import save_loss_curve
 
-    cfg = finetune_config(args.run, args.config, args.overrides, args.scratch, args.arch)
+    cfg = finetune_config(args.run, args.config, args.overrides, args.scratch, args.arch, args.resume is not None)
     result, path, run_dir = run_finetune(cfg, args.resume, args.overwrite)
     curve = save_loss_curve(run_dir)
     ema = f", weight average {result['top1_ema']:.2f}%" if "top1_ema" in result else ""
@@ -336,10 +336,12 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint(args.run)
     cfg_path = run_config_for(ckpt)
     cfg = load_run_config(cfg_path)
-    method = build_for_weights(lambda: method_from_config(cfg), ckpt / MODEL_FILE)
+    method = build_for_weights(lambda: method_from_config(cfg), ckpt / MODEL_FILE, settings=cfg_path)
     reconstructs = type(method).reconstruct is not PretrainMethod.reconstruct
     run_dir = cfg_path.parent
     out = Path(args.out) if args.out else run_dir / ("reconstructions.png" if reconstructs else "views.png")
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: the figure is a PNG; give a path ending in .png")
     check_writable(out, "the figure", "give --out a writable PNG path")
     if out.is_file() and out.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
         raise ConfigError(f"--out {out} is a file that is not a PNG; the figure replaces only an earlier figure: "
@@ -449,13 +451,14 @@ def _check_replaces_rows(path: Path) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from mimkit.engine.checkpoint import latest_checkpoint
+    from mimkit.engine.checkpoint import MODEL_FILE, latest_checkpoint
     from mimkit.engine.run_folder import DERIVED
     from mimkit.evaluation.finetune import RESULT_FILE
 
     run_dir = Path(args.run)
     rows, problems = [], []
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    # A run folder (its newest checkpoint), or one checkpoint named directly.
+    ckpt = run_dir if (run_dir / MODEL_FILE).is_file() else latest_checkpoint(run_dir / "checkpoints")
     folders = ([ckpt] if ckpt else []) + sorted(run_dir.glob("baseline-*"))
     numbers = ("top1_k20", "top1_k200", "top1")
     for folder in folders:
@@ -475,8 +478,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
             rows.append(f"| {label} | {cell(knn, 'top1_k20')} | {cell(knn, 'top1_k200')} | {cell(lin, 'top1')} |")
     # Fine-tunings of this run (and from-scratch baselines kept beside it): a column of their own.
     tuned = []
-    for folder in sorted(run_dir.glob(DERIVED)):
-        last = latest_checkpoint(folder / "checkpoints")
+    for folder in [run_dir, *sorted(run_dir.glob(DERIVED))]:  # the folder itself when it is a fine-tuning
+        last = ckpt if folder == run_dir else latest_checkpoint(folder / "checkpoints")
         if last is not None and (last / RESULT_FILE).is_file():
             res = _read_result(last / RESULT_FILE, ("top1", "top1_ema"), problems)
             if res is not None and "top1" not in res:
@@ -565,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
               "complete checkpoint with --resume auto", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume auto", file=sys.stderr)
+        again = "; resume with --resume auto" if args.command in ("pretrain", "finetune") else ""
+        print(f"mimkit {args.command}: interrupted{again}", file=sys.stderr)
         return 130
 
 

@@ -43,6 +43,8 @@ from mimkit.schema import is_number, require
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_META = "encoder.json"
+#: What an export folder holds; ``--overwrite`` replaces a folder holding nothing else.
+EXPORT_FILES = frozenset({ENCODER_WEIGHTS, ENCODER_META, MODEL_FILE, CONFIG_FILE, "timm"})
 FORMAT = "mimkit-encoder"
 FORMAT_VERSION = 1
 #: timm's ViT with mimkit's choices: mean of the patch tokens after the final norm, no fc norm, no head.
@@ -118,13 +120,13 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"export folder {out} already holds files; pass --overwrite to replace them, "
                           "or choose another --out")
-    if out.exists() and any(out.iterdir()) and not (out / ENCODER_META).is_file():
-        listed = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-        raise ConfigError(f"--out {out} holds files that are not an export ({listed}); --overwrite replaces only "
-                          "an earlier export: choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES) if out.is_dir() else []
+    if foreign:
+        raise ConfigError(f"--out {out} holds files that are not an export ({', '.join(foreign[:5])}); --overwrite "
+                          "replaces only an earlier export: choose another --out")
     cfg_path = run_config_for(ckpt)
     cfg = load_run_config(cfg_path)
-    method = build_for_weights(lambda: method_from_config(cfg), ckpt / MODEL_FILE)
+    method = build_for_weights(lambda: method_from_config(cfg), ckpt / MODEL_FILE, settings=cfg_path)
     load_weights(method, ckpt)
     encoder = method.eval_module.eval()
     train = build_dataset(cfg.data, "train")

@@ -148,6 +148,17 @@ def test_keep_last_pruning(tmp_path, tiny_mae):
     assert len(list_checkpoints(keep_all)) == 3
 
 
+def test_rotation_keeps_a_checkpoint_that_holds_results(tmp_path, tiny_mae):
+    """Evaluating an intermediate checkpoint writes its results beside it: rotation must not delete them."""
+    ckpt_dir = tmp_path / "checkpoints"
+    first = save_checkpoint(ckpt_dir, 1, tiny_mae, {"step": 1}, keep_last=2)
+    (first / "knn-k3.json").write_text("{}")
+    for step in (2, 3, 4):
+        save_checkpoint(ckpt_dir, step, tiny_mae, {"step": step}, keep_last=2)
+    assert [p.name for p in list_checkpoints(ckpt_dir)] == ["step_00000001", "step_00000003", "step_00000004"]
+    assert (first / "knn-k3.json").is_file()
+
+
 def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path, tiny_mae):
     ckpt_dir = tmp_path / "checkpoints"
     for step in (10, 11):

@@ -65,3 +65,15 @@ def test_every_continuable_setting_exists():
     keys = flat_settings(load_config(None, []))
     assert set(CONTINUABLE) <= set(keys)
     assert "train.keep_last" not in CONTINUABLE and "train.precision" not in CONTINUABLE
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, tiny_run_overrides):
+    """The steps after the checkpoint resumed from are abandoned: their checkpoints are kept, never picked."""
+    run = tmp_path / "run"
+    settings = [f"run_dir={run}", *tiny_run_overrides, "train.epochs=1", "train.ckpt_every_steps=6"]
+    pretrain(load_config(None, settings))
+    names = [p.name for p in list_checkpoints(run / "checkpoints")]
+    assert names == ["step_00000012", "step_00000018"]
+    pretrain(load_config(None, [*settings, "train.epochs=0.5"]), resume=str(run / "checkpoints" / "step_00000012"))
+    assert (run / "checkpoints" / "superseded-step_00000018").is_dir()
+    assert list_checkpoints(run / "checkpoints")[-1].name == "step_00000012"

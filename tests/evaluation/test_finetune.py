@@ -185,6 +185,10 @@ def test_a_finetuning_continues_after_its_start_checkpoint_is_rotated_away(tmp_p
             trainer_module.Trainer.checkpoint = real
     pretrain(load_config(None, [*settings, "train.epochs=2"]), resume="auto")
     assert not start.exists(), "the pre-training run rotated its old checkpoint away"
-    result, path, _ = run_finetune(finetune_config(str(run), overrides=tuning), resume="auto")
+    newest = latest_checkpoint(run / "checkpoints")
+    with pytest.raises(ConfigError, match=r"under other settings \(init: run "):
+        # Named explicitly, another checkpoint is another fine-tuning, not this one's continuation.
+        run_finetune(finetune_config(str(newest), overrides=tuning, resume=True), resume="auto")
+    result, path, _ = run_finetune(finetune_config(str(run), overrides=tuning, resume=True), resume="auto")
     assert json.loads(path.read_text())["init"] == str(start), "the record names the checkpoint it started from"
     assert 0.0 <= result["top1"] <= 100.0

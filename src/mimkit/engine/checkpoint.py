@@ -25,7 +25,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from mimkit.engine.run_folder import describe_error
-from mimkit.errors import CheckpointError, CheckpointMismatchError, NonFiniteError
+from mimkit.errors import CheckpointError, CheckpointMismatchError, ConfigError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,21 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep_last > 0:
-        # The checkpoint just written always survives, even beside stale higher-numbered ones.
-        others = [p for p in list_checkpoints(ckpt_dir) if p != final]
+        # The checkpoint just written always survives, even beside stale higher-numbered ones; one
+        # that holds evaluation results is kept too: rotation never deletes a result.
+        others = [p for p in list_checkpoints(ckpt_dir) if p != final and not holds_results(p)]
         for old in others[: max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+#: Files that evaluation writes beside a checkpoint (kNN, linear probe, fine-tuning, transfer).
+RESULT_PATTERNS = ("knn*.json", "linprobe*.json", "finetune.json", "transfer-*.json")
+
+
+def holds_results(ckpt: Path) -> bool:
+    """Whether an evaluation wrote its result beside this checkpoint (rotation then keeps it)."""
+    return any(next(ckpt.glob(pattern), None) is not None for pattern in RESULT_PATTERNS)
 
 
 def checkpoint_bytes(model: nn.Module) -> int:
@@ -172,14 +182,19 @@ def remove_temporaries(ckpt_dir: Path) -> list[Path]:
     return stale
 
 
-def set_aside(ckpt: Path) -> Path:
-    """Rename an unusable checkpoint to ``corrupt-<name>`` so it is kept but never picked again."""
-    target = ckpt.with_name(f"corrupt-{ckpt.name}")
+def set_aside(ckpt: Path, why: str = "corrupt") -> Path:
+    """Rename a checkpoint to ``<why>-<name>`` (``corrupt``, ``superseded``) so it is kept but never picked again."""
+    target = ckpt.with_name(f"{why}-{ckpt.name}")
     n = 1
     while target.exists():
-        target, n = ckpt.with_name(f"corrupt{n}-{ckpt.name}"), n + 1
+        target, n = ckpt.with_name(f"{why}{n}-{ckpt.name}"), n + 1
     os.replace(ckpt, target)
     return target
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint folder ``step_XXXXXXXX`` was written at."""
+    return int(_NAME.match(ckpt.name).group(1))
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -280,13 +295,14 @@ def weight_shapes(file: Path, prefix: str = "") -> dict[str, tuple[int, ...]]:
     return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
 
 
-def build_for_weights(build: Callable[[], nn.Module], file: Path, prefix: str = "") -> nn.Module:
+def build_for_weights(build: Callable[[], nn.Module], file: Path, prefix: str = "",
+                      settings: Path | None = None) -> nn.Module:
     """``build()``, once the weights in ``file`` are known to fit what it will build (see :func:`check_fits`)."""
-    check_fits(build, file, prefix)
+    check_fits(build, file, prefix, settings)
     return build()
 
 
-def check_fits(build: Callable[[], nn.Module], file: Path, prefix: str = "") -> None:
+def check_fits(build: Callable[[], nn.Module], file: Path, prefix: str = "", settings: Path | None = None) -> None:
     """Refuse weights that do not fit what ``build`` would build, without building it for real.
 
     The module is built on the meta device, which allocates nothing, and its state dict compared
@@ -298,16 +314,21 @@ def check_fits(build: Callable[[], nn.Module], file: Path, prefix: str = "") -> 
         build: Builds the module from the settings.
         file: The safetensors file the module will be loaded from.
         prefix: Only keys starting with this (stripped), e.g. ``encoder.``.
+        settings: The file the settings were read from, named in a builder's refusal.
 
     Raises:
         CheckpointMismatchError: Missing, unexpected or differently shaped tensors, listed by name.
         CheckpointError: The file cannot be read.
+        ConfigError: The builder refuses a setting (heads that do not divide the width, ...).
 
     """
     shapes = weight_shapes(file, prefix)
     try:
         with torch.device("meta"):
             skeleton = build()
+    except ConfigError as err:
+        text = str(err)
+        raise ConfigError(text if settings is None or str(settings) in text else f"{settings}: {text}") from None
     except (RuntimeError, NotImplementedError, ValueError) as err:  # a builder that computes on real tensors
         log.warning("cannot build the model on the meta device (%s); its size is checked after it is built", err)
         return

@@ -36,9 +36,8 @@ CONTINUABLE: dict[str, str] = {
     "train.device": "where the run continues (cpu, cuda)",
     "data.num_workers": "loader processes (the images are the same)",
 }
-#: Never compared: the folder is where the run is, not a setting of it; ``init`` is read only when a run
-#: starts (a continuation takes every weight from its checkpoint), and the record keeps the one it started from.
-NOT_SETTINGS = ("run_dir", "init")
+#: Never compared: the folder is where the run is, not a setting of it.
+NOT_SETTINGS = ("run_dir",)
 _UNSET = "(not set)"
 
 
@@ -67,6 +66,8 @@ def flat_settings(cfg: PretrainConfig) -> dict[str, Any]:
     visit("", tree)
     for key in NOT_SETTINGS:
         out.pop(key, None)
+    if out.get("init"):  # one checkpoint however its path was written
+        out["init"] = str(Path(out["init"]).resolve())
     return out
 
 
@@ -88,8 +89,12 @@ def read_changes(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / CHANGES_FILE
     if not path.is_file():
         return []
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {n}"

@@ -72,7 +72,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> int:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return 0
-    lines = path.read_text().splitlines()
+    lines = path.read_text(errors="replace").splitlines()  # a damaged line is then not a row
     # A torn last line from a killed run, or a line that is not a row, is dropped with the redone steps.
     keep = [line for line in lines if (row := _row(line)) is not None and row["step"] <= last_step]
     tmp = path.with_suffix(".tmp")
@@ -89,7 +89,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return rows
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         row = _row(line)
         if row is not None:
             rows.append(row)

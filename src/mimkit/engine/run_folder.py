@@ -230,7 +230,7 @@ class RunFolder:
         if holders:
             return ", ".join(map(str, holders))
         try:
-            return (self.path / LOCK_FILE).read_text().strip() or "unknown"
+            return (self.path / LOCK_FILE).read_text(errors="replace").strip() or "unknown"
         except OSError:
             return "unknown"
 
@@ -323,6 +323,26 @@ class RunFolder:
     def check_space(self, needed_bytes: int) -> None:
         """Refuse a disk without room for one checkpoint (``needed_bytes``), before training starts."""
         check_room(self.path, needed_bytes, "one checkpoint", "free space or choose another run_dir")
+
+    def check_place(self) -> None:
+        """Refuse a run folder that is a checkpoint, an export, or inside another run's ``checkpoints/``.
+
+        Rotation deletes whatever lies in a run's checkpoints, and a checkpoint's or export's own
+        ``model.safetensors`` would be read in place of the run's checkpoints by every command.
+
+        Raises:
+            RunFolderError: Naming what the folder is.
+
+        """
+        here = self.path.resolve()
+        for parent in here.parents:
+            if parent.name == "checkpoints" and (parent.parent / CONFIG_FILE).is_file():
+                raise RunFolderError(f"run_dir {self.path} is inside the checkpoints of run {parent.parent}, which "
+                                     "checkpoint rotation deletes; choose a run_dir outside it")
+        for name, what in (("model.safetensors", "a checkpoint or an export"), ("encoder.json", "an export")):
+            if (self.path / name).is_file():
+                raise RunFolderError(f"run_dir {self.path} holds {what} ({name}), not a run; a run never replaces "
+                                     "one, even with --overwrite: choose another run_dir")
 
     def check_derived_not_in_use(self) -> None:
         """Refuse to replace the run while one of its fine-tunings (``finetune-*``) is written or read.

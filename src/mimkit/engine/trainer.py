@@ -21,6 +21,7 @@ from mimkit.engine.checkpoint import (
     MODEL_FILE,
     check_fits,
     checkpoint_bytes,
+    checkpoint_step,
     latest_checkpoint,
     list_checkpoints,
     load_state,
@@ -125,13 +126,20 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         # Model, data and optimizer are built in memory only: the run folder is not touched until
         # open_run() has checked everything, so a bad setting leaves nothing behind.
-        if cfg.init and resume is None:
+        if cfg.init:
             # Settings read from another run (a fine-tuning's) are checked against its weights before
             # the model they describe takes any memory.
             with reading_run(cfg.init):
-                init = resolve_checkpoint(cfg.init)
-                source = load_run_config(run_config_for(init))
-                check_fits(lambda: encoder_from_config(cfg), init / MODEL_FILE, eval_prefix(source))
+                try:
+                    init = resolve_checkpoint(cfg.init)
+                except CheckpointError:
+                    if resume is None:
+                        raise
+                    init = None  # a continuation takes its weights from its own checkpoint
+                if init is not None:
+                    source = load_run_config(run_config_for(init))
+                    check_fits(lambda: encoder_from_config(cfg), init / MODEL_FILE, eval_prefix(source),
+                               run_config_for(init))
         self.method = method_from_config(cfg).to(self.device)
         multiple = self.method.batch_multiple
         if cfg.optim.batch_size % multiple:
@@ -279,6 +287,7 @@ class Trainer:
             self._initialise()  # a fresh start; a continuation takes every weight from its checkpoint
 
     def _check_and_prepare(self, resume: str | None, overwrite: bool) -> ResumePoint | None:
+        self.folder.check_place()
         self.folder.check_not_in_use()
         if overwrite:
             self.folder.check_derived_not_in_use()
@@ -312,6 +321,8 @@ class Trainer:
                 raise RunFolderError(
                     f"run folder {self.run_dir} already holds a run ({', '.join(existing)}); {how}, "
                     "--overwrite replaces it, or choose another run_dir")
+            if point is None:
+                self._initialise()  # init read and fitted in memory before anything is written
             self._prepare_folder(point, overwrite, changes, point.ckpt.resolve() if other and point else None)
         return point
 
@@ -330,6 +341,12 @@ class Trainer:
             for ckpt, reason in point.set_aside:
                 log.warning("skipping unusable checkpoint: %s; kept as %s", reason, set_aside(ckpt).name)
             step = point.state["step"]
+            # Resuming an earlier checkpoint abandons the steps after it: their checkpoints are kept
+            # aside, where --resume auto and evaluation never take them for this run's newest.
+            for later in list_checkpoints(self.ckpt_dir):
+                if checkpoint_step(later) > step:
+                    log.warning("continuing from step %d: the later %s is kept as %s", step, later.name,
+                                set_aside(later, "superseded").name)
         # Rows logged after the checkpoint describe steps that are about to be redone.
         truncate_metrics(self.run_dir, step)
         if not (self.run_dir / CONFIG_FILE).is_file():

@@ -19,11 +19,11 @@ import torch
 
 from mimkit.config import CONFIG_ROOT, PretrainConfig, compose_config, load_yaml, resolve_config_path
 from mimkit.data import build_dataset, build_loader, check_labelled, normalizer_for
-from mimkit.engine.checkpoint import latest_checkpoint, load_weights, resolve_checkpoint
+from mimkit.engine.checkpoint import MODEL_FILE, latest_checkpoint, load_weights, resolve_checkpoint
 from mimkit.engine.continuation import load_run_config
 from mimkit.engine.distributed import resolve_device
 from mimkit.engine.precision import autocast, resolve_precision
-from mimkit.engine.run_folder import CONFIG_FILE, run_config_for, write_json
+from mimkit.engine.run_folder import RunFolder, run_config_for, write_json
 from mimkit.errors import ConfigError
 from mimkit.models import method_from_config
 
@@ -44,7 +44,7 @@ def finetune_config_path(name: str) -> Path:
 
 
 def finetune_config(run: str | None, config: str = "fmnist", overrides: list[str] | None = None,
-                    scratch: bool = False, arch: str | None = None) -> PretrainConfig:
+                    scratch: bool = False, arch: str | None = None, resume: bool = False) -> PretrainConfig:
     """The config of fine-tuning ``run``'s encoder (or, ``scratch``, its backbone from random weights).
 
     Args:
@@ -54,6 +54,9 @@ def finetune_config(run: str | None, config: str = "fmnist", overrides: list[str
         scratch: Random initialisation: the supervised baseline of the same backbone, with no
             layer-wise lr decay (``method.layer_decay=1``; an override still wins).
         arch: A pre-training config naming the backbone and data, for ``scratch`` without a run.
+        resume: The fine-tuning is to be continued: given a run folder (not one checkpoint), it
+            starts from the checkpoint its record names, not from the run's newest, which may have
+            come (and rotated the recorded one away) since.
 
     Raises:
         ConfigError: Neither a run nor ``--scratch --arch``, or a setting that is refused.
@@ -70,10 +73,12 @@ def finetune_config(run: str | None, config: str = "fmnist", overrides: list[str
     base = load_yaml(base_path)
     ft_path = finetune_config_path(config)
     root = base_path.parent if ckpt is not None else Path(base.get("run_dir", "runs/default"))
-    layers = [base, load_yaml(ft_path), {
-        "init": "" if scratch else str(ckpt.resolve()),  # absolute: a resume may start elsewhere
-        "run_dir": str(root / f"finetune-{ft_path.stem}{'-scratch' if scratch else ''}"),
-    }]
+    run_dir = root / f"finetune-{ft_path.stem}{'-scratch' if scratch else ''}"
+    init = "" if scratch else str(ckpt.resolve())  # absolute: a resume may start elsewhere
+    if resume and not scratch and not (Path(run) / MODEL_FILE).is_file():
+        recorded = _recorded_init(overrides or [], run_dir)
+        init = recorded or init
+    layers = [base, load_yaml(ft_path), {"init": init, "run_dir": str(run_dir)}]
     if scratch:
         # Layer-wise decay protects pre-trained lower layers; random ones have nothing to protect and
         # would learn at a fraction of the lr. The baseline trains every layer at the full lr.
@@ -82,6 +87,13 @@ def finetune_config(run: str | None, config: str = "fmnist", overrides: list[str
     if cfg.method.get("name") != "finetune":
         raise ConfigError(f"{ft_path}: method.name must be finetune, got {cfg.method.get('name')!r}")
     return _with_classes(cfg)
+
+
+def _recorded_init(overrides: list[str], default_dir: Path) -> str:
+    """The ``init`` that the fine-tuning run to be continued recorded ("" when there is none yet)."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
+    record = Path(given[-1] if given else default_dir) / "config.yaml"
+    return load_run_config(record).init if record.is_file() else ""
 
 
 def _with_classes(cfg: PretrainConfig) -> PretrainConfig:
@@ -167,11 +179,11 @@ def run_finetune(cfg: PretrainConfig, resume: str | None = None,
     from mimkit.engine import pretrain
 
     run_dir = pretrain(cfg, resume=resume, overwrite=overwrite)
-    ckpt = finished_checkpoint(cfg)
-    result = test_accuracy(cfg, ckpt, cfg.train.device, cfg.train.precision)
-    # The checkpoint the run started from, as its record says (a continuation is given the newest one).
-    started = dataclasses.replace(cfg, init=load_run_config(run_dir / CONFIG_FILE).init)
-    return result, write_finetune_result(started, ckpt, result), run_dir
+    # Held while it is scored: no other command replaces the run between its last step and its score.
+    with RunFolder(run_dir).reading():
+        ckpt = finished_checkpoint(cfg)
+        result = test_accuracy(cfg, ckpt, cfg.train.device, cfg.train.precision)
+        return result, write_finetune_result(cfg, ckpt, result), run_dir
 
 
 def finished_checkpoint(cfg: PretrainConfig) -> Path:

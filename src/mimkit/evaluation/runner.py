@@ -59,7 +59,8 @@ def load_run_encoder(path: str | Path) -> tuple[nn.Module, PretrainConfig, Path]
     """
     ckpt = resolve_checkpoint(path)
     cfg = load_run_config(run_config_for(ckpt))
-    encoder = build_for_weights(lambda: encoder_from_config(cfg), ckpt / MODEL_FILE, eval_prefix(cfg))
+    encoder = build_for_weights(lambda: encoder_from_config(cfg), ckpt / MODEL_FILE, eval_prefix(cfg),
+                                run_config_for(ckpt))
     load_weights(encoder, ckpt, prefix=eval_prefix(cfg))
     return encoder, cfg, ckpt
 
@@ -92,7 +93,7 @@ def resolve_subject(
     cfg = load_run_config(base_path, overrides, complete)
     changes = {k: v for k, v in asdict(cfg.data).items() if asdict(base.data)[k] != v}
     if run is not None and baseline is None:
-        encoder = build_for_weights(lambda: encoder_from_config(cfg), ckpt / MODEL_FILE, eval_prefix(cfg))
+        encoder = build_for_weights(lambda: encoder_from_config(cfg), ckpt / MODEL_FILE, eval_prefix(cfg), base_path)
         load_weights(encoder, ckpt, prefix=eval_prefix(cfg))
         return Subject(encoder, cfg, ckpt, str(ckpt.resolve()), f"{cfg.method['name']} {ckpt.name}", changes)
     # Beside the run that was named (its config's run_dir may be relative to where it was trained).

@@ -24,7 +24,7 @@ from mimkit.engine.checkpoint import resolve_checkpoint
 from mimkit.engine.continuation import load_run_config
 from mimkit.engine.distributed import resolve_device
 from mimkit.engine.precision import resolve_precision
-from mimkit.engine.run_folder import CONFIG_FILE, check_writable, run_config_for, write_json
+from mimkit.engine.run_folder import CONFIG_FILE, RunFolder, check_writable, run_config_for, write_json
 from mimkit.errors import ConfigError
 from mimkit.evaluation.runner import (
     features_for,
@@ -140,6 +140,10 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
         # Listed, not decoded (cache=no): the extraction below decodes each dataset once.
         listed = dataclasses.replace(subject.cfg.data, subset_fraction=1.0, cache="no")
         check_labelled(build_dataset(listed, "train"), build_dataset(listed, "test"), f"transfer to {spec}")
+    if finetune:  # a fine-tuning folder another process holds is refused now, not after the extractions
+        for spec, overrides in plans:
+            target = _finetune_target(ckpt, spec, overrides, finetune_config_name, finetune_overrides or [])
+            RunFolder(target).check_not_in_use()
     prec = resolve_precision(precision, resolve_device(device))
     rows = []
     for (spec, subject), (_, overrides) in zip(subjects, plans, strict=True):
@@ -171,6 +175,12 @@ def transfer(run: str, specs: list[str], extra: list[str] | None = None, finetun
     return rows, write_json(ckpt / f"transfer-{key[:8]}.json", summary)
 
 
+def _finetune_target(ckpt: Path, spec: str, data_overrides: list[str], config: str, overrides: list[str]) -> Path:
+    """The folder of one dataset's fine-tuning run, named by the checkpoint and every setting that shapes it."""
+    digest = _digest(str(ckpt.resolve()), data_overrides, config, overrides)[:8]
+    return run_config_for(ckpt).parent / f"finetune-transfer-{parse_dataset(spec)['name']}-{digest}"
+
+
 def _finetune(ckpt: Path, spec: str, data_overrides: list[str], config: str, overrides: list[str]) -> dict:
     """Fine-tune on one dataset and score it; a run with the very same settings is resumed, not repeated.
 
@@ -179,8 +189,7 @@ def _finetune(ckpt: Path, spec: str, data_overrides: list[str], config: str, ove
     """
     from mimkit.evaluation.finetune import finetune_config, run_finetune
 
-    name = parse_dataset(spec)["name"]
-    target = run_config_for(ckpt).parent / f"finetune-transfer-{name}-{_digest(data_overrides, config, overrides)[:8]}"
+    target = _finetune_target(ckpt, spec, data_overrides, config, overrides)
     cfg = finetune_config(str(ckpt), config, [*data_overrides, *overrides, f"run_dir={target}"])
     result, _, _ = run_finetune(cfg, resume="auto" if (target / CONFIG_FILE).is_file() else None)
     return {"finetune": result["top1"], **({"finetune_ema": result["top1_ema"]} if "top1_ema" in result else {})}
