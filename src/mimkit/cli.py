@@ -343,7 +343,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the figure is a PNG; give a path ending in .png")
     check_writable(out, "the figure", "give --out a writable PNG path")
-    if out.is_file() and out.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+    if out.is_file() and _first_bytes(out, 8) != b"\x89PNG\r\n\x1a\n":
         raise ConfigError(f"--out {out} is a file that is not a PNG; the figure replaces only an earlier figure: "
                           "choose another --out")
     load_weights(method, ckpt)
@@ -433,6 +433,11 @@ def _read_result(path: Path, numbers: tuple[str, ...], problems: list[str]) -> d
         problems.append(f"{path} ({', '.join(f'{k}={res[k]!r}' for k in bad)} is not a finite number)")
         return None
     return res
+
+
+def _first_bytes(path: Path, n: int) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(n)
 
 
 def _check_replaces_rows(path: Path) -> None:

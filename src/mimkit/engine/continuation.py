@@ -20,8 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mimkit.config import PretrainConfig, load_config, load_yaml
-from mimkit.engine.run_folder import CHANGES_FILE, CONFIG_FILE
+from mimkit.config import PretrainConfig, compose_config, load_yaml
+from mimkit.engine.run_folder import CHANGES_FILE, CONFIG_FILE, write_text
 from mimkit.errors import ConfigError
 
 #: The settings a continuation may change, and why that is safe. Everything else must match.
@@ -128,7 +128,7 @@ def run_settings(run_dir: Path) -> PretrainConfig:
     if not overrides:
         return own
     try:
-        return load_config(run_dir / CONFIG_FILE, overrides)
+        return compose_config([asdict(own)], overrides)
     except ConfigError as err:
         raise ConfigError(f"{run_dir / CHANGES_FILE}: {err}") from None
 
@@ -152,12 +152,12 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None,
 
     """
     try:
-        if path is not None and complete:
-            missing = [k for k in _RUN_SECTIONS if k not in load_yaml(path)]
-            if missing:
-                raise ConfigError(f"{path} lacks {', '.join(missing)}: a run writes its config.yaml whole, so this "
-                                  "one is cut short or not a run's")
-        return load_config(path, overrides)
+        layers = [load_yaml(path)] if path is not None else []
+        missing = [k for k in _RUN_SECTIONS if k not in layers[0]] if layers and complete else []
+        if missing:
+            raise ConfigError(f"{path} lacks {', '.join(missing)}: a run writes its config.yaml whole, so this "
+                              "one is cut short or not a run's")
+        return compose_config(layers, overrides)
     except ConfigError as err:
         text = str(err)
         raise ConfigError(text if path is None or str(path) in text else f"{path}: {text}") from None
@@ -205,10 +205,7 @@ def record_changes(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]
         row["resumed_from"] = str(source)
     path = Path(run_dir) / CHANGES_FILE
     rows = path.read_text() if path.is_file() else ""
-    # The whole file is rewritten under a temporary name: a crash never leaves a torn row.
-    tmp = path.with_name(f".{CHANGES_FILE}.tmp")
-    tmp.write_text(rows + json.dumps(row, default=str) + "\n")
-    tmp.replace(path)
+    write_text(path, rows + json.dumps(row, default=str) + "\n")  # rewritten whole: a crash never tears a row
 
 
 def _show(value: Any) -> str:

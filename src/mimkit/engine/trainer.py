@@ -137,9 +137,9 @@ class Trainer:
                         raise
                     init = None  # a continuation takes its weights from its own checkpoint
                 if init is not None:
-                    source = load_run_config(run_config_for(init))
-                    check_fits(lambda: encoder_from_config(cfg), init / MODEL_FILE, eval_prefix(source),
-                               run_config_for(init))
+                    init_cfg = run_config_for(init)
+                    check_fits(lambda: encoder_from_config(cfg), init / MODEL_FILE,
+                               eval_prefix(load_run_config(init_cfg)), init_cfg)
         self.method = method_from_config(cfg).to(self.device)
         multiple = self.method.batch_multiple
         if cfg.optim.batch_size % multiple:
