@@ -33,14 +33,14 @@ import time
 import torch
 from common import markdown_table
 
-from mimkit.config import load_config, resolve_config_path
+from mimkit.config import resolve_config_path
 from mimkit.data import build_dataset, build_loader, normalizer_for
 from mimkit.engine.checkpoint import load_weights, resolve_checkpoint
 from mimkit.engine.run_folder import run_config_for
 from mimkit.evaluation.knn import knn_accuracy
 from mimkit.evaluation.linear_probe import linear_probe
 from mimkit.masking import pixel_block_mask
-from mimkit.models import encoder_from_config, method_from_config
+from mimkit.models import encoder_from_config, load_config, method_from_config
 
 
 def _run(path: str):

@@ -1,12 +1,14 @@
-"""The hybrid CvT-MAE's experiments (source document 000) on Fashion-MNIST at an equal CPU budget.
+"""The hybrid CvT-MAE's experiments on Fashion-MNIST at an equal CPU budget.
 
-Each experiment is a list of cells; every cell pre-trains for the same ``--budget-min`` minutes
-(``train.budget_minutes``: the cosine schedule is fitted to the time) and is then evaluated with
-the frozen-feature protocol of ``mimkit knn`` / ``mimkit linprobe`` and, with ``--finetune-min``,
-by fine-tuning it for that many minutes (``mimkit finetune``, layer decay 0.9). ``--seeds`` repeats
-every cell with other seeds (initialisation, masks, crops and data order) and adds a table of
-mean and standard deviation over them. Cells whose results exist are not re-run, so an interrupted
-experiment continues where it stopped.
+The experiments of "MAE-based Hybrid Convolutional ViT for Self-Supervised Learning" (skip and
+update-mask ablation, patch and mask size sensitivity, small-crop pre-training, resources), at a
+CPU's scale. Each experiment is a list of cells; every cell pre-trains for the same
+``--budget-min`` minutes (``train.budget_minutes``: the cosine schedule is fitted to the time) and
+is then evaluated with the frozen-feature protocol of ``mimkit knn`` / ``mimkit linprobe`` and,
+with ``--finetune-min``, by fine-tuning it for that many minutes (``mimkit finetune``, layer decay
+0.9). ``--seeds`` repeats every cell with other seeds (initialisation, masks, crops and data order)
+and adds a table of mean and standard deviation over them. Cells whose results exist are not
+re-run, so an interrupted experiment continues where it stopped.
 
     ablation     skip x update mask (2 x 2) on the CvT-MAE config ``--cvt-config``
     placement    skip x update-mask placement (none, pre_norm, post_norm): the ablation with a true control
@@ -61,7 +63,7 @@ def cvt_cells(experiment: str, cvt: str) -> list[Cell]:
     if experiment == "placement":  # the ablation with a true control: where the update mask acts
         return [Cell(f"cvt skip={s} update_mask={u}", cvt, [f"method.skip={s}", f"method.update_mask={u}"])
                 for s in ("true", "false") for u in ("none", "pre_norm", "post_norm")]
-    if experiment == "decoder":  # the source's decoder has two blocks per stage, the packaged one
+    if experiment == "decoder":  # the hybrid CvT-MAE paper's decoder has two blocks per stage; packaged: one
         return [Cell(f"cvt skip={s} decoder_depth={d}", cvt, [f"method.skip={s}", f"method.decoder_depth={d}"])
                 for s in ("true", "false") for d in (1, 2)]
     # recipe: the config as packaged, then one change at a time

@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from common import checkpoint_minutes, evaluate_subject, markdown_table, measure_img_per_s
 
-from mimkit.config import load_config, resolve_config_path
+from mimkit.config import resolve_config_path
 from mimkit.data import build_dataset
 from mimkit.engine import pretrain
 from mimkit.engine.checkpoint import list_checkpoints, load_state
 from mimkit.evaluation.runner import resolve_subject
+from mimkit.models import load_config
 
 
 def evaluate(run: str | None, baseline: str | None, config: str | None, overrides: list[str]) -> dict:

@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from mimkit.config import load_config, resolve_config_path
+from mimkit.config import resolve_config_path
 from mimkit.data import Batch
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.step import train_step
-from mimkit.models import method_from_config
+from mimkit.models import load_config, method_from_config
 
 
 def main() -> None:

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from common import engine_step, markdown_table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mimkit.config import load_config, resolve_config_path
+from mimkit.config import resolve_config_path
 from mimkit.engine.optim import build_optimizer
-from mimkit.models import method_from_config
+from mimkit.models import load_config, method_from_config
 
 
 def rate(fn: Callable[[], None], steps: int, items: int) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from common import checkpoint_minutes, evaluate_subject, markdown_table, measure_img_per_s
 
-from mimkit.config import load_config, resolve_config_path
+from mimkit.config import resolve_config_path
 from mimkit.engine import pretrain
 from mimkit.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state
 from mimkit.engine.logging import read_metrics
@@ -29,6 +29,7 @@ from mimkit.engine.run_folder import CONFIG_FILE
 from mimkit.evaluation.finetune import RESULT_FILE, finetune_config, finished_checkpoint, run_finetune
 from mimkit.evaluation.resources import cpu_flags, measure_configs, resources_table
 from mimkit.evaluation.runner import resolve_subject
+from mimkit.models import load_config
 from mimkit.viz import first_minutes_at, save_accuracy_curves
 
 

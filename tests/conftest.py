@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mimkit.backbones import BACKBONES, backbones_taking, create_backbone
-from mimkit.config import DataConfig, PretrainConfig, load_config
+from mimkit.config import DataConfig, PretrainConfig
 from mimkit.data import Batch
 from mimkit.data.datasets import DEBIAN_FASHION_MNIST
 from mimkit.data.views import expand_views
 from mimkit.methods import METHODS, create_method
+from mimkit.models import load_config
 
 # The machine is shared and has 2 cores: OpenMP threads spinning against other processes made a
 # tiny forward/backward ~20x slower than with one thread. One thread keeps the suite fast and

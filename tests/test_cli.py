@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import runpy
@@ -10,6 +11,7 @@ import yaml
 
 from mimkit.cli import build_parser, main, resolve_config_path
 from mimkit.config import ConfigError
+from mimkit.methods import MAE
 
 
 def _subcommands() -> list[str]:
@@ -56,7 +58,7 @@ def test_config_prints_resolved_yaml(capsys):
     assert main(["config", "optim.base_lr=1e-3", "method.mask_ratio=0.6"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["optim"]["base_lr"] == pytest.approx(1e-3)
-    assert printed["method"] == {"name": "mae", "mask_ratio": 0.6}
+    assert printed["method"] == dataclasses.asdict(MAE.Config(name="mae", mask_ratio=0.6))  # every setting, resolved
     assert printed["data"]["name"] == "fashion_mnist"
 
 

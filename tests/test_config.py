@@ -14,12 +14,12 @@ from mimkit.config import (
     OptimConfig,
     PretrainConfig,
     TrainConfig,
-    load_config,
     load_yaml,
     parse_overrides,
     to_yaml,
 )
-from mimkit.models import method_from_config
+from mimkit.methods import MAE, check_method_cfg
+from mimkit.models import load_config, method_from_config
 
 PACKAGED = Path(mimkit.__file__).parent / "configs" / "pretrain" / "mae_fmnist.yaml"
 
@@ -36,7 +36,7 @@ def test_defaults_load():
     assert cfg.optim == OptimConfig()
     assert cfg.train == TrainConfig()
     assert cfg.backbone == {"name": "vit_tiny_p4"}
-    assert cfg.method == {"name": "mae"}
+    assert cfg.method == MAE.Config(name="mae")
 
 
 def test_parse_overrides_types():
@@ -76,13 +76,13 @@ method:
     # YAML over defaults
     assert cfg.seed == 5 and cfg.data.img_size == 32
     assert cfg.optim.batch_size == 64
-    assert cfg.method["mask_ratio"] == 0.6
+    assert cfg.method.mask_ratio == 0.6
     # overrides over YAML, with YAML scalar typing
     assert cfg.optim.base_lr == pytest.approx(1e-3) and isinstance(cfg.optim.base_lr, float)
     # data.hflip (YAML) and data.crop_scale (override) are read as the method's single view
-    assert cfg.method["views"] == [{"hflip": 0.0, "scale": [0.5, 1]}]
+    assert cfg.method.views == [{"hflip": 0.0, "scale": [0.5, 1]}]
     assert cfg.train.compile is True
-    assert cfg.method["decoder_dim"] == 64
+    assert cfg.method.decoder_dim == 64
     # untouched defaults survive the merge
     assert cfg.data.name == "fashion_mnist" and cfg.optim.weight_decay == 0.05
     assert cfg.backbone == {"name": "vit_tiny_p4"}
@@ -145,7 +145,7 @@ def test_mask_ratio_outside_open_interval_refused(ratio):
 
 @pytest.mark.parametrize("ratio", [0.05, 0.5, 0.95])
 def test_mask_ratio_inside_interval_accepted(ratio):
-    assert load_config(None, [f"method.mask_ratio={ratio}"]).method["mask_ratio"] == ratio
+    assert load_config(None, [f"method.mask_ratio={ratio}"]).method.mask_ratio == ratio
 
 
 def test_bad_precision_refused():
@@ -180,7 +180,8 @@ def test_packaged_config_loads_and_builds(path):
     raw = load_yaml(path)  # with any base config merged underneath
     assert "base" not in raw
     assert cfg.run_dir == raw["run_dir"]
-    assert cfg.method == raw["method"]
+    assert cfg.method == check_method_cfg(raw["method"])
+    assert {k: v for k, v in dataclasses.asdict(cfg.method).items() if k in raw["method"]} == raw["method"]
     assert cfg.backbone == raw["backbone"]
     assert cfg.optim.base_lr == pytest.approx(raw["optim"]["base_lr"])
     assert cfg.train.epochs == float(raw["train"]["epochs"])
@@ -205,7 +206,7 @@ def test_base_config_is_merged_underneath(tmp_path):
     _write(tmp_path / "child.yaml", f"base: {base.name}\nrun_dir: runs/child\nmethod:\n  mask_ratio: 0.5\n")
     cfg = load_config(tmp_path / "child.yaml", ["optim.batch_size=8"])
     assert cfg.run_dir == "runs/child"
-    assert cfg.method == {"name": "mae", "mask_ratio": 0.5}  # nested keys merge, the child's win
+    assert cfg.method == MAE.Config(name="mae", mask_ratio=0.5)  # nested keys merge, the child's win
     assert cfg.optim.base_lr == pytest.approx(0.002) and cfg.optim.batch_size == 8
 
 
@@ -221,7 +222,7 @@ def test_base_path_is_relative_to_the_file_not_the_working_directory(tmp_path, m
 def test_base_config_by_packaged_name(tmp_path):
     child = _write(tmp_path / "c.yaml", "base: cvt_mae_fmnist\nmethod:\n  skip: false\n")
     cfg = load_config(child)
-    assert cfg.method["skip"] is False and cfg.method["name"] == "cvt_mae"
+    assert cfg.method.skip is False and cfg.method.name == "cvt_mae"
     assert cfg.backbone == load_config(PACKAGED.parent / "cvt_mae_fmnist.yaml").backbone
 
 
@@ -230,7 +231,7 @@ def test_ablation_configs_differ_from_the_full_method_only_in_their_switches():
     for name, changed in [("no_skip", {"skip": False}), ("no_update_mask", {"update_mask": "mask_only"}),
                           ("no_skip_no_update_mask", {"skip": False, "update_mask": "mask_only"})]:
         cell = load_config(PACKAGED.parent / f"cvt_mae_fmnist_{name}.yaml")
-        assert cell.method == {**full.method, **changed}
+        assert cell.method == dataclasses.replace(full.method, **changed)
         assert (cell.data, cell.optim, cell.train, cell.backbone) == (full.data, full.optim, full.train, full.backbone)
 
 
@@ -272,8 +273,8 @@ def test_yaml_words_stay_words_and_booleans_need_true_or_false(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  cache: no\n  hflip: off\noptim:\n  base_lr: 1e-3\n")
     cfg = load_config(path)
-    assert (cfg.data.cache, cfg.method["views"], cfg.optim.base_lr) == ("no", [{"hflip": 0.0}], 1e-3)
-    assert load_config(None, ["data.hflip=yes"]).method["views"] == [{"hflip": 0.5}]
+    assert (cfg.data.cache, cfg.method.views, cfg.optim.base_lr) == ("no", [{"hflip": 0.0}], 1e-3)
+    assert load_config(None, ["data.hflip=yes"]).method.views == [{"hflip": 0.5}]
     with pytest.raises(ConfigError, match="data.hflip: expected bool, got 'maybe'"):
         load_config(None, ["data.hflip=maybe"])
 
@@ -319,12 +320,25 @@ data:
 method:
   name: mae
 """)
-    assert load_config(path).method["views"] == [{"scale": [0.2, 1.0], "hflip": 0.5}]
+    assert load_config(path).method.views == [{"scale": [0.2, 1.0], "hflip": 0.5}]
     # merged into views the method already declares, key by key
     cfg = load_config(PACKAGED, ["data.hflip=false"])
-    assert cfg.method["views"] == [{"scale": [0.35, 1.0], "hflip": 0.0}]
+    assert cfg.method.views == [{"scale": [0.35, 1.0], "hflip": 0.0}]
     # a method with several kinds of view has no single crop for them to mean, also by default
     with pytest.raises(ConfigError, match=r"data.crop_scale: the crop and flip .* are set per view in method.views"):
         load_config(PACKAGED, ["method.views=[{}, {size: 8}]", "data.crop_scale=[0.5, 1]"])
     with pytest.raises(ConfigError, match=r"data.hflip: the crop and flip .* are set per view in method.views"):
         load_config(None, ["method.name=dino", "data.hflip=false"])
+
+
+def test_validation_reads_no_environment(monkeypatch, tiny_run_config):
+    """The peak lr depends on the number of processes: the trainer, which knows it, checks min_lr."""
+    from mimkit.engine.distributed import DistInfo
+    from mimkit.engine.trainer import Trainer
+
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    assert load_config(None, ["optim.min_lr=0.01"]).optim.min_lr == 0.01  # above one process's peak lr
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert load_config(None, ["optim.min_lr=0.01"]).optim.min_lr == 0.01
+    with pytest.raises(ConfigError, match=r"optim\.min_lr must be at most the peak lr 0\.001 .*1 process"):
+        Trainer(tiny_run_config("optim.min_lr=0.5"), DistInfo())

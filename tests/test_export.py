@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 import mimkit
 from mimkit.backbones.vit import VisionTransformer
 from mimkit.cli import main
-from mimkit.config import compose_config, to_yaml
+from mimkit.config import to_yaml
 from mimkit.errors import CheckpointError, CheckpointMismatchError, ConfigError
 from mimkit.export import ENCODER_WEIGHTS, export_checkpoint
-from mimkit.models import method_from_config
+from mimkit.models import compose_config, method_from_config
 
 pytestmark = pytest.mark.fmnist  # the export records the training set's normalisation
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 from reliability_cases import CASES, CLASSES, Case
 
-from mimkit.config import load_config
 from mimkit.data.datasets import DEBIAN_FASHION_MNIST
 from mimkit.engine import pretrain
 from mimkit.engine.checkpoint import list_checkpoints
 from mimkit.export import export_checkpoint
+from mimkit.models import load_config
 
 pytestmark = [pytest.mark.fmnist, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,8 +176,7 @@ SETUPS = {
     "unwritable_tb": lambda ws: _unwritable(ws, "tb", "run"),
     "read_only_run": _read_only_run,
     "config_not_a_number": lambda ws: _edit(ws / "run" / "config.yaml", "embed_dim: 32", "embed_dim: wide"),
-    "config_bad_ratio": lambda ws: _edit(ws / "run" / "config.yaml", "  name: mae\n",
-                                         "  name: mae\n  mask_ratio: 1.5\n"),
+    "config_bad_ratio": lambda ws: _edit(ws / "run" / "config.yaml", "  mask_ratio: 0.75\n", "  mask_ratio: 1.5\n"),
     "export_huge": lambda ws: _edit(ws / "export" / "config.yaml", "embed_dim: 32", "embed_dim: 65536"),
     "export_deep": lambda ws: _edit(ws / "export" / "config.yaml", "depth: 1", "depth: 48"),
     "truncated_knn": lambda ws: _results(ws, _KNN[:40], _GOOD_PROBE),

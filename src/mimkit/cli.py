@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from mimkit.config import ConfigError, load_config, resolve_config_path, to_yaml
+from mimkit.config import ConfigError, resolve_config_path, to_yaml
 from mimkit.errors import MimkitError
 
 log = logging.getLogger("mimkit")
@@ -223,6 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from mimkit.engine import pretrain
+    from mimkit.models import load_config
 
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     run_dir = pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -290,8 +291,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         d = subject.cfg.data
         try:  # refuse before extracting 70k images, not after
             with torch.no_grad():
-                subject.encoder.eval().forward_intermediates(torch.zeros(1, d.channels, d.img_size, d.img_size),
-                                                             args.blocks)
+                subject.encoder.eval().forward_last_blocks(torch.zeros(1, d.channels, d.img_size, d.img_size),
+                                                           args.blocks)
         except ValueError as err:
             raise ConfigError(f"--blocks {args.blocks}: {err}") from None
     from mimkit.engine.distributed import resolve_device
@@ -325,6 +326,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     import torch
 
     from mimkit.data import build_dataset, build_loader, normalizer_for
+    from mimkit.data.batch import whole_sets
     from mimkit.engine.checkpoint import MODEL_FILE, build_for_weights, load_weights, resolve_checkpoint
     from mimkit.engine.continuation import load_run_config
     from mimkit.engine.run_folder import check_writable
@@ -348,15 +350,15 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
                           "choose another --out")
     load_weights(method, ckpt)
     multiple = method.batch_multiple
-    num = max(multiple, args.num - args.num % multiple)
+    num = max(multiple, whole_sets(args.num, multiple))
     if num != args.num:
-        print(f"{cfg.method['name']} mixes images in sets of {multiple}: showing {num} images, not {args.num}")
+        print(f"{cfg.method.name} mixes images in sets of {multiple}: showing {num} images, not {args.num}")
     train = build_dataset(cfg.data, "train")
     data = build_dataset(cfg.data, args.split) if args.split != "train" else train
     if num > len(data):
-        num = max(multiple, len(data) - len(data) % multiple)
+        num = max(multiple, whole_sets(len(data), multiple))
         print(f"the {args.split} split has {len(data)} images: showing {num}")
-    title = f"{cfg.method['name']} {ckpt.name}"
+    title = f"{cfg.method.name} {ckpt.name}"
     torch.manual_seed(args.seed)
     normalize = normalizer_for(train, cfg.data.channels)
     if reconstructs:
@@ -369,7 +371,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
                               views=method.views)
         batch = next(iter(loader))
         save_views(batch.all_views, loader.normalize, out, title=f"{title}: the views it trains on")
-        print(f"{cfg.method['name']} has no pixel reconstruction; the views it trains on -> {out}")
+        print(f"{cfg.method.name} has no pixel reconstruction; the views it trains on -> {out}")
     try:
         print(f"loss curve -> {save_loss_curve(run_dir)}")
     except FileNotFoundError as err:
@@ -516,6 +518,8 @@ def _run_read_by(args: argparse.Namespace) -> str | None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from mimkit.models import load_config  # the model code loads only once a command runs
+
     if args.command == "pretrain":
         return _cmd_pretrain(args)
     if args.command == "finetune":

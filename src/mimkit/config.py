@@ -3,14 +3,15 @@
 A YAML file is exactly these dataclasses written out, optionally on top of another: ``base: NAME``
 (a packaged config's name, or a path relative to the file) is loaded first and the file's keys are
 merged over it, so an ablation cell states only what it changes. Unknown keys are refused with the
-valid ones listed. ``backbone`` and ``method`` are open dictionaries because each backbone builder and
-each method owns its settings; they are validated against the registries in :func:`validate`.
+valid ones listed. ``backbone`` is an open dictionary because each backbone builder owns its settings;
+``method`` is read as the method's own typed ``Config``. Both are checked against their registries
+by the composition root, :func:`mimkit.models.load_config`, which is where a config is loaded: this
+module imports no model code.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 from mimkit.errors import ConfigError
-from mimkit.schema import coerce, from_dict, require, yaml_load
+from mimkit.schema import from_dict, require, yaml_load
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,9 @@ class PretrainConfig:
     pre-trained encoder); empty = random initialisation."""
     data: DataConfig = field(default_factory=DataConfig)
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "vit_tiny_p4"})
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "mae"})
+    method: Any = field(default_factory=lambda: {"name": "mae"})
+    """The method's settings: its typed ``Config`` (a :class:`~mimkit.methods.base.MethodConfig` with
+    ``name``) once composed by :func:`mimkit.models.load_config`; a mapping only in a raw tree."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -227,48 +230,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-#: ``data`` settings that became settings of a method's view (run folders from before still hold them).
-MOVED_TO_VIEWS = {"crop_scale": "scale", "hflip": "hflip"}
-
-
-def _default_views(method_name: Any) -> list[dict[str, Any]]:
-    """The views a registered method declares by default (one plain view for an unknown name)."""
-    from mimkit.methods import METHODS  # the registry imports the config's leaf modules only
-
-    cls = METHODS.get(method_name) if isinstance(method_name, str) else None
-    return list(getattr(cls.Config(), "views", [{}])) if cls is not None else [{}]
-
-
-def _move_view_keys(tree: dict[str, Any]) -> dict[str, Any]:
-    """Read ``data.crop_scale`` / ``data.hflip`` as the crop and flip of the method's single view.
-
-    They were data settings before methods declared their views (``method.views``). A method with
-    several kinds of view has no single crop for them to mean, so there they are refused.
-    """
-    data = tree.get("data")
-    if not isinstance(data, dict) or not set(MOVED_TO_VIEWS) & set(data):
-        return tree
-    data = dict(data)
-    moved = {k: data.pop(k) for k in MOVED_TO_VIEWS if k in data}
-    method = dict(tree.get("method") or {})
-    views = method.get("views", _default_views(method.get("name")))
-    names = ", ".join(f"data.{k}" for k in moved)
-    if not (isinstance(views, list) and len(views) == 1 and isinstance(views[0], dict)
-            and views[0].get("count", 1) == 1):
-        raise ConfigError(f"{names}: the crop and flip of a training image are set per view in method.views "
-                          f"(this method declares {views!r}); set scale / hflip there")
-    view = dict(views[0])
-    if "crop_scale" in moved:
-        view["scale"] = moved["crop_scale"]
-    if "hflip" in moved:
-        view["hflip"] = 0.5 if coerce(moved["hflip"], bool, "data.hflip") else 0.0
-    method["views"] = [view]
-    log.info("%s read as method.views[0] %s (where a view's crop and flip are set now)", names,
-             ", ".join(f"{MOVED_TO_VIEWS[k]}" for k in moved))
-    return {**tree, "data": data, "method": method}
-
-
-def _merge_layer(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+def merge_layer(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
     """``layer`` merged over ``base``; a ``method`` or ``backbone`` that names another ``name`` replaces
     the whole section, since one method's (or backbone's) settings mean nothing to another.
     """
@@ -277,14 +239,15 @@ def _merge_layer(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
         named, old = layer.get(section), base.get(section)
         if isinstance(named, dict) and "name" in named and isinstance(old, dict) and named["name"] != old.get("name"):
             base[section] = {}
-    return _merge(base, layer)
+    return merge_trees(base, layer)
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` merged over ``base`` key by key (nested mappings merged, other values replaced)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
@@ -322,50 +285,19 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     if base_path.resolve() in chain:
         names = " -> ".join(p.name for p in (*chain, base_path.resolve()))
         raise ConfigError(f"{path}: base configs form a cycle: {names}")
-    return _merge_layer(load_yaml(base_path, chain), data)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
-    """Defaults, then the YAML at ``path``, then ``key=value`` overrides; validated.
-
-    Args:
-        path: A YAML file, or None for the defaults.
-        overrides: ``key=value`` strings with dotted keys.
-
-    Returns:
-        The resolved :class:`PretrainConfig`.
-
-    """
-    return compose_config([load_yaml(path)] if path is not None else [], overrides)
-
-
-def compose_config(layers: list[dict[str, Any]], overrides: list[str] | None = None) -> PretrainConfig:
-    """Defaults, then each mapping of ``layers`` merged over the last, then ``key=value`` overrides; validated.
-
-    A layer replaces a whole ``method`` or ``backbone`` section when it names another ``name``: the
-    settings of one method mean nothing to another. Overrides are merged key by key.
-    """
-    tree: dict[str, Any] = asdict(PretrainConfig())
-    for layer in layers:
-        tree = _move_view_keys(_merge_layer(tree, layer))
-    tree = _move_view_keys(_merge(tree, parse_overrides(overrides or [])))
-    cfg = from_dict(PretrainConfig, tree)
-    validate(cfg)
-    return cfg
+    return merge_layer(load_yaml(base_path, chain), data)
 
 
 def validate(cfg: PretrainConfig) -> None:
-    """Check values against what the registries and the engine accept, before any work starts.
+    """Check the data, optimizer and training values against what the engine accepts.
 
     Every range is checked here, once; :func:`mimkit.models.check_model_config` checks the backbone's
-    and method's own settings against their registries.
+    and method's own settings against their registries. Nothing here depends on the environment: a
+    limit that needs the number of processes (``optim.min_lr`` against the peak lr) is checked by
+    the trainer, which knows it.
     """
-    # The composition root checks the backbone and method settings against their registries.
-    from mimkit.models import check_model_config
-
     d, o, t = cfg.data, cfg.optim, cfg.train
     require(d.img_size > 0, "data.img_size", "positive", d.img_size)
-    check_model_config(cfg)
     require(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
     require(0.0 < d.subset_fraction <= 1.0, "data.subset_fraction", "in (0, 1]", d.subset_fraction)
     require(d.randaugment_ops >= 0, "data.randaugment_ops", ">= 0 (0 = off)", d.randaugment_ops)
@@ -377,10 +309,6 @@ def validate(cfg: PretrainConfig) -> None:
     require(o.accum_steps > 0, "optim.accum_steps", "positive", o.accum_steps)
     require(o.base_lr > 0, "optim.base_lr", "positive", o.base_lr)
     require(o.min_lr >= 0, "optim.min_lr", ">= 0", o.min_lr)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    peak = o.base_lr * o.batch_size * o.accum_steps * world / 256
-    require(o.min_lr <= peak, "optim.min_lr",
-             f"at most the peak lr {peak:.3g} (optim.base_lr x effective batch / 256)", o.min_lr)
     require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
     require(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas",
              "two values in [0, 1)", o.betas)

@@ -138,7 +138,7 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
         "backbone": {"name": cfg.backbone["name"], **settings}, "num_features": int(encoder.num_features),
         "input": {"img_size": settings["img_size"], "channels": settings["in_chans"], "mean": mean, "std": std,
                   "range": "pixels in [0, 1], then (x - mean) / std per channel"},
-        "source": {"checkpoint": str(ckpt.resolve()), "method": cfg.method["name"],
+        "source": {"checkpoint": str(ckpt.resolve()), "method": cfg.method.name,
                    "module": method.eval_module_name, "dataset": cfg.data.name},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
     }

@@ -168,16 +168,34 @@ def test_gradients_reach_every_parameter(tiny_cvt):
     assert not missing, missing
 
 
-def test_forward_intermediates_last_one_is_forward_features():
+def test_forward_intermediates_are_the_stages():
     torch.manual_seed(0)
     enc = create_backbone("cvt_micro_s2", in_chans=1, dims=(8, 16, 32), num_heads=(1, 1, 2), depths=(1, 1, 3)).eval()
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
-        outs = enc.forward_intermediates(x, 3)
+        final, maps = enc.forward_intermediates(x)
+        assert torch.equal(final, enc.forward_features(x))
+        stages = enc.forward_stages(x)
+        assert [tuple(m.shape) for m in maps] == [(2, 8, 14, 14), (2, 16, 7, 7), (2, 32, 4, 4)]
+        for m, s in zip(maps[:-1], stages[:-1], strict=True):
+            torch.testing.assert_close(m, s, rtol=0, atol=0)
+        normed = enc.forward_intermediates(x, norm=True, intermediates_only=True)
+        torch.testing.assert_close(normed[-1], stages[-1], rtol=0, atol=0)  # the final norm: last stage only
+        torch.testing.assert_close(normed[0], maps[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\[1, 3\] \(the last n of the 3 stages\)"):
+        enc.forward_intermediates(x, 4)
+
+
+def test_forward_last_blocks_ends_with_forward_features():
+    torch.manual_seed(0)
+    enc = create_backbone("cvt_micro_s2", in_chans=1, dims=(8, 16, 32), num_heads=(1, 1, 2), depths=(1, 1, 3)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        outs = enc.forward_last_blocks(x, 3)
         assert len(outs) == 3 and all(o.shape == (2, 16, 32) for o in outs)
         torch.testing.assert_close(outs[-1], enc.forward_features(x))
-    with pytest.raises(ValueError, match=r"\[1, 3\]"):
-        enc.forward_intermediates(x, 4)
+    with pytest.raises(ValueError, match=r"\[1, 3\] \(the last stage's depth\)"):
+        enc.forward_last_blocks(x, 4)
 
 
 @pytest.mark.parametrize("size", [2, 7, 14])

@@ -111,10 +111,29 @@ def test_relative_position_tables_are_exempt_from_weight_decay():
     assert len(names) == 4 and all(n.endswith("relative_position_bias_table") for n in names)
 
 
-def test_forward_intermediates_end_with_the_features():
+def test_forward_intermediates_are_the_stages():
     torch.manual_seed(0)
     enc = create_backbone("swin_tiny_p2", **TINY).eval()
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
-        outs = enc.forward_intermediates(x, indices=2)
-        assert len(outs) == 2 and torch.allclose(outs[-1], enc.forward_features(x), atol=1e-6)
+        final, maps = enc.forward_intermediates(x)
+        assert torch.equal(final, enc.forward_features(x))
+        assert [tuple(m.shape) for m in maps] == [(2, 16, 14, 14), (2, 32, 7, 7)]
+        stages = enc.forward_stages(x)  # [N, H, W, D]
+        torch.testing.assert_close(maps[0], stages[0].permute(0, 3, 1, 2), rtol=0, atol=0)
+        (last,) = enc.forward_intermediates(x, 1, norm=True, output_fmt="NLC", intermediates_only=True)
+        torch.testing.assert_close(last, final, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\[1, 2\] \(the last n of the 2 stages\)"):
+        enc.forward_intermediates(x, 3)
+
+
+def test_forward_last_blocks_end_with_the_features():
+    torch.manual_seed(0)
+    enc = create_backbone("swin_tiny_p2", **TINY).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        outs = enc.forward_last_blocks(x, indices=2)
+        assert len(outs) == 2 and all(o.shape == (2, 49, 32) for o in outs)
+        torch.testing.assert_close(outs[-1], enc.forward_features(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\[1, 2\] \(the last stage's depth\)"):
+        enc.forward_last_blocks(x, 3)

@@ -100,17 +100,38 @@ def test_sincos_shape_and_rows_differ():
     assert torch.unique(pe[0], dim=0).shape[0] == 24  # every position has its own embedding
 
 
-def test_forward_intermediates_last_one_is_forward_features():
+def test_forward_intermediates_follows_timm():
+    """Blocks are counted; the class token is left out of the intermediates unless asked for."""
     torch.manual_seed(0)
     enc = create_backbone("vit_tiny_p4", img_size=28, in_chans=1, embed_dim=32, depth=3, num_heads=2).eval()
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
-        outs = enc.forward_intermediates(x, 2)
+        final, maps = enc.forward_intermediates(x, 2)
+        assert torch.equal(final, enc.forward_features(x)) and final.shape == (2, 1 + 49, 32)
+        assert [tuple(m.shape) for m in maps] == [(2, 32, 7, 7)] * 2
+        tokens = enc.forward_intermediates(x, [1, 2], output_fmt="NLC", intermediates_only=True)
+        assert [tuple(t.shape) for t in tokens] == [(2, 49, 32)] * 2
+        torch.testing.assert_close(maps[0].flatten(2).transpose(1, 2), tokens[0], rtol=0, atol=0)
+        pairs = enc.forward_intermediates(x, [-1], return_prefix_tokens=True, norm=True, intermediates_only=True)
+        (patch_map, cls), = pairs
+        assert patch_map.shape == (2, 32, 7, 7) and cls.shape == (2, 1, 32)
+        torch.testing.assert_close(cls, final[:, :1], rtol=0, atol=0)
+        torch.testing.assert_close(patch_map.flatten(2).transpose(1, 2), final[:, 1:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\[1, 3\] \(the last n of the 3 blocks\)"):
+        enc.forward_intermediates(x, 4)
+
+
+def test_forward_last_blocks_ends_with_forward_features():
+    torch.manual_seed(0)
+    enc = create_backbone("vit_tiny_p4", img_size=28, in_chans=1, embed_dim=32, depth=3, num_heads=2).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        outs = enc.forward_last_blocks(x, 2)
         assert len(outs) == 2 and all(o.shape == (2, 50, 32) for o in outs)
-        torch.testing.assert_close(outs[-1], enc.forward_features(x))
+        torch.testing.assert_close(outs[-1], enc.forward_features(x), rtol=0, atol=0)
         assert not torch.allclose(outs[0], outs[1])
-    with pytest.raises(ValueError, match=r"\[1, 3\]"):
-        enc.forward_intermediates(x, 0)
+    with pytest.raises(ValueError, match=r"indices must be in \[1, 3\] \(the depth\)"):
+        enc.forward_last_blocks(x, 0)
 
 
 def test_token_mask_replaces_masked_patch_embeddings(tiny_encoder):

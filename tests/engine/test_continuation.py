@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from mimkit.config import load_config
 from mimkit.engine import pretrain
 from mimkit.engine.checkpoint import list_checkpoints
 from mimkit.engine.continuation import CONTINUABLE, differences, flat_settings, run_settings
 from mimkit.errors import ConfigError
+from mimkit.models import load_config
 
 pytestmark = pytest.mark.fmnist
 

@@ -14,14 +14,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mimkit.config import load_config
 from mimkit.data import Batch
 from mimkit.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state
 from mimkit.engine.distributed import cleanup, init_distributed
 from mimkit.engine.logging import read_metrics
 from mimkit.engine.step import forward_backward, train_step
 from mimkit.engine.trainer import Trainer, pretrain
-from mimkit.models import method_from_config
+from mimkit.models import load_config, method_from_config
 
 pytestmark = [pytest.mark.fmnist, pytest.mark.slow]
 
@@ -95,7 +94,7 @@ def _dino_worker(rank: int, port: int, overrides: list[str], out: str) -> None:
     try:
         trainer = Trainer(load_config(None, overrides), info)
         result = _dino_step(trainer.method, trainer.model, trainer.optimizer, _views_shard(_views_batch(), rank), info)
-        torch.save({"loss": result.loss, "center": trainer.method.center.clone(),
+        torch.save({"loss": result.loss, "center": trainer.method.center.value.clone(),
                     "teacher": {n: p.clone() for n, p in trainer.method.teacher_encoder.named_parameters()}},
                    Path(out) / f"dino{rank}.pt")
     finally:
@@ -168,7 +167,7 @@ def test_dino_two_processes_compute_the_centre_loss_and_teacher_of_one(tmp_path,
     torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, one.loss, rtol=1e-5, atol=1e-6)
     assert not torch.equal(r0["loss"], r1["loss"])  # each rank's own half
     for r in (r0, r1):
-        torch.testing.assert_close(r["center"], method.center, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r["center"], method.center.value, rtol=1e-5, atol=1e-7)
         for name, p in method.teacher_encoder.named_parameters():
             torch.testing.assert_close(r["teacher"][name], p, rtol=1e-4, atol=1e-6, msg=f"teacher {name}")
 

@@ -20,12 +20,12 @@ from safetensors.torch import load_file, save_file
 
 import mimkit.engine.checkpoint as checkpoint_module
 from mimkit.cli import main
-from mimkit.config import load_config
 from mimkit.engine import NonFiniteLossError, pretrain
 from mimkit.engine.checkpoint import latest_checkpoint, list_checkpoints
 from mimkit.engine.logging import read_metrics
 from mimkit.errors import NonFiniteError, RunFolderError
 from mimkit.methods.mae import MAE
+from mimkit.models import load_config
 
 pytestmark = [pytest.mark.fmnist, pytest.mark.slow]
 

@@ -88,3 +88,14 @@ def test_group_lr_scale_and_weight_decay_schedule():
     b.grad = torch.ones_like(b)
     opt.step()
     assert torch.equal(b.detach(), torch.ones(2, 2)), "lr_scale 0 must leave the group unchanged"
+
+
+def test_a_schedule_fitted_to_fewer_steps_cuts_its_warmup_and_never_lengthens_it():
+    from mimkit.engine.optim import Schedule, cosine_lr
+
+    plan = Schedule(total_steps=100, warmup=40, peak_lr=1e-3, min_lr=0.0, max_steps=100)
+    assert plan.lr(10) == cosine_lr(10, 100, 40, 1e-3, 0.0)
+    short = plan.fitted(60)
+    assert (short.total_steps, short.warmup, short.max_steps) == (60, 15, 100)
+    assert short.fitted(100).warmup == 15, "a warmup once cut stays cut, or the lr would dip back"
+    assert plan.total_steps == 100, "a schedule is a value: fitting returns a new one"

@@ -9,13 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mimkit.config import load_config
 from mimkit.engine import CONFIG_FILE, NonFiniteLossError, pretrain
 from mimkit.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state, load_weights
 from mimkit.engine.logging import read_metrics
 from mimkit.methods import METHODS
 from mimkit.methods.mae import MAE
-from mimkit.models import method_from_config
+from mimkit.models import load_config, method_from_config
 
 pytestmark = pytest.mark.fmnist
 
@@ -297,7 +296,7 @@ def test_accumulation_gives_the_large_batch_gradient_and_lr(tiny_run_config):
 
     small = Trainer(tiny_run_config("optim.batch_size=16", "optim.accum_steps=2"), DistInfo())
     large = Trainer(tiny_run_config("optim.batch_size=32"), DistInfo())
-    assert small.peak_lr == large.peak_lr == pytest.approx(8e-3 * 32 / 256)
+    assert small.schedule.peak_lr == large.schedule.peak_lr == pytest.approx(8e-3 * 32 / 256)
     x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
 
     from mimkit.data import Batch
@@ -322,3 +321,11 @@ def test_accumulation_gives_the_large_batch_gradient_and_lr(tiny_run_config):
                         device=small.device, precision="fp32", lr=1e-3, step=0, total_steps=10)
     assert result.taken and result.images == 32
     assert float(result.loss) == pytest.approx(float(loss.detach()), rel=1e-5)
+
+
+def test_accumulate_groups_micro_batches_and_drops_a_short_last_group():
+    from mimkit.engine.trainer import accumulate
+
+    groups = list(accumulate(iter(["a", "b", "c", "d", "e"]), 2, start=3))
+    assert groups == [(5, ["a", "b"]), (7, ["c", "d"])]  # the batch index a resumed run restarts at
+    assert list(accumulate(iter(["a", "b"]), 1, start=0)) == [(1, ["a"]), (2, ["b"])]

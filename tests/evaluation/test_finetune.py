@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from mimkit.cli import main
-from mimkit.config import load_config
 from mimkit.engine import pretrain
 from mimkit.engine.checkpoint import latest_checkpoint
 from mimkit.engine.distributed import DistInfo
 from mimkit.engine.trainer import Trainer
 from mimkit.errors import ConfigError
 from mimkit.evaluation.finetune import finetune_config
+from mimkit.models import load_config
 
 pytestmark = [pytest.mark.fmnist, pytest.mark.slow]
 # A 5 % per-class subset (3000 images), one short epoch of fine-tuning.
@@ -38,7 +38,7 @@ def _encoder_weights(ckpt):
 
 def test_finetune_starts_from_the_pretrained_encoder(pretrained):
     cfg = finetune_config(str(pretrained), overrides=SHORT)
-    assert cfg.method["name"] == "finetune" and cfg.method["num_classes"] == 10
+    assert cfg.method.name == "finetune" and cfg.method.num_classes == 10
     assert cfg.run_dir == str(pretrained / "finetune-fmnist")
     assert cfg.backbone["embed_dim"] == 32 and cfg.backbone["drop_path_rate"] == 0.1
     trainer = Trainer(cfg, DistInfo())
@@ -46,8 +46,8 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained):
     own = trainer.method.encoder.state_dict()
     assert all(torch.equal(own[k], v) for k, v in pre.items())
     scratch_cfg = finetune_config(str(pretrained), overrides=SHORT, scratch=True)
-    assert scratch_cfg.method["layer_decay"] == 1.0 and scratch_cfg.init == ""
-    assert scratch_cfg.method["label_smoothing"] == 0.1, "the rest of the recipe is the same"
+    assert scratch_cfg.method.layer_decay == 1.0 and scratch_cfg.init == ""
+    assert scratch_cfg.method.label_smoothing == 0.1, "the rest of the recipe is the same"
     scratch = Trainer(scratch_cfg, DistInfo())
     assert not all(torch.equal(scratch.method.encoder.state_dict()[k], v) for k, v in pre.items())
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from mimkit.backbones import create_backbone
-from mimkit.config import ConfigError, load_config, to_yaml
+from mimkit.config import ConfigError, to_yaml
 from mimkit.data.datasets import FILE_SOURCES
 from mimkit.engine import CONFIG_FILE
 from mimkit.engine.checkpoint import save_checkpoint
 from mimkit.evaluation import dataset_features, extract_features, load_run_encoder, resolve_subject
 from mimkit.evaluation.runner import result_name, run_config_for, run_knn, write_result
-from mimkit.models import method_from_config
+from mimkit.models import load_config, method_from_config
 
 TINY = ["backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2", "method.decoder_dim=32",
         "method.decoder_depth=1", "method.decoder_heads=2"]

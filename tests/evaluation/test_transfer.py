@@ -7,11 +7,11 @@ import json
 import pytest
 
 from mimkit.cli import main
-from mimkit.config import load_config
 from mimkit.engine import pretrain
 from mimkit.engine.checkpoint import latest_checkpoint
 from mimkit.errors import ConfigError
 from mimkit.evaluation.transfer import dataset_overrides, parse_dataset, transfer
+from mimkit.models import load_config
 
 pytestmark = [pytest.mark.fmnist, pytest.mark.slow]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mimkit.masking import block_masking, num_kept, pixel_block_mask, random_masking
+from mimkit.masking import block_masks, num_kept, pixel_block_mask, random_masking
 
 # ----------------------------------------------------------------------------- random_masking
 
@@ -73,12 +73,12 @@ def test_random_masking_float32_under_autocast():
     assert (m.mask.sum(1) == 8).all()
 
 
-# ----------------------------------------------------------------------------- block_masking
+# ----------------------------------------------------------------------------- block_masks
 
 
 @pytest.mark.parametrize("h, w, ratio", [(14, 14, 0.4), (14, 14, 0.5), (7, 7, 0.75), (8, 4, 0.3)])
 def test_block_masking_exact_count(h, w, ratio):
-    out = block_masking(6, h, w, ratio, generator=torch.Generator().manual_seed(0))
+    out = block_masks(6, h, w, ratio, generator=torch.Generator().manual_seed(0)).float()
     assert out.shape == (6, h * w) and out.dtype == torch.float32
     assert set(torch.unique(out).tolist()) <= {0.0, 1.0}
     assert (out.sum(1) == round(ratio * h * w)).all()
@@ -88,7 +88,7 @@ def test_block_masking_exact_count(h, w, ratio):
                                                               (5, 5, 0.9, 4, 22)])
 def test_block_masking_exact_count_when_blocks_do_not_fit(h, w, ratio, min_block, expected):
     """When no block of min_block cells fits the remainder, single cells make up the count."""
-    out = block_masking(5, h, w, ratio, min_block=min_block, generator=torch.Generator().manual_seed(0))
+    out = block_masks(5, h, w, ratio, min_block=min_block, generator=torch.Generator().manual_seed(0)).float()
     assert (out.sum(1) == expected).all()
 
 
@@ -107,7 +107,7 @@ def _neighbour_fraction(grid: torch.Tensor) -> float:
 
 def test_block_masking_is_blocky():
     gen = torch.Generator().manual_seed(0)
-    out = block_masking(8, 14, 14, 0.5, generator=gen).view(8, 14, 14)
+    out = block_masks(8, 14, 14, 0.5, generator=gen).float().view(8, 14, 14)
     for grid in out:
         assert _has_masked_2x2(grid)
     # uniform random masking at 0.5 gives ~1/3 here; BEiT blocks are far more clustered
@@ -121,15 +121,15 @@ def test_block_masking_is_blocky():
 
 
 def test_block_masking_reproducible_and_varied():
-    a = block_masking(4, 14, 14, 0.4, generator=torch.Generator().manual_seed(5))
-    b = block_masking(4, 14, 14, 0.4, generator=torch.Generator().manual_seed(5))
+    a = block_masks(4, 14, 14, 0.4, generator=torch.Generator().manual_seed(5)).float()
+    b = block_masks(4, 14, 14, 0.4, generator=torch.Generator().manual_seed(5)).float()
     assert torch.equal(a, b)
     assert torch.unique(a, dim=0).shape[0] == 4
 
 
 def test_block_masking_bad_ratio():
-    with pytest.raises(ValueError, match="mask_ratio"):
-        block_masking(1, 4, 4, 1.0)
+    with pytest.raises(ValueError, match="ratio"):
+        block_masks(1, 4, 4, 1.0)
 
 
 # ----------------------------------------------------------------------------- pixel_block_mask

@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_TEACHER_STUDENT, four_views, tiny_teacher_student
 
-from mimkit.config import OptimConfig, load_config
+from mimkit.config import OptimConfig
 from mimkit.data import Batch
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.step import train_step
 from mimkit.errors import ConfigError
 from mimkit.methods.dino import DINO, dino_loss
 from mimkit.methods.heads import DINOHead
+from mimkit.models import load_config
 
 SMALL = {"name": "dino", **TINY_TEACHER_STUDENT}
 
@@ -87,7 +88,7 @@ def test_after_step_moves_centre_and_teacher_as_dino_does():
         for p in dino.encoder.parameters():
             p.add_(0.1)
     dino.after_step(0, 10)
-    torch.testing.assert_close(dino.center, 0.1 * t.mean(0, keepdim=True))
+    torch.testing.assert_close(dino.center.value, 0.1 * t.mean(0, keepdim=True))
     for pt, before, ps in zip(dino.teacher_encoder.parameters(), teacher_before, dino.encoder.parameters(),
                               strict=True):
         torch.testing.assert_close(pt, 0.99 * before + 0.01 * ps)
@@ -124,7 +125,7 @@ def test_a_skipped_step_leaves_nothing_pending_and_init_reaches_the_teacher():
     dino(_batch())
     dino.discard_step()
     dino.after_step(0, 10)
-    assert torch.equal(dino.center, torch.zeros_like(dino.center))  # the skipped batch never reached it
+    assert torch.equal(dino.center.value, torch.zeros_like(dino.center.value))  # the skipped batch never reached it
     with torch.no_grad():
         for p in dino.encoder.parameters():
             p.add_(1.0)
@@ -149,7 +150,7 @@ def test_state_dict_holds_every_piece_of_state_for_an_exact_resume():
     for step in range(3):
         train_step(a, a, [_batch(seed=step)], opt, device=torch.device("cpu"), precision="fp32", lr=1e-3,
                    step=step, total_steps=10)
-    assert {"center", "step", "progress"} <= set(a.state_dict())
+    assert {"center.value", "step", "progress"} <= set(a.state_dict())
     b = _dino()
     b.load_state_dict(a.state_dict())
     b.train()
@@ -169,13 +170,13 @@ def test_param_groups_follow_dinos_weight_decay_schedule():
 def test_collapse_is_reported_with_what_to_change(caplog):
     dino = _dino(collapse_check_every=1, teacher_temp_warmup=0.0).train()
     dino(_batch())
-    dino._last["teacher_entropy"] = 0.999  # a uniform teacher
+    dino._entropies = (0.999, 0.5)  # a uniform teacher
     with caplog.at_level(logging.WARNING, logger="mimkit.methods.dino"):
         dino.after_step(0, 10)
     assert "outputs are uniform" in caplog.text and "teacher_temp_final" in caplog.text
     caplog.clear()
     dino(_batch())
-    dino._last.update(teacher_entropy=0.5, teacher_marginal_entropy=0.01)  # one prototype for every image
+    dino._entropies = (0.5, 0.01)  # one prototype for every image
     with caplog.at_level(logging.WARNING, logger="mimkit.methods.dino"):
         dino.after_step(1, 10)
     assert "one prototype takes every image" in caplog.text
@@ -190,7 +191,7 @@ def test_a_short_run_is_checked_for_collapse_twenty_times(caplog):
     dino = _dino(teacher_temp_warmup=0.0).train()  # collapse_check_every=100, more than the run
     for step, checked in ((0, False), (1, True)):  # 40 steps: every second one
         dino(_batch())
-        dino._last["teacher_entropy"] = 0.999
+        dino._entropies = (0.999, 0.5)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="mimkit.methods.dino"):
             dino.after_step(step, 40)

@@ -1,8 +1,10 @@
 """Convolutional vision transformer (CvT) encoder that accepts a dense pixel mask.
 
 Wu et al., "CvT: Introducing Convolutions to Vision Transformers", ICCV 2021. The per-stage
-update mask is the hybrid CvT-MAE's (source document 000): a partial convolution at each stage's
-token embedding. There is no positional embedding and no class token, so any input size works.
+update mask is the hybrid CvT-MAE's ("MAE-based Hybrid Convolutional ViT for Self-Supervised
+Learning"): a partial convolution (Liu et al., "Image Inpainting for Irregular Holes Using Partial
+Convolutions", ECCV 2018) at each stage's token embedding. There is no positional embedding and no
+class token, so any input size works.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 
 from mimkit.backbones.layers.conv_attention import ConvBlock
 from mimkit.backbones.layers.init import trunc_normal_init
+from mimkit.backbones.layers.intermediates import plan_intermediates
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.partial_conv import REWEIGHTS, ConvEmbed
 from mimkit.errors import ConfigError
@@ -260,16 +263,43 @@ class ConvVisionTransformer(nn.Module):
         visible, update = (mask.visible, mask.update_mask) if isinstance(mask, PixelMask) else (None, "pre_norm")
         return self.forward_stages(x, visible, update)[-1].flatten(2).transpose(1, 2)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int = 1) -> list[torch.Tensor]:
-        """Outputs of the last ``indices`` blocks of the last stage, each through the final norm.
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs beside the final features, in timm's ``forward_intermediates`` convention.
 
-        Args:
-            x: Images ``[N, C, H, W]``.
-            indices: How many of the last stage's blocks to return.
+        The intermediates are stages, as for timm's hierarchical backbones: each stage starts with a
+        convolutional embedding that changes the width and the resolution, so the stage ends are the
+        feature pyramid (the maps :meth:`forward_stages` gives the U-Net decoder).
+        :meth:`forward_last_blocks` gives the last stage's blocks one by one.
 
-        Returns:
-            ``indices`` token tensors ``[N, L, D]``, shallowest first; each can go to :meth:`forward_head`.
+        The arguments and the return value are timm's (:mod:`mimkit.backbones.layers.intermediates`).
 
+        Raises:
+            ValueError: ``indices`` outside the stages, or an unknown ``output_fmt``.
+
+        """
+        take, run = plan_intermediates(len(self.stages), indices, "stage", output_fmt, stop_early, intermediates_only)
+        last = len(self.stages) - 1
+        outs = []
+        for i, stage in enumerate(self.stages[:run]):
+            x, _ = stage(x)
+            if i in take:
+                y = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if norm and i == last else x
+                outs.append(y.contiguous() if output_fmt == "NCHW" else y.flatten(2).transpose(1, 2))
+        if intermediates_only:
+            return outs
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).flatten(2).transpose(1, 2), outs
+
+    def forward_last_blocks(self, x: torch.Tensor, indices: int = 1) -> list[torch.Tensor]:
+        """The last ``indices`` blocks of the last stage, through the final norm, each ``[N, L_last, D]``
+        like :meth:`forward_features`' output (:mod:`mimkit.backbones.layers.intermediates`).
         """
         last = self.stages[-1]
         if not 1 <= indices <= len(last.blocks):
@@ -319,7 +349,7 @@ CVT_PRESETS: dict[str, dict[str, object]] = {
     "cvt_tiny_s2": dict(dims=(32, 96, 192), num_heads=(1, 2, 3), depths=(1, 2, 4), kernels=(3, 3, 3),
                         strides=(2, 2, 2), paddings=(1, 1, 1), img_size=28),
     # CvT-13's 7x7/4 first embedding on a small image (28 px -> 7, 4, 2): a quarter of cvt_tiny_s2's
-    # stage-1 tokens, so 2.2-2.7x its training speed on a CPU (BENCHMARKS.md, sections 6, 8 and 9).
+    # stage-1 tokens, so it trains much faster on a CPU (BENCHMARKS.md, sections 6, 8 and 9).
     "cvt_tiny_s4": dict(dims=(32, 96, 192), num_heads=(1, 2, 3), depths=(1, 2, 4), kernels=(7, 3, 3),
                         strides=(4, 2, 2), paddings=(2, 1, 1), img_size=28),
     "cvt_small_s2": dict(dims=(64, 192, 384), num_heads=(1, 3, 6), depths=(1, 2, 6), kernels=(3, 3, 3),

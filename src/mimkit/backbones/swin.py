@@ -21,6 +21,7 @@ from timm.models.swin_transformer import PatchMerging, WindowAttention, window_p
 from torch import nn
 
 from mimkit.backbones.layers.init import trunc_normal_init
+from mimkit.backbones.layers.intermediates import plan_intermediates
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.pos_embed import sincos_2d
 from mimkit.errors import ConfigError
@@ -248,6 +249,15 @@ class SwinTransformer(nn.Module):
             height, width = -(-height // 2), -(-width // 2)
         return height, width
 
+    def _patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[N, C, H, W]`` to the first stage's input ``[N, H / p, W / p, D0]``."""
+        self.grid_size(*x.shape[-2:])
+        tokens = self.patch_embed(x)
+        if self.abs_pos_embed:
+            h, w = tokens.shape[1:3]
+            tokens = tokens + sincos_2d(h, w, tokens.shape[-1], x.device).view(1, h, w, -1).to(tokens.dtype)
+        return tokens
+
     def forward_stages(self, x: torch.Tensor, mask: MixPairs | None = None) -> list[torch.Tensor]:
         """Every stage's output ``[N, H_i, W_i, D_i]`` (the last through the final norm).
 
@@ -257,11 +267,7 @@ class SwinTransformer(nn.Module):
 
         """
         check_mask(self, mask)
-        self.grid_size(*x.shape[-2:])
-        tokens = self.patch_embed(x)  # [N, H/p, W/p, D0]
-        if self.abs_pos_embed:
-            h, w = tokens.shape[1:3]
-            tokens = tokens + sincos_2d(h, w, tokens.shape[-1], x.device).view(1, h, w, -1).to(tokens.dtype)
+        tokens = self._patch_tokens(x)
         maps = []
         for s, stage in enumerate(self.stages):
             tokens = stage.downsample(tokens)
@@ -286,21 +292,49 @@ class SwinTransformer(nn.Module):
         """Normalised last-stage tokens ``[N, H_last * W_last, D]`` of images ``[N, C, H, W]``."""
         return self.forward_stages(x, mask)[-1].flatten(1, 2)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int = 1) -> list[torch.Tensor]:
-        """Outputs of the last ``indices`` blocks of the last stage, each through the final norm.
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs beside the final features, in timm's ``forward_intermediates`` convention.
 
-        Returns:
-            ``indices`` token tensors ``[N, L, D]``, shallowest first; each can go to :meth:`forward_head`.
+        As in timm's Swin, the intermediates are stages (each after its patch merging and blocks);
+        :meth:`forward_last_blocks` gives the last stage's blocks one by one.
 
+        The arguments and the return value are timm's (:mod:`mimkit.backbones.layers.intermediates`).
+
+        Raises:
+            ValueError: ``indices`` outside the stages, or an unknown ``output_fmt``.
+
+        """
+        take, run = plan_intermediates(len(self.stages), indices, "stage", output_fmt, stop_early, intermediates_only)
+        last = len(self.stages) - 1
+        tokens = self._patch_tokens(x)
+        outs = []
+        for i, stage in enumerate(self.stages[:run]):
+            tokens = stage.downsample(tokens)
+            for block in stage.blocks:
+                tokens = block(tokens)
+            if i in take:
+                y = self.norm(tokens) if norm and i == last else tokens  # [N, H_i, W_i, D_i]
+                outs.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y.flatten(1, 2))
+        if intermediates_only:
+            return outs
+        return self.norm(tokens).flatten(1, 2), outs
+
+    def forward_last_blocks(self, x: torch.Tensor, indices: int = 1) -> list[torch.Tensor]:
+        """The last ``indices`` blocks of the last stage, through the final norm, each ``[N, L_last, D]``
+        like :meth:`forward_features`' output (:mod:`mimkit.backbones.layers.intermediates`).
         """
         last = self.stages[-1]
         if not 1 <= indices <= len(last.blocks):
             raise ValueError(f"indices must be in [1, {len(last.blocks)}] (the last stage's depth), got {indices}")
-        self.grid_size(*x.shape[-2:])
-        tokens = self.patch_embed(x)
-        if self.abs_pos_embed:
-            h, w = tokens.shape[1:3]
-            tokens = tokens + sincos_2d(h, w, tokens.shape[-1], x.device).view(1, h, w, -1).to(tokens.dtype)
+        tokens = self._patch_tokens(x)
         for stage in self.stages[:-1]:
             tokens = stage.downsample(tokens)
             for block in stage.blocks:

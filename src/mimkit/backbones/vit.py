@@ -7,6 +7,8 @@ Learners", CVPR 2022.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
@@ -14,12 +16,17 @@ from torch import nn
 
 from mimkit.backbones.layers.cpu_kernels import attention_kernel
 from mimkit.backbones.layers.homologous_attention import homologous_block
+from mimkit.backbones.layers.intermediates import plan_intermediates
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.pos_embed import sincos_2d
 from mimkit.errors import ConfigError
 from mimkit.masking.kinds import KeepTokens, Mask, MixGroups, TokenMask, check_mask
 from mimkit.masking.mixing import mix_groups
 from mimkit.schema import check_heads, check_positive
+
+#: An intermediate of :meth:`VisionTransformer.forward_intermediates`: patch tokens, or with
+#: ``return_prefix_tokens`` the pair ``(patch tokens, prefix tokens)``.
+Intermediate = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 class VisionTransformer(nn.Module):
@@ -187,27 +194,76 @@ class VisionTransformer(nn.Module):
                     mix.stats[i] = recognition
         return self.norm(tokens)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int = 1) -> list[torch.Tensor]:
-        """Outputs of the last ``indices`` blocks, each through the final norm (timm's API, NLC format).
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Intermediate] | tuple[torch.Tensor, list[Intermediate]]:
+        """Block outputs beside the final features, in timm's ``forward_intermediates`` convention.
 
         Args:
             x: Images ``[N, C, H, W]``.
-            indices: How many of the last blocks to return.
+            indices: Which blocks: None = all, an int ``n`` = the last ``n``, a sequence = those block
+                indices (negative ones count from the end). The outputs come in block order.
+            return_prefix_tokens: Return each intermediate as ``(patch tokens, class token [N, 1, D])``.
+            norm: Pass the intermediates through the final norm; False gives the raw block outputs.
+            stop_early: With ``intermediates_only``, skip the blocks after the deepest one taken
+                (without it, every block runs, since the final features need them all).
+            output_fmt: ``NCHW`` (patch tokens as maps ``[N, D, H / p, W / p]``) or ``NLC`` (patch
+                tokens ``[N, L, D]``); the class token is left out of both unless
+                ``return_prefix_tokens``.
+            intermediates_only: Return the intermediates alone.
 
         Returns:
-            ``indices`` tensors ``[N, 1 + L, D]``, shallowest first; each can go to :meth:`forward_head`.
+            ``(final, intermediates)``: ``final`` is what :meth:`forward_features` returns for ``x``
+            (``[N, 1 + L, D]``, for :meth:`forward_head`); or the intermediates alone.
+
+        Raises:
+            ValueError: ``indices`` outside the blocks, or an unknown ``output_fmt``.
+
+        """
+        take, run = plan_intermediates(len(self.blocks), indices, "block", output_fmt, stop_early, intermediates_only)
+        gh, gw = self.grid_size(x.shape[-2], x.shape[-1])
+        tokens = self.embed(x)
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        outs = []
+        with attention_kernel(tokens, tokens.shape[1], tokens.shape[1]):
+            for i, block in enumerate(self.blocks[:run]):
+                tokens = block(tokens)
+                if i in take:
+                    outs.append(self.norm(tokens) if norm else tokens)
+        k = self.num_prefix_tokens
+        patches = [t[:, k:] for t in outs]
+        if output_fmt == "NCHW":
+            patches = [t.reshape(t.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous() for t in patches]
+        inter = list(zip(patches, [t[:, :k] for t in outs], strict=True)) if return_prefix_tokens else patches
+        if intermediates_only:
+            return inter
+        return self.norm(tokens), inter
+
+    def forward_last_blocks(self, x: torch.Tensor, indices: int = 1) -> list[torch.Tensor]:
+        """Outputs of the last ``indices`` blocks, each through the final norm and laid out like
+        :meth:`forward_features`' output, so :meth:`forward_head` pools each as it pools the features
+        (DINO's evaluation on the last blocks).
+
+        Args:
+            x: Images ``[N, C, H, W]``.
+            indices: How many of the last blocks.
+
+        Returns:
+            ``indices`` tensors ``[N, 1 + L, D]``, shallowest first; the last equals :meth:`forward_features`.
 
         """
         if not 1 <= indices <= len(self.blocks):
             raise ValueError(f"indices must be in [1, {len(self.blocks)}] (the depth), got {indices}")
-        tokens = self.embed(x)
-        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
-        outs = []
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens)
-            if i >= len(self.blocks) - indices:
-                outs.append(self.norm(tokens))
-        return outs
+        outs = self.forward_intermediates(x, indices, return_prefix_tokens=True, norm=True, output_fmt="NLC",
+                                          intermediates_only=True)
+        return [torch.cat([prefix, patches], dim=1) for patches, prefix in outs]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool tokens ``[N, 1 + L, D]`` to ``[N, D]`` (``pre_logits``) or to class logits."""

@@ -62,4 +62,19 @@ class Batch:
         return cls(images, labels)
 
 
-__all__ = ["Batch"]
+def whole_sets(n: int, multiple: int, up: bool = False) -> int:
+    """``n`` images cut down (or, with ``up``, rounded up) to whole sets of ``multiple``.
+
+    A method that mixes images in pairs or groups (``batch_multiple``) trains on whole sets only:
+    the loader cuts a batch that lost undecodable images, ``visualize`` and ``resources`` round the
+    number of images they show or measure, and the trainer refuses a batch size that is not whole.
+
+    Example:
+        >>> whole_sets(7, 2), whole_sets(7, 2, up=True), whole_sets(8, 4)
+        (6, 8, 8)
+
+    """
+    return -(-n // multiple) * multiple if up else n - n % multiple
+
+
+__all__ = ["Batch", "whole_sets"]

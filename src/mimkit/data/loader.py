@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from mimkit.data.batch import Batch
+from mimkit.data.batch import Batch, whole_sets
 from mimkit.data.datasets import FileDataset, ImageSet
 from mimkit.data.transforms import (
     IMAGENET_MEAN,
@@ -154,7 +154,7 @@ class BatchLoader:
         if self._loader is not None:
             for b, (views, labels, skipped) in enumerate(self._loader):
                 self.skipped += skipped
-                whole = len(labels) - len(labels) % self.batch_multiple
+                whole = whole_sets(len(labels), self.batch_multiple)
                 if views and whole:
                     yield self._finish([v[:whole] for v in views], labels[:whole], self._batch_generator(b))
             return

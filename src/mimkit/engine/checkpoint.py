@@ -253,6 +253,8 @@ def read_weights(model: nn.Module, ckpt: Path, prefix: str = "") -> dict[str, to
     weights = read_safetensors(file)
     if prefix:
         weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    if hasattr(model, "upgrade_state_dict"):  # a method's checkpoint from before one of its parts moved
+        weights = model.upgrade_state_dict(weights)
     return check_weights(model, weights, file)
 
 

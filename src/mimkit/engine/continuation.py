@@ -20,9 +20,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mimkit.config import PretrainConfig, compose_config, load_yaml
+from mimkit.config import PretrainConfig, load_yaml
 from mimkit.engine.run_folder import CHANGES_FILE, CONFIG_FILE, write_text
 from mimkit.errors import ConfigError
+from mimkit.models import compose_config
 
 #: The settings a continuation may change, and why that is safe. Everything else must match.
 CONTINUABLE: dict[str, str] = {
@@ -49,7 +50,7 @@ def flat_settings(cfg: PretrainConfig) -> dict[str, Any]:
 
     tree = asdict(cfg)
     try:  # the settings the modules are built with, defaults filled in, so writing a default out is no change
-        tree["method"] = {"name": cfg.method["name"], **asdict(check_method_cfg(cfg.method))}
+        tree["method"] = asdict(check_method_cfg(cfg.method))
         tree["backbone"] = {"name": cfg.backbone["name"], **backbone_defaults(cfg.backbone["name"]),
                             **backbone_settings(cfg)}
     except (ConfigError, KeyError, TypeError):  # an unparsable section compares as written

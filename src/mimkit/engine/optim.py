@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -64,3 +65,30 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float = 0.
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate schedule of a run: linear warmup to ``peak_lr``, then a cosine to ``min_lr``.
+
+    Under ``train.budget_minutes`` the length is re-estimated as the run goes (:meth:`fitted`); it
+    never exceeds ``max_steps``, the length ``train.epochs`` gives.
+    """
+
+    total_steps: int
+    warmup: int
+    peak_lr: float
+    min_lr: float
+    max_steps: int
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (counting from 0)."""
+        return cosine_lr(step, self.total_steps, self.warmup, self.peak_lr, self.min_lr)
+
+    def fitted(self, total_steps: int) -> Schedule:
+        """The schedule with ``total_steps`` steps; the warmup is cut to a quarter of them if longer.
+
+        A short budget may not even cover ``optim.warmup_epochs``: cutting the warmup lets the run
+        still reach its peak lr and anneal. It is never lengthened again, or the lr would dip back.
+        """
+        return replace(self, total_steps=total_steps, warmup=min(self.warmup, total_steps // 4))

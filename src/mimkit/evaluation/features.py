@@ -38,8 +38,10 @@ def extract_features(
         device: Where to run the encoder.
         precision: ``bf16`` or ``fp32`` autocast for the forward pass.
         progress: Show a progress bar.
-        blocks: 1 = the final pooled features; N > 1 = the pooled outputs of the last N blocks
-            concatenated (``forward_intermediates``), as DINO's linear evaluation of ViT-S does.
+        blocks: 1 = the final pooled features; N > 1 = the pooled outputs of the last N blocks (of
+            the last stage for a hierarchical backbone) concatenated, as DINO's linear evaluation of
+            ViT-S does: ``forward_last_blocks`` gives each in ``forward_features``' layout, through
+            the final norm, for ``forward_head`` to pool.
 
     Returns:
         ``(features [N, D * blocks] float32 on CPU, labels [N] int64)``.
@@ -59,7 +61,7 @@ def extract_features(
                 if blocks == 1:
                     f = encoder.forward_head(encoder.forward_features(images.to(device)), pre_logits=True)
                 else:
-                    outs = encoder.forward_intermediates(images.to(device), blocks)
+                    outs = encoder.forward_last_blocks(images.to(device), blocks)
                     f = torch.cat([encoder.forward_head(t, pre_logits=True) for t in outs], dim=-1)
         feats.append(f.float().cpu())
         labels.append(y)

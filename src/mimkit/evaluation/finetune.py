@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mimkit.config import CONFIG_ROOT, PretrainConfig, compose_config, load_yaml, resolve_config_path
+from mimkit.config import CONFIG_ROOT, PretrainConfig, load_yaml, resolve_config_path
 from mimkit.data import build_dataset, build_loader, check_labelled, normalizer_for
 from mimkit.engine.checkpoint import MODEL_FILE, latest_checkpoint, load_weights, resolve_checkpoint
 from mimkit.engine.continuation import load_run_config
@@ -25,7 +25,7 @@ from mimkit.engine.distributed import resolve_device
 from mimkit.engine.precision import autocast, resolve_precision
 from mimkit.engine.run_folder import RunFolder, run_config_for, write_json
 from mimkit.errors import ConfigError
-from mimkit.models import method_from_config
+from mimkit.models import compose_config, method_from_config
 
 RESULT_FILE = "finetune.json"
 
@@ -84,8 +84,8 @@ def finetune_config(run: str | None, config: str = "fmnist", overrides: list[str
         # would learn at a fraction of the lr. The baseline trains every layer at the full lr.
         layers.append({"method": {"name": "finetune", "layer_decay": 1.0}})
     cfg = compose_config(layers, overrides)
-    if cfg.method.get("name") != "finetune":
-        raise ConfigError(f"{ft_path}: method.name must be finetune, got {cfg.method.get('name')!r}")
+    if cfg.method.name != "finetune":
+        raise ConfigError(f"{ft_path}: method.name must be finetune, got {cfg.method.name!r}")
     return _with_classes(cfg)
 
 
@@ -103,11 +103,11 @@ def _with_classes(cfg: PretrainConfig) -> PretrainConfig:
     train = build_dataset(listed, "train")
     test = build_dataset(dataclasses.replace(listed, subset_fraction=1.0), "test")
     check_labelled(train, test, "fine-tuning")
-    given = int(cfg.method.get("num_classes", 0))
+    given = cfg.method.num_classes
     if given and given != len(train.classes):
         raise ConfigError(f"method.num_classes {given} does not match the {len(train.classes)} classes of "
                           f"dataset {cfg.data.name}; leave it at 0 to take them from the dataset")
-    return dataclasses.replace(cfg, method={**cfg.method, "num_classes": len(train.classes)})
+    return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, num_classes=len(train.classes)))
 
 
 @torch.no_grad()
@@ -150,14 +150,14 @@ def write_finetune_result(cfg: PretrainConfig, ckpt: Path, result: dict[str, Any
     source = cfg.init or "scratch"
     row = {"evaluation": "finetune", "subject": _label(cfg), "init": source, "dataset": cfg.data.name,
            "img_size": cfg.data.img_size, "checkpoint": str(ckpt), **result,
-           "method": cfg.method, "optim": asdict(cfg.optim), "epochs": cfg.train.epochs,
+           "method": asdict(cfg.method), "optim": asdict(cfg.optim), "epochs": cfg.train.epochs,
            "budget_minutes": cfg.train.budget_minutes,
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(), "torch": torch.__version__}
     return write_json(ckpt / RESULT_FILE, row)
 
 
 def _label(cfg: PretrainConfig) -> str:
-    part = cfg.method.get("trainable_blocks", -1)
+    part = cfg.method.trainable_blocks
     what = "fine-tune" if part == -1 else f"partial fine-tune (last {part})"
     origin = "scratch" if not cfg.init else Path(cfg.init).name
     return f"{what} {cfg.backbone['name']} from {origin}"

@@ -1,6 +1,8 @@
 """What a pre-training config costs: parameters, FLOPs, peak memory and images/s (``mimkit resources``).
 
-The table the source documents print beside their accuracies (memory and time per method). Every
+The costs the papers print beside their accuracies: memory and pre-training time per method in
+"MAE-based Hybrid Convolutional ViT for Self-Supervised Learning", pre-training GPU-days in Chen et
+al., "Mixed Autoencoder for Self-supervised Visual Representation Learning" (CVPR 2023). Every
 config is measured in its own child process, so that one model's memory high-water mark is not
 another's, on synthetic batches (the cost of a step does not depend on the pixels), with the
 engine's own :func:`~mimkit.engine.step.train_step`.
@@ -50,7 +52,8 @@ def config_spec(spec: str, img_size: int, overrides: list[str]):
         overrides: ``key=value`` settings applied to every config.
 
     """
-    from mimkit.config import compose_config, load_yaml, resolve_config_path
+    from mimkit.config import load_yaml, resolve_config_path
+    from mimkit.models import compose_config
 
     name, at, backbone = spec.partition("@")
     if at and not backbone.strip():
@@ -64,9 +67,9 @@ def config_spec(spec: str, img_size: int, overrides: list[str]):
     if img_size:
         layers.append({"data": {"img_size": img_size}})
     cfg = compose_config(layers, overrides)
-    if cfg.method.get("name") == "finetune" and not cfg.method.get("num_classes"):
+    if cfg.method.name == "finetune" and not cfg.method.num_classes:
         # A head of some size (a classifier's cost barely depends on it); no dataset is read here.
-        cfg = dataclasses.replace(cfg, method={**cfg.method, "num_classes": 10})
+        cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, num_classes=10))
     return cfg
 
 
@@ -88,12 +91,13 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
 
     """
     from mimkit.data import Batch
+    from mimkit.data.batch import whole_sets
     from mimkit.data.views import expand_views, views_batch
     from mimkit.engine.distributed import resolve_device
     from mimkit.engine.optim import build_optimizer
     from mimkit.engine.precision import autocast, resolve_precision
     from mimkit.engine.step import train_step
-    from mimkit.models import method_from_config
+    from mimkit.models import check_method_input, method_from_config
 
     cfg = config_spec(spec, img_size, overrides or [])
     device = resolve_device(cfg.train.device)
@@ -101,10 +105,11 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
     size, channels = cfg.data.img_size, cfg.data.channels
     method = method_from_config(cfg).train()
     multiple = method.batch_multiple  # a method mixing images in sets measures whole sets
-    batch = -(-batch // multiple) * multiple
+    batch = whole_sets(batch, multiple, up=True)
+    check_method_input(cfg, method, batch)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, channels, size, size, generator=gen)
-    labels = torch.randint(0, int(cfg.method.get("num_classes") or 10), (batch,), generator=gen)
+    labels = torch.randint(0, int(getattr(cfg.method, "num_classes", 0) or 10), (batch,), generator=gen)
     data = Batch(images, labels)
     if len(expand_views(method.views)) > 1:  # the method's own views, at their sizes (multi-crop)
         pixels = torch.randint(0, 256, images.shape, generator=gen).float()
@@ -112,7 +117,7 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
         data = Batch(views[0], labels, views)
     encoder = method.eval_module
     row: dict[str, Any] = {
-        "config": spec, "method": cfg.method["name"], "backbone": cfg.backbone["name"], "img_size": size,
+        "config": spec, "method": cfg.method.name, "backbone": cfg.backbone["name"], "img_size": size,
         "channels": channels, "batch": batch, "device": str(device), "precision": prec,
         "threads": torch.get_num_threads(), "cpu": cpu_flags(),
         "encoder_params": sum(p.numel() for p in encoder.parameters()),

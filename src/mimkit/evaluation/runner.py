@@ -95,7 +95,7 @@ def resolve_subject(
     if run is not None and baseline is None:
         encoder = build_for_weights(lambda: encoder_from_config(cfg), ckpt / MODEL_FILE, eval_prefix(cfg), base_path)
         load_weights(encoder, ckpt, prefix=eval_prefix(cfg))
-        return Subject(encoder, cfg, ckpt, str(ckpt.resolve()), f"{cfg.method['name']} {ckpt.name}", changes)
+        return Subject(encoder, cfg, ckpt, str(ckpt.resolve()), f"{cfg.method.name} {ckpt.name}", changes)
     # Beside the run that was named (its config's run_dir may be relative to where it was trained).
     out = (base_path.parent if run is not None else Path(cfg.run_dir)) / f"baseline-{baseline}"
     if baseline == "pixels":

@@ -1,12 +1,14 @@
 """Transfer: one checkpoint judged on several labelled datasets (``mimkit transfer``).
 
 For each dataset, the frozen encoder's kNN and linear probe (the protocol of ``mimkit knn`` and
-``mimkit linprobe``) and, when asked, a fine-tuning run (``mimkit finetune``), as the source documents
-judge an encoder by transfer to other data. A dataset is given as ``NAME[:key=value,...]`` with any
-``data.*`` setting: a packaged dataset (``cifar10``), an image folder
-(``imagefolder:root=/data/pets,img_size=64``), other sizes. Images are converted to the channels
-the encoder was trained on. Every per-dataset result is also written where ``mimkit knn`` /
-``linprobe`` / ``finetune`` would write it, under a name that says which data it was on.
+``mimkit linprobe``) and, when asked, a fine-tuning run (``mimkit finetune``): an encoder is judged
+by transfer to other data, as Chen et al. judge MixedAE on eleven classification datasets ("Mixed
+Autoencoder for Self-supervised Visual Representation Learning", CVPR 2023, the transferability
+table). A dataset is given as ``NAME[:key=value,...]`` with any ``data.*`` setting: a packaged
+dataset (``cifar10``), an image folder (``imagefolder:root=/data/pets,img_size=64``), other sizes.
+Images are converted to the channels the encoder was trained on. Every per-dataset result is also
+written where ``mimkit knn`` / ``linprobe`` / ``finetune`` would write it, under a name that says
+which data it was on.
 """
 
 from __future__ import annotations

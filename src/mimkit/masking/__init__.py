@@ -1,6 +1,6 @@
 """Masking strategies as pure functions, each tested on its own, and the typed kinds of mask a backbone takes."""
 
-from mimkit.masking.block import block_masking
+from mimkit.masking.block import block_masks, inverse_block_masks
 from mimkit.masking.kinds import (
     MASK_KINDS,
     KeepTokens,
@@ -26,6 +26,7 @@ from mimkit.masking.random import ShuffleMask, num_kept, random_masking
 
 __all__ = [
     "MASK_KINDS", "GroupMix", "KeepTokens", "Mask", "MixGroups", "MixPairs", "PixelMask", "ShuffleMask", "TokenMask",
-    "block_masking", "check_mask", "group_assignment", "mix_groups", "mix_pairs", "num_kept", "pair_mask",
-    "pixel_block_mask", "random_masking", "token_mask_to_pixels", "unmix_groups", "unmix_pairs",
+    "block_masks", "check_mask", "group_assignment", "inverse_block_masks", "mix_groups",
+    "mix_pairs", "num_kept", "pair_mask", "pixel_block_mask", "random_masking", "token_mask_to_pixels",
+    "unmix_groups", "unmix_pairs",
 ]

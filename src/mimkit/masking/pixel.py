@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from mimkit.masking.block import block_masking
+from mimkit.masking.block import block_masks
 
 
 def pixel_block_mask(
@@ -51,7 +51,7 @@ def pixel_block_mask(
         rank = noise.argsort(dim=1).argsort(dim=1)
         grid = (rank < masked).float()
     elif mode == "block":
-        grid = block_masking(batch, gh, gw, mask_ratio, generator=generator).to(device)
+        grid = block_masks(batch, gh, gw, mask_ratio, generator=generator).float().to(device)
     else:
         raise ValueError(f"mask mode must be 'random' or 'block', got {mode!r}")
     grid = grid.view(batch, 1, gh, gw)

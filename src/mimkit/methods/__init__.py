@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from mimkit.errors import ConfigError
-from mimkit.methods.base import PretrainMethod, PretrainOutput
+from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
 from mimkit.methods.cvt_mae import CvTMAE
 from mimkit.methods.dino import DINO
 from mimkit.methods.finetune import FineTune
@@ -24,14 +24,20 @@ METHODS: dict[str, type[PretrainMethod]] = {
 }
 
 
-def check_method_cfg(cfg: dict[str, Any]) -> Any:
-    """Validate ``{"name": ..., **settings}`` and return the method's ``Config`` instance."""
+def check_method_cfg(cfg: dict[str, Any] | MethodConfig) -> MethodConfig:
+    """The method's typed ``Config`` of ``{"name": ..., **settings}`` (a ``Config`` is returned as it is).
+
+    Raises:
+        ConfigError: An unknown name or setting (the valid ones listed), or a value out of range.
+
+    """
+    if isinstance(cfg, MethodConfig):
+        return cfg
     name = cfg.get("name")
     if name not in METHODS:
         raise ConfigError(f"method.name {name!r} is unknown; valid: {', '.join(sorted(METHODS))}")
-    settings = {k: v for k, v in cfg.items() if k != "name"}
     try:
-        return from_dict(METHODS[name].Config, settings, prefix="method.", also_valid=("name",))
+        return from_dict(METHODS[name].Config, dict(cfg), prefix="method.")
     except ConfigError as err:
         if "valid keys" in str(err):
             raise
@@ -39,9 +45,10 @@ def check_method_cfg(cfg: dict[str, Any]) -> Any:
         raise ConfigError(f"{err} (method {name} settings: {', '.join(valid)})") from None
 
 
-def create_method(cfg: dict[str, Any], encoder: nn.Module) -> PretrainMethod:
+def create_method(cfg: dict[str, Any] | MethodConfig, encoder: nn.Module) -> PretrainMethod:
     """Build the method named in ``cfg`` around ``encoder``."""
-    return METHODS[cfg["name"]](encoder, check_method_cfg(cfg))
+    settings = check_method_cfg(cfg)
+    return METHODS[settings.name](encoder, settings)
 
 
-__all__ = ["METHODS", "PretrainMethod", "PretrainOutput", "check_method_cfg", "create_method"]
+__all__ = ["METHODS", "MethodConfig", "PretrainMethod", "PretrainOutput", "check_method_cfg", "create_method"]

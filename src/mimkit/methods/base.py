@@ -11,6 +11,7 @@ the step and the current schedule length, :meth:`PretrainMethod.param_groups` fo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,12 +29,14 @@ class MethodConfig:
     """The settings every method has; a method's ``Config`` extends it (``method:`` in a config).
 
     Attributes:
+        name: The method's name in the registry (``mimkit.methods.METHODS``); set when a config is read.
         views: The augmented views of each training image, one dict per kind of view with the
             fields of :class:`~mimkit.data.views.ViewSpec` (``count`` views of each); the data
             pipeline builds them. One view by default: a random resized crop and a flip.
 
     """
 
+    name: str = ""
     views: list[dict[str, Any]] = field(default_factory=lambda: [{}])
 
     #: How many views the method trains on (None: any number).
@@ -143,6 +146,22 @@ class PretrainMethod(nn.Module):
         """Hook after the engine loaded pre-trained weights into ``encoder`` (``init``); a no-op by
         default. A teacher-student method copies the student into its teacher here.
         """
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` of :meth:`upgrade_state_dict`'s keys, so that old checkpoints load."""
+        return super().load_state_dict(self.upgrade_state_dict(dict(state_dict)), strict=strict, assign=assign)
+
+    def upgrade_state_dict(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``weights`` of an older checkpoint under today's names: each part that moved renames its keys.
+
+        A submodule with an ``upgrade_keys(state_dict, prefix)`` static method says how its keys were
+        named before; checkpoints are read through this, so old runs resume and evaluate.
+        """
+        weights = dict(weights)
+        for name, module in self.named_modules():
+            if name and hasattr(module, "upgrade_keys"):
+                module.upgrade_keys(weights, f"{name}.")
+        return weights
 
     #: The attribute evaluation and export read (a backbone): the encoder, or a teacher's for DINO.
     eval_module_name: str = "encoder"

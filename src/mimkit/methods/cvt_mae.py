@@ -1,9 +1,10 @@
-"""The hybrid convolutional-ViT masked autoencoder (source document 000).
+"""The hybrid convolutional-ViT masked autoencoder.
 
-A CvT encoder sees the whole image with square pixel blocks blanked out, re-weights every stage's
-convolutional embedding by the visible count (the inpainting update mask), and a U-Net decoder with
-skip connections from the encoder stages predicts the image. The loss is the inpainting loss of Liu
-et al. (ECCV 2018) or MAE's masked MSE.
+The model of "MAE-based Hybrid Convolutional ViT for Self-Supervised Learning" (its model
+architecture section): a CvT encoder sees the whole image with square pixel blocks blanked out,
+re-weights every stage's convolutional embedding by the visible count (the inpainting update mask),
+and a U-Net decoder with skip connections from the encoder stages predicts the image. The loss is
+the inpainting loss of Liu et al. (ECCV 2018) or MAE's masked MSE.
 """
 
 from __future__ import annotations

@@ -13,22 +13,21 @@ progress) is a buffer, so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from mimkit.data.batch import Batch
 from mimkit.data.views import expand_views
 from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
+from mimkit.methods.centering import CENTERINGS, make_centering
 from mimkit.methods.heads import DINOHead
+from mimkit.methods.teacher import Pair, cosine_momentum, ema_update, frozen_copy, reset_teacher, teacher_train
 from mimkit.schema import check_positive, require
 
 log = logging.getLogger(__name__)
@@ -109,6 +108,10 @@ class DINO(PretrainMethod):
         teacher_temp_warmup: float = 0.1
         """Fraction of the schedule over which the teacher temperature rises."""
         center_momentum: float = 0.9
+        centering: str = "center"
+        """How the teacher's logits become targets: ``center`` (DINO's moving centre) or ``sinkhorn_knopp``
+        (DINOv2's balanced assignments over the batch)."""
+        sinkhorn_iterations: int = 3
         momentum: float = 0.996
         """Teacher EMA momentum at the start; it follows a cosine to 1 over the schedule."""
         freeze_last_layer: float = 0.05
@@ -127,7 +130,10 @@ class DINO(PretrainMethod):
             check_positive("method", out_dim=self.out_dim, hidden_dim=self.hidden_dim,
                            bottleneck_dim=self.bottleneck_dim, student_temp=self.student_temp,
                            teacher_temp=self.teacher_temp, teacher_temp_final=self.teacher_temp_final,
-                           collapse_check_every=self.collapse_check_every)
+                           collapse_check_every=self.collapse_check_every,
+                           sinkhorn_iterations=self.sinkhorn_iterations)
+            require(self.centering in CENTERINGS, "method.centering", f"one of {', '.join(CENTERINGS)}",
+                    self.centering)
             views = expand_views(self.view_specs)
             n = len(views)
             require(1 <= self.global_views < n, "method.global_views",
@@ -155,17 +161,18 @@ class DINO(PretrainMethod):
         self.encoder = encoder
         self.head = DINOHead(encoder.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
                              cfg.norm_last_layer)
-        self.teacher_encoder = copy.deepcopy(encoder).requires_grad_(False)
-        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
-        self.register_buffer("center", torch.zeros(1, cfg.out_dim))
+        self.teacher_encoder = frozen_copy(encoder)
+        self.teacher_head = frozen_copy(self.head)
+        self.center = make_centering(cfg.centering, cfg.out_dim, cfg.center_momentum,
+                                     iterations=cfg.sinkhorn_iterations)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("progress", torch.zeros((), dtype=torch.float64))
-        # The teacher logits summed since the last optimizer step, applied to the centre in after_step.
-        # Not buffers: DDP broadcasts rank 0's buffers at every forward, which would drop the other
-        # ranks' sums between the micro-batches of an accumulated step.
-        self._pending: torch.Tensor | None = None
-        self._pending_n = 0
-        self._last: dict[str, float] = {}
+        # The teacher's entropies on the last micro-batch, which the collapse check after the step reads.
+        self._entropies: tuple[float, float] | None = None
+
+    def teacher_pairs(self) -> list[Pair]:
+        """The ``(student, teacher)`` modules the EMA moves: the encoder and the head."""
+        return [(self.encoder, self.teacher_encoder), (self.head, self.teacher_head)]
 
     # ---- schedules: pure functions of the progress ----
 
@@ -178,23 +185,15 @@ class DINO(PretrainMethod):
 
     def momentum(self, progress: float) -> float:
         """The teacher's EMA momentum: a cosine from ``momentum`` to 1."""
-        return 1.0 - (1.0 - self.cfg.momentum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return cosine_momentum(progress, self.cfg.momentum)
 
     def train(self, mode: bool = True) -> DINO:
-        """Train the student; the teacher stays in eval mode (no drop path, no dropout) except its
-        BatchNorm layers, which follow ``mode``.
-
-        DINO never puts its teacher in eval: a BatchNorm layer (the CvT's) normalises the teacher's
-        global views with their own batch statistics, and its running statistics come from the
-        teacher's own weights and inputs, which is what evaluation then reads. Copying the
-        student's would give the teacher statistics of other weights, mixed with the local crops.
+        """Train the student; the teacher stays in eval mode except its BatchNorm layers
+        (:func:`~mimkit.methods.teacher.teacher_train`).
         """
         super().train(mode)
-        self.teacher_encoder.eval()
-        self.teacher_head.eval()
-        for m in self.teacher_encoder.modules():
-            if isinstance(m, _BatchNorm):
-                m.train(mode)
+        for _, teacher in self.teacher_pairs():
+            teacher_train(teacher, mode)
         return self
 
     # ---- the forward pass ----
@@ -229,27 +228,27 @@ class DINO(PretrainMethod):
         feats = self._features(self.teacher_encoder, torch.cat(global_views))
         return self.teacher_head(feats).float()
 
-    def forward(self, batch: Batch | torch.Tensor) -> PretrainOutput:
-        """The DINO loss of a batch of multi-crop views (``batch.views``; the global ones first)."""
+    def multi_crop_views(self, batch: Batch | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batch's views, checked: ``global_views`` global crops first and at least one more."""
         views = Batch.of(batch).all_views
         g = self.cfg.global_views
         if len(views) <= g:
-            raise ValueError(f"DINO needs {g} global views and at least one more, got {len(views)} "
-                             "(the loader builds them from method.views)")
+            raise ValueError(f"{type(self).__name__} needs {g} global views and at least one more, got "
+                             f"{len(views)} (the loader builds them from method.views)")
+        return views
+
+    def forward(self, batch: Batch | torch.Tensor) -> PretrainOutput:
+        """The DINO loss of a batch of multi-crop views (``batch.views``; the global ones first)."""
+        views = self.multi_crop_views(batch)
+        g = self.cfg.global_views
         t_logits = self.teacher_logits(views[:g])  # [G*N, K]
         temp = self.teacher_temp(float(self.progress))
-        t_probs = F.softmax((t_logits - self.center) / temp, dim=-1)
+        t_probs = self.center.probs(t_logits, temp)
         s_logits = self.student_logits(views)
         loss = dino_loss(s_logits, list(t_probs.chunk(g)), self.cfg.student_temp)
         if self.training:
-            self._add_pending(t_logits)
+            self.center.add(t_logits)
         return PretrainOutput(loss, self._logs(loss, t_probs, temp))
-
-    def _add_pending(self, t_logits: torch.Tensor) -> None:
-        """Add a micro-batch's teacher logits ``[M, K]`` to the sum the centre moves to at the step's end."""
-        total = t_logits.sum(0, keepdim=True)
-        self._pending = total if self._pending is None else self._pending + total
-        self._pending_n += t_logits.shape[0]
 
     @torch.no_grad()
     def _logs(self, loss: torch.Tensor, t_probs: torch.Tensor, temp: float) -> dict[str, float]:
@@ -260,11 +259,12 @@ class DINO(PretrainMethod):
             "teacher_entropy": entropy / log_k,
             "teacher_marginal_entropy": float(_entropy(t_probs.mean(0))) / log_k,
             "kl": float(loss.detach()) - entropy,
-            "center_norm": float(self.center.norm()),
+            **{f"center_{k}": v for k, v in self.center.log_norm().items()},
             "teacher_temp": temp,
             "momentum": self.momentum(float(self.progress)),
         }
-        self._last = logs
+        if self.training:
+            self._entropies = (logs["teacher_entropy"], logs["teacher_marginal_entropy"])
         return logs
 
     # ---- the per-step hooks ----
@@ -282,37 +282,25 @@ class DINO(PretrainMethod):
                 for p in head.last_layer_params():
                     p.grad = None
 
-    def discard_step(self) -> None:
-        """A skipped step's teacher outputs never reach the centre."""
-        self._pending, self._pending_n = None, 0
+    def centers(self) -> list[nn.Module]:
+        """The centrings of the teacher's outputs (iBOT adds its patch centre)."""
+        return [self.center]
 
-    @torch.no_grad()
+    def discard_step(self) -> None:
+        """A skipped step's teacher outputs never reach a centre."""
+        for center in self.centers():
+            center.discard()
+
     def encoder_loaded(self) -> None:
         """The teacher starts as the loaded student, as at initialisation."""
-        self.teacher_encoder.load_state_dict(self.encoder.state_dict())
+        reset_teacher(self.teacher_pairs())
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        """Apply the centre update, move the teacher towards the student, advance the schedules."""
-        if self._pending is not None:
-            count = torch.tensor([float(self._pending_n)], device=self.center.device)
-            pending = torch.cat([self._pending.flatten().to(self.center.device), count])
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(pending)  # every rank's teacher outputs: one centre for the job
-            batch_center = (pending[:-1] / pending[-1]).view_as(self.center)
-            m = self.cfg.center_momentum
-            self.center.mul_(m).add_(batch_center, alpha=1 - m)
-            self._pending, self._pending_n = None, 0
-        m = self.momentum(step / max(1, total_steps))
-        for student, teacher in ((self.encoder, self.teacher_encoder), (self.head, self.teacher_head)):
-            for ps, pt in zip(student.parameters(), teacher.parameters(), strict=True):
-                pt.lerp_(ps.detach(), 1.0 - m)
-            # Other buffers are copied, not averaged (timm's ModelEmaV3 does the same); BatchNorm
-            # keeps the teacher's own running statistics (see train()).
-            for ms, mt in zip(student.modules(), teacher.modules(), strict=True):
-                if not isinstance(mt, _BatchNorm):
-                    for bs, bt in zip(ms.buffers(recurse=False), mt.buffers(recurse=False), strict=True):
-                        bt.copy_(bs)
+        """Apply the centre updates, move the teacher towards the student, advance the schedules."""
+        for center in self.centers():
+            center.update()
+        ema_update(self.teacher_pairs(), self.momentum(step / max(1, total_steps)))
         self.step.fill_(step + 1)
         self.progress.fill_(min(1.0, (step + 1) / max(1, total_steps)))
         self._check_collapse(step, total_steps)
@@ -323,9 +311,9 @@ class DINO(PretrainMethod):
         The check runs every ``collapse_check_every`` steps, or twenty times in a shorter run.
         """
         every = max(1, min(self.cfg.collapse_check_every, total_steps // 20))
-        if not self._last or (step + 1) % every or float(self.progress) < self.cfg.teacher_temp_warmup:
+        if self._entropies is None or (step + 1) % every or float(self.progress) < self.cfg.teacher_temp_warmup:
             return
-        h, marginal = self._last["teacher_entropy"], self._last["teacher_marginal_entropy"]
+        h, marginal = self._entropies
         if h > 0.98:
             log.warning("step %d: DINO collapse: the teacher's outputs are uniform (entropy %.3f of log K); "
                         "centring dominates sharpening: lower method.teacher_temp_final, or raise "

@@ -13,19 +13,19 @@ view, centred by a second centre.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mimkit.data.batch import Batch
-from mimkit.masking import TokenMask, block_masking
+from mimkit.masking import TokenMask, block_masks
 from mimkit.methods.base import PretrainOutput
+from mimkit.methods.centering import make_centering
 from mimkit.methods.dino import DINO, dino_loss
 from mimkit.methods.heads import DINOHead
+from mimkit.methods.teacher import Pair, frozen_copy
 from mimkit.schema import require
 
 
@@ -124,10 +124,18 @@ class IBOT(DINO):
         if not cfg.shared_head:
             self.patch_head = DINOHead(encoder.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
                                        cfg.norm_last_layer)
-            self.teacher_patch_head = copy.deepcopy(self.patch_head).requires_grad_(False)
-        self.register_buffer("center2", torch.zeros(1, 1, cfg.out_dim))
-        self._pending2: torch.Tensor | None = None
-        self._pending2_n = 0
+            self.teacher_patch_head = frozen_copy(self.patch_head)
+        self.center2 = make_centering(cfg.centering, cfg.out_dim, cfg.center_momentum2, ndim=3,
+                                      iterations=cfg.sinkhorn_iterations)
+
+    def teacher_pairs(self) -> list[Pair]:
+        """DINO's pairs and, when there is one, the separate patch head's."""
+        extra = [] if self.cfg.shared_head else [(self.patch_head, self.teacher_patch_head)]
+        return super().teacher_pairs() + extra
+
+    def centers(self) -> list[nn.Module]:
+        """DINO's centre of the pooled logits and the centre of the patch tokens' logits."""
+        return [self.center, self.center2]
 
     def _heads(self, teacher: bool) -> tuple[DINOHead, DINOHead]:
         """The (pooled, patch) heads of the student or of the teacher."""
@@ -139,14 +147,8 @@ class IBOT(DINO):
         """``[n, height * width]`` bool block masks: each image masked with probability ``mask_prob``,
         at a ratio uniform in ``mask_ratio``, from the global RNG (checkpointed by the engine).
         """
-        out = torch.zeros(n, height * width, dtype=torch.bool)
-        lo, hi = self.cfg.mask_ratio
-        draws = torch.rand(n, 2)
-        for i in range(n):
-            if draws[i, 0] < self.cfg.mask_prob:
-                ratio = lo + (hi - lo) * float(draws[i, 1])
-                out[i] = block_masking(1, height, width, ratio, min_block=self.cfg.mask_min_block)[0].bool()
-        return out
+        return block_masks(n, height, width, self.cfg.mask_ratio, mask_prob=self.cfg.mask_prob,
+                           min_block=self.cfg.mask_min_block)
 
     def _encode(self, encoder: nn.Module, x: torch.Tensor, mask: TokenMask | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,11 +158,8 @@ class IBOT(DINO):
 
     def forward(self, batch: Batch | torch.Tensor) -> PretrainOutput:
         """DINO's loss over every view plus the patch loss over the masked global crops."""
-        views = Batch.of(batch).all_views
+        views = self.multi_crop_views(batch)
         g, c = self.cfg.global_views, self.cfg
-        if len(views) <= g:
-            raise ValueError(f"iBOT needs {g} global views and at least one more, got {len(views)} "
-                             "(the loader builds them from method.views)")
         n = views[0].shape[0]
         grid = self.encoder.grid_size(*views[0].shape[-2:])
         masks = self.draw_masks(g * n, *grid).to(views[0].device)  # [G*N, L]
@@ -172,8 +171,8 @@ class IBOT(DINO):
             t_logits = head(t_pooled).float()  # [G*N, K]
             t_patch = patch_head(t_tokens).float()  # [G*N, L, K]
         temp = self.teacher_temp(float(self.progress))
-        t_probs = F.softmax((t_logits - self.center) / temp, dim=-1)
-        t_patch_probs = F.softmax((t_patch - self.center2) / temp, dim=-1)
+        t_probs = self.center.probs(t_logits, temp)
+        t_patch_probs = self.center2.probs(t_patch, temp)
         # the student: masked global crops (pooled and patch logits), unmasked local crops (pooled)
         head, patch_head = self._heads(teacher=False)
         s_pooled, s_tokens = self._encode(self.encoder, global_x, TokenMask(masks, self.mask_token))
@@ -186,50 +185,20 @@ class IBOT(DINO):
         loss = loss_cls + c.patch_weight * loss_patch
         logs = self._logs(loss_cls, t_probs, temp)
         logs.update(loss_cls=float(loss_cls.detach()), loss_patch=float(loss_patch.detach()),
-                    masked=float(masks.float().mean()), center2_norm=float(self.center2.norm()))
+                    masked=float(masks.float().mean()),
+                    **{f"center2_{k}": v for k, v in self.center2.log_norm().items()})
         if c.koleo_weight > 0:
             loss_koleo = torch.stack([koleo_loss(p) for p in s_pooled.chunk(g)]).sum()
             loss = loss + c.koleo_weight * loss_koleo
             logs["loss_koleo"] = float(loss_koleo.detach())
         if self.training:
-            self._add_pending(t_logits)
-            total = t_patch.mean(1).sum(0, keepdim=True).unsqueeze(0)  # [1, 1, K]: per-image patch means
-            self._pending2 = total if self._pending2 is None else self._pending2 + total
-            self._pending2_n += t_patch.shape[0]
+            self.center.add(t_logits)
+            self.center2.add(t_patch.mean(1))  # [G*N, K]: per-image means of the patch logits
         return PretrainOutput(loss, logs, None, masks[:n].float())
 
     def frozen_heads(self) -> list[DINOHead]:
         """DINO's head and, when there is one, the separate patch head."""
         return [self.head] + ([] if self.cfg.shared_head else [self.patch_head])
-
-    def discard_step(self) -> None:
-        """A skipped step leaves neither centre's sums behind."""
-        super().discard_step()
-        self._pending2, self._pending2_n = None, 0
-
-    @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
-        """DINO's updates, the patch centre's, and the separate patch head's EMA when there is one."""
-        if self._pending2 is not None:
-            count = torch.tensor([float(self._pending2_n)], device=self.center2.device)
-            pending = torch.cat([self._pending2.flatten().to(self.center2.device), count])
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(pending)
-            m = self.cfg.center_momentum2
-            self.center2.mul_(m).add_((pending[:-1] / pending[-1]).view_as(self.center2), alpha=1 - m)
-            self._pending2, self._pending2_n = None, 0
-        if not self.cfg.shared_head:
-            m = self.momentum(step / max(1, total_steps))
-            for ps, pt in zip(self.patch_head.parameters(), self.teacher_patch_head.parameters(), strict=True):
-                pt.lerp_(ps.detach(), 1.0 - m)
-        super().after_step(step, total_steps)
-
-    def train(self, mode: bool = True) -> IBOT:
-        """DINO's (the teacher stays in eval), the separate teacher patch head included."""
-        super().train(mode)
-        if not self.cfg.shared_head:
-            self.teacher_patch_head.eval()
-        return self
 
 
 __all__ = ["IBOT", "ibot_patch_loss", "koleo_loss"]

@@ -132,8 +132,10 @@ def inpainting_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The hybrid CvT-MAE's inpainting loss: L1 on visible + 6 x L1 on holes + 0.1 x TV near holes.
 
-    Liu et al., ECCV 2018 (without the perceptual and style terms), as used by source document 000.
-    Each term is normalised by its own pixel count.
+    Liu et al., "Image Inpainting for Irregular Holes Using Partial Convolutions", ECCV 2018, without
+    the perceptual and style terms: the inpainting model whose update mask and skip connections
+    "MAE-based Hybrid Convolutional ViT for Self-Supervised Learning" brings into masked image
+    modelling. Each term is normalised by its own pixel count.
 
     Args:
         pred: ``[N, C, H, W]`` predicted image.

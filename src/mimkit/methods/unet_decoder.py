@@ -1,7 +1,8 @@
 """U-Net-style decoder over the stage maps of a hierarchical encoder (the hybrid CvT-MAE's).
 
 Ronneberger et al., "U-Net", MICCAI 2015: skip concatenations from the encoder stages; the blocks
-are CvT blocks (Wu et al., ICCV 2021) as in source document 000.
+are CvT blocks (Wu et al., ICCV 2021), as in the decoder of "MAE-based Hybrid Convolutional ViT for
+Self-Supervised Learning".
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ class ConvProjection(nn.Module):
         stride = self.conv.stride[0]
         if stride > 1 and bf16_on_cpu(x):
             # The stride-1 conv sampled every `stride` pixels: the same numbers. PyTorch's CPU backward
-            # of a strided depthwise conv takes a slow path in bf16 (up to 15x the stride-1 conv's
-            # time), which made the whole CvT-MAE step 1.9x slower in bf16 than in fp32; in fp32 the
-            # strided kernel is the faster one (BENCHMARKS.md, section 10).
+            # of a strided depthwise conv takes a slow path in bf16, slow enough to make the whole
+            # CvT-MAE step slower in bf16 than in fp32; in fp32 the strided kernel is the faster one
+            # (BENCHMARKS.md, section 10).
             return F.conv2d(x, self.conv.weight, None, 1, 1, 1, self.conv.groups)[..., ::stride, ::stride]
         return self.conv(x)
 

@@ -1,9 +1,9 @@
 """Kernel choices for bf16 on a CPU, where two of PyTorch's kernels are slower than their stand-ins.
 
-Both were measured with ``benchmarks/bench_precision.py --kernel`` (BENCHMARKS.md, section 10): in
-bf16, PyTorch's CPU flash attention (forward + backward) is slower than the math kernel up to about
-160 tokens (5x at 13 tokens, 3.3x at 50, 1.06x at 160) and faster from about 200 on (a ViT at 224
-px); the backward of a strided depthwise conv is up to 15x slower in bf16 than the stride-1 conv it
+Both were measured with ``benchmarks/bench_precision.py --kernel`` (BENCHMARKS.md, section 10, has
+the timings): in bf16, PyTorch's CPU flash attention (forward + backward) is slower than the math
+kernel on short sequences, the more so the shorter, and faster again on long ones (a ViT at 224 px);
+the backward of a strided depthwise conv is many times slower in bf16 than the stride-1 conv it
 samples.
 """
 
@@ -14,7 +14,8 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# Largest query x key length for which the math kernel was measured faster (160 x 160 tokens).
+# The largest query x key product at which the math kernel was still measured the faster one in bf16
+# (BENCHMARKS.md, section 10); above it, flash wins, so long sequences keep PyTorch's choice.
 MATH_ATTENTION_MAX_SCORES = 160 * 160
 
 

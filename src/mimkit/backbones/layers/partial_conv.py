@@ -1,7 +1,8 @@
 """Convolutional token embedding with an inpainting-style update mask.
 
 Liu et al., "Image Inpainting for Irregular Holes Using Partial Convolutions", ECCV 2018; used at
-every CvT stage by the hybrid CvT-MAE (source document 000).
+every CvT stage by the hybrid CvT-MAE ("MAE-based Hybrid Convolutional ViT for Self-Supervised
+Learning").
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def update_ratio(visible: torch.Tensor, kernel: int, stride: int, padding: int) 
 
     The ratio is (image pixels in the window) / (visible image pixels in the window), so zero padding
     keeps its plain-convolution meaning: with nothing masked the ratio is exactly 1 everywhere,
-    borders included (the source code divided by k*k and so rescaled every border token). A window
-    with no visible pixel gets ratio 0 and is masked in the next stage; the denominator is clamped,
-    so there is no inf or NaN under autocast.
+    borders included (the hybrid CvT-MAE's source code divided by k*k and so rescaled every border
+    token). A window with no visible pixel gets ratio 0 and is masked in the next stage; the
+    denominator is clamped, so there is no inf or NaN under autocast.
 
     Args:
         visible: ``[N, 1, H, W]`` with 1 = visible.
