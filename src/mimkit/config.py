@@ -328,5 +328,5 @@ def validate(cfg: PretrainConfig) -> None:
 
 
 def to_yaml(cfg: Any) -> str:
-    """Write a config dataclass out as YAML (the same form :func:`load_config` reads)."""
+    """Write a config dataclass out as YAML (the same form :func:`mimkit.models.load_config` reads)."""
     return yaml.safe_dump(asdict(cfg), sort_keys=False)

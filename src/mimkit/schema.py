@@ -86,14 +86,13 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "", also_valid: tuple[str, ...] = ()) -> Any:
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, refusing unknown keys.
 
     Args:
         cls: A dataclass type.
         data: Values to set; missing keys keep their defaults.
         prefix: Dotted path used in error messages.
-        also_valid: Keys the caller handles itself (listed as valid in the error, e.g. ``name``).
 
     Returns:
         An instance of ``cls``.
@@ -110,7 +109,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", also_valid: tup
         where = prefix.rstrip(".") or "config"
         raise ConfigError(
             f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
-            f"valid keys: {', '.join([*also_valid, *sorted(types)])}"
+            f"valid keys: {', '.join(sorted(types))}"
         )
     kwargs = {}
     for key, value in data.items():

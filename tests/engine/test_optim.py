@@ -99,3 +99,4 @@ def test_a_schedule_fitted_to_fewer_steps_cuts_its_warmup_and_never_lengthens_it
     assert (short.total_steps, short.warmup, short.max_steps) == (60, 15, 100)
     assert short.fitted(100).warmup == 15, "a warmup once cut stays cut, or the lr would dip back"
     assert plan.total_steps == 100, "a schedule is a value: fitting returns a new one"
+    assert plan.fitted(500).total_steps == 100, "never longer than train.epochs gives"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import four_views, tiny_teacher_student
 from safetensors.torch import save_file
 
-from mimkit.engine.checkpoint import MODEL_FILE, read_weights
+from mimkit.engine.checkpoint import MODEL_FILE, build_for_weights, read_weights
 from mimkit.errors import ConfigError
 from mimkit.methods import check_method_cfg
 from mimkit.methods.centering import Center, SinkhornKnopp, make_centering
@@ -49,6 +54,43 @@ def test_sinkhorn_knopp_balances_the_prototypes_over_the_batch():
     assert patches.shape == (2, 5, 8)
 
 
+def test_sinkhorn_knopp_stays_finite_where_exp_would_underflow():
+    logits = torch.randn(64, 8) * 0.3
+    logits[:, 3] -= 3.0  # at 0.04 every sample's exp for this prototype is ~1e-33 of the others'
+    p = SinkhornKnopp().probs(logits, 0.04)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.sum(-1), torch.ones(64))
+
+
+def _sinkhorn_rank(rank: int, port: int, logits: torch.Tensor, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.save(SinkhornKnopp().probs(logits.chunk(2)[rank], 0.1), f"{out}/p{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sinkhorn_knopp_on_two_processes_balances_their_joint_batch(tmp_path):
+    logits = torch.randn(16, 6, generator=torch.Generator().manual_seed(0)) * 3
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sinkhorn_rank, args=(port, logits, str(tmp_path)), nprocs=2, join=True)
+    joint = torch.cat([torch.load(tmp_path / f"p{r}.pt") for r in range(2)])
+    torch.testing.assert_close(joint, SinkhornKnopp().probs(logits, 0.1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_typed_config_knows_its_method():
+    from mimkit.methods import DINO, IBOT
+
+    assert check_method_cfg(DINO.Config(out_dim=64)).name == "dino"
+    assert check_method_cfg(IBOT.Config()).name == "ibot"
+    with pytest.raises(ConfigError, match=r"method\.name 'mae' does not match.*DINO\.Config"):
+        check_method_cfg(DINO.Config(name="mae"))
+
+
 def test_unknown_centering_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="center, sinkhorn_knopp"):
         make_centering("median", 4, 0.9)
@@ -75,7 +117,8 @@ def test_a_checkpoint_from_before_the_centre_module_still_loads(tmp_path, name):
            for k, v in method.state_dict().items()}
     assert "center" in old and "center.value" not in old
     save_file(old, str(tmp_path / MODEL_FILE))
-    fresh = tiny_teacher_student(name)
+    # export and visualize check the file on the meta device first, then load it
+    fresh = build_for_weights(lambda: tiny_teacher_student(name), tmp_path / MODEL_FILE)
     fresh.load_state_dict(read_weights(fresh, tmp_path))
     assert torch.equal(fresh.center.value, method.center.value) and fresh.center.value.abs().sum() > 0
     fresh.load_state_dict(old)  # loading the old keys directly renames them too

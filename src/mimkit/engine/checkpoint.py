@@ -334,6 +334,8 @@ def check_fits(build: Callable[[], nn.Module], file: Path, prefix: str = "", set
     except (RuntimeError, NotImplementedError, ValueError) as err:  # a builder that computes on real tensors
         log.warning("cannot build the model on the meta device (%s); its size is checked after it is built", err)
         return
+    if hasattr(skeleton, "upgrade_state_dict"):  # a method's checkpoint from before one of its parts moved
+        shapes = skeleton.upgrade_state_dict(shapes)
     check_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes, file)
 
 

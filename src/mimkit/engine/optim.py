@@ -86,9 +86,11 @@ class Schedule:
         return cosine_lr(step, self.total_steps, self.warmup, self.peak_lr, self.min_lr)
 
     def fitted(self, total_steps: int) -> Schedule:
-        """The schedule with ``total_steps`` steps; the warmup is cut to a quarter of them if longer.
+        """The schedule with ``total_steps`` steps (at most ``max_steps``); the warmup is cut to a quarter
+        of them if longer.
 
         A short budget may not even cover ``optim.warmup_epochs``: cutting the warmup lets the run
         still reach its peak lr and anneal. It is never lengthened again, or the lr would dip back.
         """
+        total_steps = min(total_steps, self.max_steps)
         return replace(self, total_steps=total_steps, warmup=min(self.warmup, total_steps // 4))

@@ -25,13 +25,26 @@ METHODS: dict[str, type[PretrainMethod]] = {
 
 
 def check_method_cfg(cfg: dict[str, Any] | MethodConfig) -> MethodConfig:
-    """The method's typed ``Config`` of ``{"name": ..., **settings}`` (a ``Config`` is returned as it is).
+    """The method's typed ``Config`` of ``{"name": ..., **settings}``.
+
+    A ``Config`` built by hand (``DINO.Config(out_dim=64)``) gets its registry name filled in; one
+    whose ``name`` is another method's is refused.
 
     Raises:
-        ConfigError: An unknown name or setting (the valid ones listed), or a value out of range.
+        ConfigError: An unknown name or setting (the valid ones listed), a value out of range, or a
+            ``Config`` of one method named as another.
 
     """
     if isinstance(cfg, MethodConfig):
+        owners = [n for n, m in METHODS.items() if type(cfg) is m.Config]
+        if not owners:
+            raise ConfigError(f"{type(cfg).__qualname__} is no registered method's Config; valid methods: "
+                              f"{', '.join(sorted(METHODS))}")
+        if not cfg.name:
+            return dataclasses.replace(cfg, name=owners[0])
+        if cfg.name not in owners:
+            raise ConfigError(f"method.name {cfg.name!r} does not match its settings, a {type(cfg).__qualname__} "
+                              f"(method {owners[0]})")
         return cfg
     name = cfg.get("name")
     if name not in METHODS:

@@ -11,6 +11,7 @@ the step and the current schedule length, :meth:`PretrainMethod.param_groups` fo
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -149,15 +150,19 @@ class PretrainMethod(nn.Module):
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict`` of :meth:`upgrade_state_dict`'s keys, so that old checkpoints load."""
-        return super().load_state_dict(self.upgrade_state_dict(dict(state_dict)), strict=strict, assign=assign)
+        return super().load_state_dict(self.upgrade_state_dict(state_dict), strict=strict, assign=assign)
 
-    def upgrade_state_dict(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``weights`` of an older checkpoint under today's names: each part that moved renames its keys.
+    def upgrade_state_dict(self, weights: Mapping[str, Any]) -> dict[str, Any]:
+        """``weights`` (tensors, or their shapes) of an older checkpoint under today's names.
 
         A submodule with an ``upgrade_keys(state_dict, prefix)`` static method says how its keys were
-        named before; checkpoints are read through this, so old runs resume and evaluate.
+        named before; every path that reads a checkpoint (resume, evaluation, export, ``visualize``)
+        goes through this, so old runs keep working. A state dict's ``_metadata`` is kept.
         """
-        weights = dict(weights)
+        metadata = getattr(weights, "_metadata", None)
+        weights = OrderedDict(weights)
+        if metadata is not None:
+            weights._metadata = metadata  # type: ignore[attr-defined]
         for name, module in self.named_modules():
             if name and hasattr(module, "upgrade_keys"):
                 module.upgrade_keys(weights, f"{name}.")

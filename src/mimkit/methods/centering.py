@@ -16,6 +16,7 @@ when the engine skipped the step.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -105,8 +106,10 @@ class SinkhornKnopp(nn.Module):
 
     A few Sinkhorn-Knopp iterations alternately normalise the prototypes' and the samples' mass of
     ``exp(logits / temp)``, so each prototype takes an equal share of the global batch and each
-    sample's targets sum to 1. It keeps no state: :meth:`add`, :meth:`update` and :meth:`discard`
-    do nothing.
+    sample's targets sum to 1. The iterations run on logarithms: at a teacher temperature of 0.04 a
+    prototype far below the others would underflow to a zero column in ``exp`` and give 0 / 0. It
+    keeps no state: :meth:`add`, :meth:`update` and :meth:`discard` do nothing. On iBOT's patch
+    tokens it balances every token of the global crops (DINOv2 balances the masked ones only).
 
     Args:
         iterations: Sinkhorn-Knopp iterations (DINOv2: 3).
@@ -127,25 +130,15 @@ class SinkhornKnopp(nn.Module):
     def probs(self, logits: torch.Tensor, temp: float) -> torch.Tensor:
         """Balanced float32 targets of logits ``[..., K]`` (every leading position is one sample)."""
         shape = logits.shape
-        x = logits.float().reshape(-1, shape[-1]) / temp  # [B, K]
-        top = x.max().reshape(1)
-        if _distributed():
-            dist.all_reduce(top, op=dist.ReduceOp.MAX)
-        q = torch.exp(x - top)  # a common shift, so that exp cannot overflow; normalising removes it
-        samples = torch.tensor([float(x.shape[0])], device=x.device)
-        total = q.sum().reshape(1)
+        log_q = logits.float().reshape(-1, shape[-1]) / temp  # [B, K]
+        samples = torch.tensor([float(log_q.shape[0])], device=log_q.device)
         if _distributed():
             dist.all_reduce(samples)
-            dist.all_reduce(total)
-        q = q / total
-        k, b = q.shape[1], samples
+        log_k, log_b = math.log(shape[-1]), torch.log(samples)
         for _ in range(self.iterations):
-            per_prototype = q.sum(0, keepdim=True)  # [1, K]
-            if _distributed():
-                dist.all_reduce(per_prototype)
-            q = q / per_prototype / k
-            q = q / q.sum(1, keepdim=True) / b
-        return (q * b).reshape(shape)
+            log_q = log_q - _logsumexp_over_ranks(log_q) - log_k  # each prototype: 1 / K of the mass
+            log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - log_b  # each sample: 1 / B
+        return torch.exp(log_q + log_b).reshape(shape)
 
     forward = probs
 
@@ -161,6 +154,17 @@ class SinkhornKnopp(nn.Module):
     def log_norm(self) -> dict[str, float]:
         """Nothing to log."""
         return {}
+
+
+def _logsumexp_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``log sum exp`` of ``x [B, K]`` over the samples of every rank, ``[1, K]``."""
+    top = x.max(0, keepdim=True).values
+    if _distributed():
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    total = torch.exp(x - top).sum(0, keepdim=True)
+    if _distributed():
+        dist.all_reduce(total)
+    return top + torch.log(total)
 
 
 def make_centering(kind: str, dim: int, momentum: float, ndim: int = 2, iterations: int = 3) -> Center | SinkhornKnopp:

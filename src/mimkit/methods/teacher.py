@@ -3,8 +3,9 @@
 A teacher is a frozen copy of some of the student's modules (its encoder, its heads), moved towards
 the student after every optimizer step: ``teacher = m * teacher + (1 - m) * student`` (Tarvainen and
 Valpola, "Mean teachers are better role models", NeurIPS 2017; the momentum encoder of He et al.,
-"Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020). DINO, iBOT,
-data2vec and data2vec 2.0 use it; only the momentum schedule differs between them.
+"Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020). DINO and iBOT use
+it, with a cosine momentum; data2vec's linear anneal is here for the data2vec methods, which differ
+from them only in that schedule and in what the teacher's outputs become.
 
 Why not timm's ``ModelEmaV3`` (which the fine-tuning method uses for its weight average):
 
