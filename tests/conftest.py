@@ -125,6 +125,22 @@ def tiny_teacher_student(name: str, backbone: str = "vit_tiny_p4", **cfg: object
     return create_method({"name": name, **TINY_TEACHER_STUDENT, **cfg}, create_backbone(backbone, **kwargs))
 
 
+def fixed_batch_losses(method: torch.nn.Module, images: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """The losses of ``steps`` AdamW steps on one batch with the same masks each step (``after_step`` after
+    each), a check that a method can fit what it is shown."""
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        torch.manual_seed(0)
+        loss = method(images).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(step, steps)
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def four_views(n: int = 4, seed: int = 0) -> Batch:
     """A batch as :func:`tiny_teacher_student`'s loader would give it: two 28 px and two 12 px views."""
     g = torch.Generator().manual_seed(seed)

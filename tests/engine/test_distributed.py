@@ -54,6 +54,8 @@ def _method_overrides(method: str, overrides: list[str]) -> list[str]:
         return [o for o in overrides if not o.startswith(("method.", "backbone."))] + [
             "backbone.name=swin_tiny_p2", "backbone.embed_dims=[16, 32]", "backbone.depths=[1, 1]",
             "backbone.num_heads=[1, 2]", "method.name=mixmae", *decoder]
+    if method in ("data2vec", "data2vec2"):  # masks (and v2's noise) from each rank's RNG, a teacher
+        return [o for o in overrides if not o.startswith("method.")] + [f"method.name={method}"]
     if method == "mixedae":  # one group of four per rank, 32 px images
         return [o for o in overrides if not o.startswith("method.")] + [
             "method.name=mixedae", *decoder, "data.img_size=32", "backbone.img_size=32"]
@@ -126,7 +128,8 @@ def _run_worker(rank: int, port: int, overrides: list[str]) -> None:
     pretrain(load_config(None, overrides))
 
 
-@pytest.mark.parametrize("method", ["mae", "finetune", "finetune+ema", "mixmae", "mixedae"])
+@pytest.mark.parametrize("method", ["mae", "finetune", "finetune+ema", "mixmae", "mixedae", "data2vec",
+                                    "data2vec2"])
 def test_two_process_gradient_equals_single_process_gradient(tmp_path, tiny_run_overrides, method):
     """DDP must average the ranks' gradients: with each rank's loss the mean over its half of the
     global batch, the result is the gradient of the global-batch mean (lightly's issue 1528 was a

@@ -46,6 +46,8 @@ def _overrides(method: str, tiny: list[str]) -> list[str]:
         return [o for o in tiny if not o.startswith("method.")] + [f"method.name={method}", *DINO[1:]]
     if method == "mixmae":
         return [o for o in tiny if not o.startswith(("method.", "backbone."))] + MIXMAE
+    if method in ("data2vec", "data2vec2"):  # a teacher on a linear decay, masks from the global RNG
+        return [o for o in tiny if not o.startswith("method.")] + [f"method.name={method}"]
     if method == "mixedae":  # group assignments from the global RNG, a segment embedding, a projector
         return [o for o in tiny if not o.startswith("method.")] + [
             "method.name=mixedae", "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",
@@ -53,7 +55,8 @@ def _overrides(method: str, tiny: list[str]) -> list[str]:
     return tiny
 
 
-@pytest.mark.parametrize("method", ["mae", "dino", "ibot", "mixmae", "mixedae"])
+@pytest.mark.parametrize("method", ["mae", "dino", "ibot", "mixmae", "mixedae", "data2vec",
+                                    "data2vec2"])
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_run_overrides, method):
     tiny_run_overrides = _overrides(method, tiny_run_overrides)
     full, killed = tmp_path / "full", tmp_path / "killed"

@@ -10,6 +10,8 @@ from torch import nn
 from mimkit.errors import ConfigError
 from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
 from mimkit.methods.cvt_mae import CvTMAE
+from mimkit.methods.data2vec import Data2Vec
+from mimkit.methods.data2vec2 import Data2Vec2
 from mimkit.methods.dino import DINO
 from mimkit.methods.finetune import FineTune
 from mimkit.methods.ibot import IBOT
@@ -19,7 +21,8 @@ from mimkit.methods.mixmae import MixMAE
 from mimkit.schema import from_dict
 
 METHODS: dict[str, type[PretrainMethod]] = {
-    "mae": MAE, "cvt_mae": CvTMAE, "dino": DINO, "ibot": IBOT, "mixmae": MixMAE, "mixedae": MixedAE,
+    "mae": MAE, "cvt_mae": CvTMAE, "dino": DINO, "ibot": IBOT, "data2vec": Data2Vec, "data2vec2": Data2Vec2,
+    "mixmae": MixMAE, "mixedae": MixedAE,
     "finetune": FineTune,
 }
 

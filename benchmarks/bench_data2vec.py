@@ -1,0 +1,28 @@
+"""data2vec and data2vec 2.0 against the stride-4 CvT-MAE on Fashion-MNIST at an equal CPU budget.
+
+Each model pre-trains for ``--budget-min`` minutes (``train.budget_minutes``) with ``--curve-points``
+evenly spaced checkpoints, each evaluated with kNN (k = 20, 200) and the linear probe on a per-class
+``--train-fraction`` of the train split; the last one is then evaluated with the full protocol beside
+raw pixels, and fine-tuned for ``--finetune-min`` minutes (0: not).
+
+    data2vec (ViT), data2vec (CvT), data2vec 2.0 (ViT), CvT-MAE (stride 4)
+
+Usage (two models side by side, one core each, then a last call for the tables and the figure):
+    python benchmarks/bench_data2vec.py --budget-min 10 --threads 1 --shard 0/2 --out RUNS
+    python benchmarks/bench_data2vec.py --budget-min 10 --threads 1 --shard 1/2 --out RUNS
+    python benchmarks/bench_data2vec.py --budget-min 10 --out RUNS
+"""
+
+from __future__ import annotations
+
+from cells import Cell, budget_comparison
+
+MODELS = [
+    Cell("data2vec (ViT)", "data2vec_fmnist"),
+    Cell("data2vec 2.0 (ViT)", "data2vec2_fmnist"),
+    Cell("data2vec (CvT)", "data2vec_cvt_fmnist"),
+    Cell("CvT-MAE (stride 4)", "cvt_mae_fmnist_s4"),
+]
+
+if __name__ == "__main__":
+    budget_comparison(__doc__, MODELS, "runs/data2vec")
