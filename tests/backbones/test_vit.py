@@ -44,9 +44,9 @@ def test_other_resolution_recomputes_position_embedding(tiny_encoder):
     x = torch.randn(2, 1, 36, 20)
     tokens = tiny_encoder.forward_features(x)
     assert tokens.shape == (2, 1 + 9 * 5, 32)
-    # embed() adds the sin-cos table of the new 9 x 5 grid to the patch projections.
+    # embed() adds the sin-cos table of the new 9 x 5 grid, spanning the encoder's 7 x 7 positions
     emb = tiny_encoder.embed(x) - tiny_encoder.patch_embed(x)
-    torch.testing.assert_close(emb, sincos_2d(9, 5, 32).expand(2, -1, -1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(emb, sincos_2d(9, 5, 32, extent=(7, 7)).expand(2, -1, -1), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(sincos_2d(9, 5, 32), sincos_2d(5, 9, 32))
 
 
@@ -159,3 +159,18 @@ def test_token_mask_replaces_masked_patch_embeddings(tiny_encoder):
 def test_a_mask_kind_the_backbone_does_not_take_is_refused(tiny_encoder):
     with pytest.raises(TypeError, match="takes masks of kind groups, keep_idx, token_mask, got PixelMask"):
         tiny_encoder.forward_features(torch.randn(1, 1, 28, 28), PixelMask(torch.ones(1, 1, 28, 28)))
+
+
+def test_a_smaller_input_spans_the_positions_of_the_whole_image():
+    """DINO's local crops: a 12 px crop of a 28 px encoder is placed over the whole 7 x 7 position grid
+    (as DINO interpolates its position embedding), not in its top-left 3 x 3 corner."""
+    full = sincos_2d(7, 7, 32)[0].view(7, 7, 32)
+    small = sincos_2d(3, 3, 32, extent=(7, 7))[0].view(3, 3, 32)
+    corner = sincos_2d(3, 3, 32)[0].view(3, 3, 32)
+    torch.testing.assert_close(small[1, 1], full[3, 3])  # the centre cell at the centre position
+    assert not torch.allclose(small, corner)
+    torch.testing.assert_close(sincos_2d(7, 7, 32, extent=(7, 7)), sincos_2d(7, 7, 32), rtol=0, atol=0)
+    enc = create_backbone("vit_tiny_p4", img_size=28, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    x = torch.randn(1, 1, 12, 12)
+    tokens = enc.patch_embed(x)
+    torch.testing.assert_close(enc.embed(x), tokens + small.reshape(1, 9, 32))

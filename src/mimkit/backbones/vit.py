@@ -148,7 +148,9 @@ class VisionTransformer(nn.Module):
                                  f"[{self.embed_dim}], got mask {tuple(token_mask.mask.shape)}")
             hidden = token_mask.mask.bool().unsqueeze(-1)  # [N, L, 1]
             tokens = torch.where(hidden, token_mask.token.to(tokens.dtype).view(1, 1, -1), tokens)
-        return tokens + sincos_2d(gh, gw, self.embed_dim, tokens.device).to(tokens.dtype)
+        # An input of another size than the encoder's (DINO's local crops) spans the same positions.
+        extent = tuple(self.patch_embed.grid_size)
+        return tokens + sincos_2d(gh, gw, self.embed_dim, tokens.device, extent).to(tokens.dtype)
 
     def forward_features(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
         """Encode images: all patch tokens, only those a :class:`KeepTokens` keeps (MAE), all of
