@@ -18,7 +18,7 @@ from mimkit.backbones import check_backbone_cfg, check_backbone_input, create_ba
 from mimkit.config import PretrainConfig, load_yaml, merge_layer, merge_trees, parse_overrides, validate
 from mimkit.data.batch import whole_sets
 from mimkit.errors import ConfigError
-from mimkit.methods import METHODS, MethodConfig, PretrainMethod, check_method_cfg, create_method
+from mimkit.methods import METHODS, PretrainMethod, check_method_cfg, create_method
 from mimkit.schema import coerce, from_dict
 
 log = logging.getLogger(__name__)
@@ -50,20 +50,13 @@ def compose_config(layers: list[dict[str, Any]], overrides: list[str] | None = N
     """
     tree: dict[str, Any] = asdict(PretrainConfig())
     for layer in layers:
-        tree = _move_view_keys(merge_layer(tree, _as_tree(layer)))
+        tree = _move_view_keys(merge_layer(tree, layer))
     tree = _move_view_keys(merge_trees(tree, parse_overrides(overrides or [])))
     cfg = from_dict(PretrainConfig, tree)
     validate(cfg)
     cfg.method = check_method_cfg(cfg.method)  # parsed here, once; everything after reads the typed Config
     check_model_config(cfg)
     return cfg
-
-
-def _as_tree(layer: dict[str, Any]) -> dict[str, Any]:
-    """A layer whose method is already a typed ``Config`` (a composed config's) as a plain mapping."""
-    if isinstance(layer.get("method"), MethodConfig):
-        return {**layer, "method": asdict(layer["method"])}
-    return layer
 
 
 def _default_views(method_name: Any) -> list[dict[str, Any]]:

@@ -43,7 +43,7 @@ def feature_std(x: torch.Tensor) -> torch.Tensor:
 
 
 def warn_if_collapsed(method: str, step: int, total_steps: int, stds: tuple[float, float] | None,
-                      cfg: object) -> None:
+                      cfg: RegressionConfig) -> None:
     """Warn, with what to change, when the targets or the predictions stopped varying (fairseq's
     ``min_target_var`` / ``min_pred_var`` guards, as a warning rather than an abort).
 
