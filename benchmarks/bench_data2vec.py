@@ -1,11 +1,14 @@
-"""data2vec and data2vec 2.0 against the stride-4 CvT-MAE on Fashion-MNIST at an equal CPU budget.
+"""data2vec, data2vec 2.0, DINO and iBOT against the stride-4 CvT-MAE on Fashion-MNIST at an equal CPU budget.
 
 Each model pre-trains for ``--budget-min`` minutes (``train.budget_minutes``) with ``--curve-points``
 evenly spaced checkpoints, each evaluated with kNN (k = 20, 200) and the linear probe on a per-class
 ``--train-fraction`` of the train split; the last one is then evaluated with the full protocol beside
-raw pixels, and fine-tuned for ``--finetune-min`` minutes (0: not).
+raw pixels and the untrained encoder of each backbone, and fine-tuned for ``--finetune-min`` minutes
+(0: not).
 
-    data2vec (ViT), data2vec (CvT), data2vec 2.0 (ViT), CvT-MAE (stride 4)
+    data2vec and data2vec 2.0 on the ViT and on the stride-2 CvT; DINO on the ViT with mimkit's
+    recipe and with DINO's own (teacher temperature 0.04 throughout, each parameter's gradient
+    clipped, a free last-layer norm); iBOT; CvT-MAE (stride 4)
 
 Usage (two models side by side, one core each, then a last call for the tables and the figure):
     python benchmarks/bench_data2vec.py --budget-min 10 --threads 1 --shard 0/2 --out RUNS
@@ -17,10 +20,17 @@ from __future__ import annotations
 
 from cells import Cell, budget_comparison
 
+#: DINO's ViT-S recipe where mimkit's small-budget default differs from it.
+DINO_OWN = ["method.teacher_temp_final=0.04", "optim.clip_mode=per_param", "method.norm_last_layer=false"]
+
 MODELS = [
     Cell("data2vec (ViT)", "data2vec_fmnist"),
     Cell("data2vec 2.0 (ViT)", "data2vec2_fmnist"),
     Cell("data2vec (CvT)", "data2vec_cvt_fmnist"),
+    Cell("data2vec 2.0 (CvT)", "data2vec2_cvt_fmnist"),
+    Cell("DINO (ViT, mimkit recipe)", "dino_fmnist"),
+    Cell("DINO (ViT, DINO's recipe)", "dino_fmnist", DINO_OWN),
+    Cell("iBOT (ViT)", "ibot_fmnist"),
     Cell("CvT-MAE (stride 4)", "cvt_mae_fmnist_s4"),
 ]
 

@@ -171,6 +171,25 @@ def final_row(cell: Cell, out: Path, finetune_min: float) -> dict:
     return row
 
 
+def random_init_rows(models: list[Cell]) -> list[list[object]]:
+    """The full-protocol rows of each distinct backbone of ``models``, untrained (``--baseline random``).
+
+    The floor a pre-trained encoder must rise above: on 28 px Fashion-MNIST an untrained CvT is
+    within a few points of raw pixels.
+    """
+    seen: dict[tuple, Cell] = {}
+    for m in models:
+        b = load_config(resolve_config_path(m.config), m.overrides).backbone
+        seen.setdefault((b["name"], b.get("global_pool")), m)
+    rows = []
+    for (name, pool), m in seen.items():
+        acc = evaluate_subject(resolve_subject(None, "random", str(resolve_config_path(m.config)),
+                                               [o for o in m.overrides if o.startswith("backbone.")]), 1.0)
+        rows.append([f"random-init {name}" + (f" ({pool} pool)" if pool else ""), "-", "-", "-",
+                     acc["knn20"], acc["knn200"], acc["linprobe"]])
+    return rows
+
+
 def budget_comparison(doc: str, models: list[Cell], default_out: str,
                       extra: Callable[[Cell, Path], dict[str, str]] | None = None) -> None:
     """The equal-budget comparison as a command: curves, full-protocol table, fine-tuning, resources.
@@ -222,6 +241,7 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
     extra_keys = sorted({k for row in extras.values() for k in row})
     pixels_config = str(resolve_config_path("mae_fmnist"))
     pixels = evaluate_subject(resolve_subject(None, "pixels", pixels_config, []), 1.0)
+    randoms = random_init_rows(models)
     print(f"\n# {args.budget_min:g} one-core minutes of pre-training each; full protocol (whole train split as "
           f"bank and probe set, full test set); fine-tuning {args.finetune_min:g} minutes")
     print(markdown_table(
@@ -229,6 +249,7 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
         [[r["cell"], cells[r["cell"]]["steps"], cells[r["cell"]]["epochs"], round(cells[r["cell"]]["img_per_s"]),
           r["knn20"], r["knn200"], r["linprobe"], r.get("finetune", "-"),
           *[extras[r["cell"]].get(k, "-") for k in extra_keys]] for r in finals]
+        + [[*r, "-", *["-" for _ in extra_keys]] for r in randoms]
         + [["raw pixels", "-", "-", "-", pixels["knn20"], pixels["knn200"], pixels["linprobe"], "-",
             *["-" for _ in extra_keys]]]))
     print(f"\n# the curve: every checkpoint, {args.train_fraction:.0%} bank / probe set")
@@ -245,4 +266,4 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
                                f"{args.budget_min:g} one-core minutes, {args.train_fraction:.0%} bank")
     print(f"\n# figure: {png}")
     # The same measurement as `mimkit resources`, each config in its own process.
-    print("\n" + resources_table(measure_configs([m.config for m in models], batch=64)))
+    print("\n" + resources_table(measure_configs(list(dict.fromkeys(m.config for m in models)), batch=64)))

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 
+#: The values of ``optim.clip_mode``.
+CLIP_MODES = ("global", "per_param")
+
 
 def resolve_config_path(name: str | Path | None, relative_to: Path | None = None) -> Path | None:
     """A YAML path (relative to ``relative_to`` first when given), or a bare name among the packaged configs.
@@ -88,7 +91,10 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_epochs: float = 1.0
     clip_grad: float = 0.0
-    """Clip the gradient norm to this value; 0 disables clipping."""
+    """Clip the gradient norm to this value; 0 disables clipping. ``clip_mode`` says which norm."""
+    clip_mode: str = "global"
+    """What ``clip_grad`` bounds: ``global``, the norm of all gradients together, or ``per_param``, each
+    parameter's gradient norm on its own (DINO's ``clip_gradients``)."""
 
 
 @dataclass
@@ -314,6 +320,7 @@ def validate(cfg: PretrainConfig) -> None:
              "two values in [0, 1)", o.betas)
     require(o.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0", o.warmup_epochs)
     require(o.clip_grad >= 0, "optim.clip_grad", ">= 0 (0 disables clipping)", o.clip_grad)
+    require(o.clip_mode in CLIP_MODES, "optim.clip_mode", f"one of {', '.join(CLIP_MODES)}", o.clip_mode)
     require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "auto, fp32 or bf16", t.precision)
     require(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)
     require(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device)), "train.device", "auto, cpu, cuda or cuda:N",

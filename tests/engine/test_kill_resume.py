@@ -40,8 +40,15 @@ MIXMAE = ["backbone.name=swin_tiny_p2", "backbone.embed_dims=[16, 32]", "backbon
           "method.decoder_heads=2"]
 
 
+#: A tiny three-stage CvT (BatchNorm statistics, pixel masks on its last-stage grid).
+CVT = ["backbone.name=cvt_tiny_s2", "backbone.dims=[16, 32, 64]", "backbone.num_heads=[1, 2, 2]",
+       "backbone.depths=[1, 1, 1]"]
+
+
 def _overrides(method: str, tiny: list[str]) -> list[str]:
-    """The tiny run's settings for ``method``."""
+    """The tiny run's settings for ``method`` (``name@cvt``: on the CvT)."""
+    if method.endswith("@cvt"):
+        return [o for o in _overrides(method.removesuffix("@cvt"), tiny) if not o.startswith("backbone.")] + CVT
     if method in ("dino", "ibot"):  # iBOT: DINO's state, a second centre and block masks from the global RNG
         return [o for o in tiny if not o.startswith("method.")] + [f"method.name={method}", *DINO[1:]]
     if method == "mixmae":
@@ -56,7 +63,7 @@ def _overrides(method: str, tiny: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("method", ["mae", "dino", "ibot", "mixmae", "mixedae", "data2vec",
-                                    "data2vec2"])
+                                    "data2vec2", "data2vec@cvt", "data2vec2@cvt"])
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_run_overrides, method):
     tiny_run_overrides = _overrides(method, tiny_run_overrides)
     full, killed = tmp_path / "full", tmp_path / "killed"

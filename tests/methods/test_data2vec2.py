@@ -89,3 +89,42 @@ def test_bad_settings_are_named(setting, value):
 def test_the_loss_falls_on_a_fixed_batch():
     losses = fixed_batch_losses(_d2v2().train(), torch.randn(8, 1, 28, 28), steps=30, lr=3e-3)
     assert losses[-1] < 0.7 * losses[0] and all(math.isfinite(v) for v in losses)
+
+
+def _d2v2_cvt(**cfg) -> Data2Vec2:
+    torch.manual_seed(0)
+    enc = create_backbone("cvt_tiny_s2", img_size=28, in_chans=1, dims=(16, 32, 64), num_heads=(1, 2, 2),
+                          depths=(1, 1, 1))
+    return create_method({"name": "data2vec2", "decoder_dim": 16, "mask_ratio": 0.6, "block_size": 2, **cfg}, enc)
+
+
+def test_the_cvt_student_sees_nothing_of_its_hidden_cells():
+    """On the CvT (no token dropping) a clone's hidden cells lose their pixels: changing them changes
+    neither the class-token stand-in nor the decoder's input at the visible cells."""
+    d2v2 = _d2v2_cvt().eval()
+    assert not d2v2.sparse
+    images = torch.randn(2, 1, 28, 28)
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[:, [0, 1, 4, 5, 10, 15]] = True  # 4 x 4 cells of 7 px
+    hidden = torch.zeros(2, 1, 28, 28, dtype=torch.bool)
+    for cell in (0, 1, 4, 5, 10, 15):
+        r, c = divmod(cell, 4)
+        hidden[..., 7 * r:7 * r + 7, 7 * c:7 * c + 7] = True
+    changed = torch.where(hidden, torch.randn_like(images) * 5, images)
+    torch.manual_seed(3)
+    cls_a, slots_a = d2v2.encode_clones(images, masks)
+    torch.manual_seed(3)
+    cls_b, slots_b = d2v2.encode_clones(changed, masks)
+    torch.testing.assert_close(cls_a, cls_b)
+    torch.testing.assert_close(slots_a[~masks], slots_b[~masks])
+    # the hidden cells are the noise the decoder fills from, not the encoder's outputs there
+    assert slots_a[masks].std() < 0.1 and slots_a[~masks].std() > 0.1
+
+
+def test_on_the_cvt_the_last_stage_is_the_target_and_every_part_learns():
+    d2v2 = _d2v2_cvt(clones=2).train()
+    out = d2v2(torch.randn(4, 1, 28, 28))
+    assert out.mask.shape == (4, 16) and out.logs["masked"] == pytest.approx(10 / 16)
+    out.loss.backward()
+    assert all(p.grad is not None for p in d2v2.encoder.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in d2v2.teacher_encoder.parameters())

@@ -15,6 +15,7 @@ from mimkit.engine.step import train_step
 from mimkit.errors import ConfigError
 from mimkit.methods.dino import DINO, dino_loss
 from mimkit.methods.heads import DINOHead
+from mimkit.methods.losses import koleo_loss
 from mimkit.models import load_config
 
 SMALL = {"name": "dino", **TINY_TEACHER_STUDENT}
@@ -204,7 +205,30 @@ def test_logs_report_entropy_as_a_fraction_of_log_k():
     assert out.logs["teacher_temp"] == pytest.approx(0.04) and math.isfinite(out.logs["kl"])
 
 
+@pytest.mark.parametrize("backbone", ["vit_tiny_p4", "cvt_tiny_s4"])
+def test_koleo_adds_its_weighted_term_over_the_global_crops(backbone):
+    batch = _batch()
+    plain = _dino(backbone).train()(batch)
+    assert "loss_koleo" not in plain.logs
+    weight = 0.3
+    dino = _dino(backbone, koleo_weight=weight).train()
+    out = dino(batch)
+    koleo = out.logs["loss_koleo"]
+    # the same DINO loss, plus exactly weight x the logged term
+    assert torch.equal(out.loss, plain.loss + weight * torch.tensor(koleo))
+    assert {k: v for k, v in out.logs.items() if k != "loss_koleo"} == plain.logs
+    # the term: one KoLeo per global crop, over the student's pooled features, summed (local crops left out)
+    with torch.no_grad():  # the global crops in one pass, as the student sees them (the CvT's BatchNorm)
+        feats = dino._features(dino.encoder, torch.cat(batch.views[:2]))
+        want = sum(float(koleo_loss(f)) for f in feats.chunk(2))
+    assert koleo == pytest.approx(want, rel=1e-5)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in dino.encoder.parameters() if p.grad is not None)
+
+
 def test_config_checks():
+    with pytest.raises(ConfigError, match=r"method\.koleo_weight must be >= 0"):
+        load_config(None, ["method.name=dino", "method.koleo_weight=-0.1"])
     with pytest.raises(ConfigError, match="method.global_views"):
         load_config(None, ["method.name=dino", "method.views=[{count: 2}]"])
     with pytest.raises(ConfigError, match="global views .* of one size"):

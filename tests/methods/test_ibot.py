@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import four_views, tiny_teacher_student
 
+from mimkit.methods.dino import DINO
 from mimkit.methods.ibot import IBOT, ibot_patch_loss, koleo_loss
 
 
@@ -106,3 +107,16 @@ def test_koleo_is_added_when_weighted_and_trains():
     koleo_loss(x).backward()
     assert torch.isfinite(x.grad).all() and float(x.grad.abs().sum()) > 0
     assert "loss_koleo" not in _ibot().train()(_batch()).logs
+
+
+def test_koleo_is_dinos_term_added_to_ibots_loss():
+    from mimkit.methods import losses
+
+    assert koleo_loss is losses.koleo_loss and "koleo_weight" in DINO.Config.__dataclass_fields__
+    batch, weight = _batch(), 0.2
+    torch.manual_seed(3)  # the same masks for both
+    plain = _ibot().train()(batch)
+    torch.manual_seed(3)
+    out = _ibot(koleo_weight=weight).train()(batch)
+    assert "loss_koleo" not in plain.logs
+    assert torch.equal(out.loss, plain.loss + weight * torch.tensor(out.logs["loss_koleo"]))

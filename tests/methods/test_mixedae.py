@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,18 @@ def test_shapes_and_logs():
     logs = naive(torch.randn(8, 1, 32, 32)).logs
     assert naive.seg_embed is None and naive.projector is None
     assert not any(k.startswith("homologous") or k == "loss_homologous" for k in logs)
+
+
+def test_warns_that_the_segment_embedding_gives_the_contrastive_loss_away(caplog):
+    with caplog.at_level(logging.WARNING, logger="mimkit.methods.mixedae"):
+        _mixedae()
+    assert "segment embedding" in caplog.text and "method.seg_embed=false" in caplog.text
+    assert "mixedae_noseg_fmnist" in caplog.text and len(caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mimkit.methods.mixedae"):
+        _mixedae(seg_embed=False)
+        _mixedae(contrastive_weight=0.0)
+    assert not caplog.records
 
 
 def test_the_encoder_processes_one_sequence_per_group():

@@ -45,10 +45,13 @@ def backbone_defaults(name: str) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
 
 
-def backbones_taking(mask_kind: str | None) -> list[str]:
-    """Names of the registered backbones whose ``mask_kinds`` include ``mask_kind``; all for None."""
+def backbones_taking(mask_kind: str | tuple[str, ...] | None) -> list[str]:
+    """Names of the registered backbones whose ``mask_kinds`` include ``mask_kind`` (or one of a
+    tuple of kinds, as a method that can hand several declares); all for None.
+    """
+    wanted = (mask_kind,) if isinstance(mask_kind, str) else mask_kind
     return sorted(name for name, b in BACKBONES.items()
-                  if mask_kind is None or mask_kind in getattr(getattr(b, "func", b), "mask_kinds", ()))
+                  if wanted is None or set(wanted) & set(getattr(getattr(b, "func", b), "mask_kinds", ())))
 
 
 def check_backbone_cfg(cfg: dict[str, Any]) -> None:

@@ -65,7 +65,7 @@ def profile_steps(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, top: int
             batch = next(batches).to(device)
         result = train_step(method, method, [batch], optimizer, device=device, precision=precision,
                             lr=optimizer.param_groups[0]["lr"], step=0, total_steps=1,
-                            clip_grad=cfg.optim.clip_grad)
+                            clip_grad=cfg.optim.clip_grad, clip_mode=cfg.optim.clip_mode)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return result.images

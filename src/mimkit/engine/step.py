@@ -2,8 +2,9 @@
 
 A step is: each micro-batch forward under autocast and backward (DDP synchronises only on the
 last), one check that every loss and the gradient norm are finite (the same verdict on every rank),
-then the method's ``before_optimizer_step``, the scheduled lr and weight decay, clipping, the optimizer
-and the method's ``after_step`` (``discard_step`` instead, when the step was skipped).
+then the method's ``before_optimizer_step``, the scheduled lr and weight decay, clipping (the global
+gradient norm, or each parameter's as DINO does), the optimizer and the method's ``after_step``
+(``discard_step`` instead, when the step was skipped).
 The phases are ``record_function`` ranges, so a profile attributes time to them.
 """
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from mimkit.config import CLIP_MODES
 from mimkit.data.batch import Batch
 from mimkit.engine.distributed import DistInfo, all_reduce_mean
 from mimkit.engine.optim import apply_schedules
@@ -69,6 +71,37 @@ def forward_backward(model: nn.Module, batch: Batch, device: torch.device, preci
     return out
 
 
+def clip_grad_per_param_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale each gradient whose own L2 norm exceeds ``max_norm`` down to ``max_norm``, in place.
+
+    The per-parameter clipping of Caron et al., "Emerging Properties in Self-Supervised Vision
+    Transformers", ICCV 2021 (DINO's ``clip_gradients``): each gradient is multiplied by
+    ``max_norm / (norm + 1e-6)`` when that is below 1 and left as it is otherwise. A large gradient of
+    one parameter then no longer shrinks the others', as one global norm would.
+
+    Args:
+        grads: The gradients (on one device), modified in place.
+        max_norm: The bound on each gradient's norm.
+
+    Returns:
+        The total norm of all gradients before clipping, float32 0-d.
+
+    Example:
+        >>> g = [torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])]
+        >>> round(float(clip_grad_per_param_(g, 1.0)), 4), [round(float(x.norm()), 4) for x in g]
+        (5.0249, [1.0, 0.5])
+
+    """
+    if not grads:
+        return torch.zeros(())
+    # float32 norms: a bf16 gradient's squared sum loses precision, and the clip is decided on it.
+    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    total = torch.linalg.vector_norm(norms)
+    coefs = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, list(coefs.unbind()))
+    return total
+
+
 def train_step(
     model: nn.Module,
     method: PretrainMethod,
@@ -81,6 +114,7 @@ def train_step(
     step: int,
     total_steps: int,
     clip_grad: float = 0.0,
+    clip_mode: str = "global",
     info: DistInfo | None = None,
 ) -> StepResult:
     """One optimizer step over ``micro_batches`` (gradient accumulation when there are several).
@@ -96,12 +130,19 @@ def train_step(
         step: Optimizer steps taken so far.
         total_steps: The schedule's current length.
         clip_grad: Clip the gradient norm to this; 0 measures it without clipping.
+        clip_mode: ``global`` clips the norm of all gradients together; ``per_param`` clips each
+            parameter's gradient norm on its own (DINO's, :func:`clip_grad_per_param_`).
         info: The DDP job, for a verdict on finiteness shared by every rank.
 
     Returns:
         A :class:`StepResult`; the gradients are zero afterwards either way.
 
+    Raises:
+        ValueError: ``clip_mode`` is neither ``global`` nor ``per_param``.
+
     """
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f"clip_mode must be one of {', '.join(CLIP_MODES)}, got {clip_mode!r}")
     n = len(micro_batches)
     loss = torch.zeros((), device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
@@ -114,8 +155,12 @@ def train_step(
         method.before_optimizer_step(step, total_steps)
         params = [p for p in method.parameters() if p.grad is not None]
         # The norm is taken even without clipping: a finite loss can still give an inf gradient.
-        norm = (torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad > 0
-                else torch.nn.utils.get_total_norm([p.grad for p in params]))
+        if clip_grad <= 0:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        elif clip_mode == "per_param":
+            norm = clip_grad_per_param_([p.grad for p in params], clip_grad)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
         finite &= torch.isfinite(norm)
         # Every rank must take the same decision, or DDP would deadlock on the next step.
         taken = bool(all_reduce_mean(finite.float(), info) == 1.0) if info is not None else bool(finite)
@@ -130,4 +175,4 @@ def train_step(
     return StepResult(taken, loss, norm, out, sum(b.size for b in micro_batches))
 
 
-__all__ = ["PHASES", "StepResult", "forward_backward", "train_step"]
+__all__ = ["PHASES", "StepResult", "clip_grad_per_param_", "forward_backward", "train_step"]

@@ -286,7 +286,8 @@ class Trainer:
         self.fit_schedule_to_budget()
         result = train_step(self.forward, self.method, micro_batches, self.optimizer, device=self.device,
                             precision=self.precision, lr=self.schedule.lr(self.step), step=self.step,
-                            total_steps=self.schedule.total_steps, clip_grad=self.cfg.optim.clip_grad, info=self.info)
+                            total_steps=self.schedule.total_steps, clip_grad=self.cfg.optim.clip_grad,
+                            clip_mode=self.cfg.optim.clip_mode, info=self.info)
         self.window.add(result)
         if not result.taken:
             self._skip_nonfinite()

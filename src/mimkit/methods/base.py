@@ -90,23 +90,37 @@ class PretrainMethod(nn.Module):
     encoder: nn.Module
     #: The kind of mask the method hands its encoder (one of :data:`~mimkit.masking.MASK_KINDS`:
     #: ``keep_idx`` drops tokens, ``token_mask`` replaces them by a learned token, ``pixels`` is a
-    #: dense visible-pixel mask); None for a method that masks nothing and takes any backbone.
+    #: dense visible-pixel mask); None for a method that masks nothing and takes any backbone; a
+    #: tuple for a method that can hand several, in its order of preference (:meth:`pick_mask_kind`).
     #: Backbones list the kinds they take in ``mask_kinds``.
-    mask_kind: str | None = "keep_idx"
+    mask_kind: str | tuple[str, ...] | None = "keep_idx"
     #: Every training batch must hold a multiple of this many images (images mixed in pairs or groups).
     batch_multiple: int = 1
 
     def check_encoder(self, encoder: nn.Module) -> None:
         """Refuse an encoder that cannot take this method's kind of mask, naming the ones that can."""
-        kinds = getattr(encoder, "mask_kinds", frozenset())
-        if self.mask_kind is not None and self.mask_kind not in kinds:
-            from mimkit.backbones import backbones_taking
+        if self.mask_kind is not None:
+            self.pick_mask_kind(encoder)
 
-            raise ConfigError(
-                f"{type(self).__name__} needs a backbone taking {self.mask_kind!r} masks; "
-                f"{type(encoder).__name__} takes {', '.join(sorted(kinds)) or 'none'}. Valid backbones: "
-                f"{', '.join(backbones_taking(self.mask_kind))}"
-            )
+    def pick_mask_kind(self, encoder: nn.Module) -> str:
+        """The first of the method's mask kinds that ``encoder`` takes.
+
+        Raises:
+            ConfigError: The encoder takes none of them; the message lists the backbones that do.
+
+        """
+        kinds = getattr(encoder, "mask_kinds", frozenset())
+        wanted = (self.mask_kind,) if isinstance(self.mask_kind, str) else tuple(self.mask_kind or ())
+        for kind in wanted:
+            if kind in kinds:
+                return kind
+        from mimkit.backbones import backbones_taking
+
+        raise ConfigError(
+            f"{type(self).__name__} needs a backbone taking {' or '.join(map(repr, wanted))} masks; "
+            f"{type(encoder).__name__} takes {', '.join(sorted(kinds)) or 'none'}. Valid backbones: "
+            f"{', '.join(backbones_taking(self.mask_kind))}"
+        )
 
     @property
     def views(self) -> list[ViewSpec]:

@@ -12,6 +12,13 @@ moving average of the student's encoder (the decoder has none), encodes each ima
 its top K block outputs, each instance-normed over the tokens, are averaged and layer-normed into the
 target of all the clones. The loss is the squared error on the hidden tokens scaled by ``1 /
 sqrt(D)``, plus the class token regressing the mean of the image's targets.
+
+On a backbone that cannot drop tokens (the CvT) the student sees the whole clone with the hidden
+cells' pixels removed (its pixel masks and update mask, as CvT-MAE and data2vec on the CvT), the
+masks are drawn on its last-stage grid, the targets are the teacher's last stage (stages differ in
+width and resolution), and the mean of the visible output tokens stands in for the class token. No
+public implementation runs data2vec 2.0 on a hierarchical convolutional encoder: this is mimkit's
+reading of it.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.data.batch import Batch
-from mimkit.masking import KeepTokens, inverse_block_masks
+from mimkit.masking import KeepTokens, TokenMask, inverse_block_masks
 from mimkit.methods.base import PretrainOutput
 from mimkit.methods.data2vec import EncoderTeacher, RegressionConfig, feature_std
 from mimkit.schema import check_positive, require
@@ -122,7 +129,7 @@ class Data2Vec2(EncoderTeacher):
             for key in ("mask_adjust", "noise_std", "cls_weight"):
                 require(getattr(self, key) >= 0, f"method.{key}", ">= 0", getattr(self, key))
 
-    mask_kind = "keep_idx"
+    mask_kind = ("keep_idx", "token_mask")
     title = "data2vec 2.0"
 
     def __init__(self, encoder: nn.Module, cfg: Config) -> None:
@@ -131,6 +138,8 @@ class Data2Vec2(EncoderTeacher):
         self.check_encoder(encoder)
         self.cfg = cfg
         self.encoder = encoder
+        # The ViT encodes the visible tokens only; the CvT sees the hidden cells' pixels removed.
+        self.sparse = self.pick_mask_kind(encoder) == "keep_idx"
         d = encoder.num_features
         self.decoder = ConvDecoder(d, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_kernel, cfg.decoder_groups)
         self.add_teacher()
@@ -141,6 +150,35 @@ class Data2Vec2(EncoderTeacher):
         blocks = self.teacher_encoder.forward_intermediates(images, self.top_blocks(), norm=False, output_fmt="NLC",
                                                             intermediates_only=True)
         return instance_normed_targets(blocks)
+
+    def encode_clones(self, clones: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student on masked clones: its class token and the decoder's input.
+
+        Args:
+            clones: ``[B, C, H, W]`` images (each image repeated ``clones`` times).
+            masks: ``[B, L]`` bool, True = hidden; every row hides the same number of tokens.
+
+        Returns:
+            ``(cls [B, D], slots [B, L, D])``: the class token (on a backbone without one, the mean of
+            the visible output tokens) and the output tokens at the visible places with small noise
+            at the hidden ones.
+
+        """
+        b, length = masks.shape
+        noise = torch.randn(b, length, self.encoder.num_features, device=clones.device) * self.cfg.noise_std
+        if not self.sparse:
+            tokens = self.encoder.forward_features(clones, TokenMask(masks))  # [B, L, D]
+            visible = (~masks).unsqueeze(-1)
+            cls = (tokens * visible).sum(1) / visible.sum(1).clamp_min(1)
+            return cls, torch.where(visible, tokens, noise.to(tokens.dtype))
+        seen_count = length - int(masks[0].sum())
+        # Every clone shows the same number of tokens, so their indices form one tensor (ascending).
+        keep = torch.sort((~masks).float().argsort(dim=1, descending=True, stable=True)[:, :seen_count], dim=1).values
+        tokens = self.encoder.forward_features(clones, KeepTokens(keep))
+        seen = tokens[:, self.encoder.num_prefix_tokens:]  # [B, V, D]
+        d = seen.shape[-1]
+        slots = noise.to(seen.dtype).scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), seen)
+        return tokens[:, 0], slots
 
     def forward(self, batch: Batch | torch.Tensor) -> PretrainOutput:
         """The regression loss of every clone's hidden tokens, and of its class token."""
@@ -153,13 +191,7 @@ class Data2Vec2(EncoderTeacher):
         block = min(c.block_size, *grid)
         masks = inverse_block_masks(n * c.clones, *grid, c.mask_ratio, block_size=block,
                                     adjust=c.mask_adjust).to(images.device)  # [N*M, L], True = hidden
-        visible = length - int(masks[0].sum())
-        # Every clone shows the same number of tokens, so their indices form one tensor (ascending).
-        keep = torch.sort((~masks).float().argsort(dim=1, descending=True, stable=True)[:, :visible], dim=1).values
-        tokens = self.encoder.forward_features(images.repeat_interleave(c.clones, 0), KeepTokens(keep))
-        cls, seen = tokens[:, 0], tokens[:, self.encoder.num_prefix_tokens:]  # [N*M, D], [N*M, V, D]
-        slots = torch.randn(n * c.clones, length, d, device=images.device, dtype=seen.dtype) * c.noise_std
-        slots = slots.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), seen)
+        cls, slots = self.encode_clones(images.repeat_interleave(c.clones, 0), masks)
         pred = self.decoder(slots, grid)  # [N*M, L, D]
         clone_target = target.repeat_interleave(c.clones, 0)
         hidden_pred, hidden_target = pred[masks].float(), clone_target[masks]

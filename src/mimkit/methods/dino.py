@@ -9,12 +9,17 @@ different student view. The teacher is an exponential moving average of the stud
 cosine to 1); the centre is a moving average of the teacher's logits. Every schedule is a function
 of the progress ``step / total_steps`` the engine reports, and every piece of state (centre, step,
 progress) is a buffer, so a resumed run continues bit for bit.
+
+The optional KoLeo term spreads the student's pooled features of each global crop over the batch
+(Sablayrolles et al., "Spreading vectors for similarity search", ICLR 2019; as in Oquab et al.,
+"DINOv2: Learning Robust Visual Features without Supervision", TMLR 2024); iBOT inherits it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,6 +32,7 @@ from mimkit.data.views import expand_views
 from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
 from mimkit.methods.centering import CENTERINGS, make_centering
 from mimkit.methods.heads import DINOHead
+from mimkit.methods.losses import koleo_loss
 from mimkit.methods.teacher import Pair, cosine_momentum, ema_update, frozen_copy, reset_teacher, teacher_train
 from mimkit.schema import check_positive, require
 
@@ -122,6 +128,8 @@ class DINO(PretrainMethod):
         collapse_check_every: int = 100
         """Steps between collapse checks (after the temperature warm-up; at most ``total_steps / 20``); a
         collapse is logged as a warning."""
+        koleo_weight: float = 0.0
+        """Weight of KoLeo on the student's pooled global-crop features (DINOv2: 0.1; 0 = off)."""
 
         num_views: ClassVar[int | None] = None
 
@@ -149,6 +157,7 @@ class DINO(PretrainMethod):
             require(0.0 <= self.freeze_last_layer <= 1.0, "method.freeze_last_layer", "in [0, 1]",
                     self.freeze_last_layer)
             require(self.weight_decay_end >= 0, "method.weight_decay_end", ">= 0", self.weight_decay_end)
+            require(self.koleo_weight >= 0, "method.koleo_weight", ">= 0 (0 = off)", self.koleo_weight)
 
     mask_kind = None
     eval_module_name = "teacher_encoder"
@@ -213,14 +222,22 @@ class DINO(PretrainMethod):
         """Pooled features ``[N, D]``: the backbone's own pooling (the ViT's as configured, the CvT's mean)."""
         return encoder.forward_head(encoder.forward_features(x), pre_logits=True)
 
+    def student_outputs(self, views: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The student's pooled features ``[N, D]`` and logits ``[N, K]`` for every view, one forward pass
+        per resolution.
+        """
+        feats: list[torch.Tensor] = [torch.empty(0)] * len(views)
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(views)
+        for group in self._by_size(views):
+            f = self._features(self.encoder, torch.cat([views[i] for i in group]))
+            out = self.head(f)
+            for i, f_i, out_i in zip(group, f.chunk(len(group)), out.chunk(len(group)), strict=True):
+                feats[i], logits[i] = f_i, out_i
+        return feats, logits
+
     def student_logits(self, views: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """The student's ``[N, K]`` logits for every view, one forward pass per resolution."""
-        out: list[torch.Tensor] = [torch.empty(0)] * len(views)
-        for group in self._by_size(views):
-            logits = self.head(self._features(self.encoder, torch.cat([views[i] for i in group])))
-            for i, chunk in zip(group, logits.chunk(len(group)), strict=True):
-                out[i] = chunk
-        return out
+        return self.student_outputs(views)[1]
 
     @torch.no_grad()
     def teacher_logits(self, global_views: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -244,11 +261,34 @@ class DINO(PretrainMethod):
         t_logits = self.teacher_logits(views[:g])  # [G*N, K]
         temp = self.teacher_temp(float(self.progress))
         t_probs = self.center.probs(t_logits, temp)
-        s_logits = self.student_logits(views)
+        s_feats, s_logits = self.student_outputs(views)
         loss = dino_loss(s_logits, list(t_probs.chunk(g)), self.cfg.student_temp)
         if self.training:
             self.center.add(t_logits)
-        return PretrainOutput(loss, self._logs(loss, t_probs, temp))
+        logs = self._logs(loss, t_probs, temp)
+        return PretrainOutput(self.add_koleo(loss, logs, s_feats[:g]), logs)
+
+    def add_koleo(self, loss: torch.Tensor, logs: dict[str, float], global_feats: Sequence[torch.Tensor]
+                  ) -> torch.Tensor:
+        """``loss`` plus ``koleo_weight`` x the KoLeo term of the student's global crops (``loss`` itself at 0).
+
+        The term is one :func:`~mimkit.methods.losses.koleo_loss` per global crop over the batch, summed
+        (DINOv2's ``KoLeoLoss`` on each crop's class token); it is logged as ``loss_koleo``.
+
+        Args:
+            loss: The method's loss so far.
+            logs: The step's logs, to which ``loss_koleo`` is added.
+            global_feats: One ``[N, D]`` tensor of the student's pooled features per global crop.
+
+        Returns:
+            The loss with the weighted KoLeo term.
+
+        """
+        if self.cfg.koleo_weight <= 0:
+            return loss
+        loss_koleo = torch.stack([koleo_loss(f) for f in global_feats]).sum()
+        logs["loss_koleo"] = float(loss_koleo.detach())
+        return loss + self.cfg.koleo_weight * loss_koleo
 
     @torch.no_grad()
     def _logs(self, loss: torch.Tensor, t_probs: torch.Tensor, temp: float) -> dict[str, float]:

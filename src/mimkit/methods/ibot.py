@@ -25,6 +25,7 @@ from mimkit.methods.base import PretrainOutput
 from mimkit.methods.centering import make_centering
 from mimkit.methods.dino import DINO, dino_loss
 from mimkit.methods.heads import DINOHead
+from mimkit.methods.losses import koleo_loss  # still importable from here, beside the iBOT losses
 from mimkit.methods.teacher import Pair, frozen_copy
 from mimkit.schema import require
 
@@ -50,21 +51,6 @@ def ibot_patch_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], ma
         m = m.float()
         terms.append(((ce * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean())
     return torch.stack(terms).mean()
-
-
-def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """KoLeo: ``-mean_i log(min_{j != i} |x_i - x_j| + eps)`` of L2-normalised ``x [N, D]``, in float32.
-
-    It spreads the features of a batch (the differential entropy estimate of Kozachenko and
-    Leonenko), as DINOv2 adds it to each global crop's student features.
-    """
-    with torch.autocast(x.device.type, enabled=False):  # as DINOv2: a bf16 x @ x.T picks wrong neighbours
-        x = F.normalize(x.float(), dim=-1, eps=eps)
-        with torch.no_grad():  # each point's nearest neighbour, as DINOv2 finds it
-            sim = x @ x.T
-            sim.fill_diagonal_(-1.0)
-            nearest = sim.argmax(dim=1)
-        return -torch.log(F.pairwise_distance(x, x[nearest], eps=eps) + eps).mean()
 
 
 class IBOT(DINO):
@@ -96,8 +82,6 @@ class IBOT(DINO):
         shared_head: bool = True
         """One head for the pooled features and the patch tokens (iBOT's default), or a second one."""
         center_momentum2: float = 0.9
-        koleo_weight: float = 0.0
-        """Weight of KoLeo on the student's pooled global-crop features (DINOv2: 0.1; 0 = off)."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -105,8 +89,7 @@ class IBOT(DINO):
             require(len(self.mask_ratio) == 2 and 0.0 < self.mask_ratio[0] <= self.mask_ratio[1] < 1.0,
                     "method.mask_ratio", "[lo, hi] with 0 < lo <= hi < 1", self.mask_ratio)
             require(self.mask_min_block >= 1, "method.mask_min_block", ">= 1", self.mask_min_block)
-            require(self.patch_weight >= 0 and self.koleo_weight >= 0, "method.patch_weight and method.koleo_weight",
-                    ">= 0", (self.patch_weight, self.koleo_weight))
+            require(self.patch_weight >= 0, "method.patch_weight", ">= 0", self.patch_weight)
             require(0.0 <= self.center_momentum2 < 1.0, "method.center_momentum2", "in [0, 1)",
                     self.center_momentum2)
 
@@ -187,10 +170,7 @@ class IBOT(DINO):
         logs.update(loss_cls=float(loss_cls.detach()), loss_patch=float(loss_patch.detach()),
                     masked=float(masks.float().mean()),
                     **{f"center2_{k}": v for k, v in self.center2.log_norm().items()})
-        if c.koleo_weight > 0:
-            loss_koleo = torch.stack([koleo_loss(p) for p in s_pooled.chunk(g)]).sum()
-            loss = loss + c.koleo_weight * loss_koleo
-            logs["loss_koleo"] = float(loss_koleo.detach())
+        loss = self.add_koleo(loss, logs, s_pooled.chunk(g))
         if self.training:
             self.center.add(t_logits)
             self.center2.add(t_patch.mean(1))  # [G*N, K]: per-image means of the patch logits

@@ -1,8 +1,9 @@
-"""Reconstruction losses shared by the masked-autoencoder methods."""
+"""Losses shared between methods: the masked autoencoders' reconstruction losses and KoLeo."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -156,3 +157,33 @@ def inpainting_loss(
     tv_term = hole_total_variation(composite, hole)
     loss = valid_term + hole_weight * hole_term + tv_weight * tv_term
     return loss, {"l1_valid": valid_term.detach(), "l1_hole": hole_term.detach(), "tv": tv_term.detach()}
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo: ``-mean_i log(min_{j != i} |x_i - x_j| + eps)`` of L2-normalised ``x [N, D]``, in float32.
+
+    Sablayrolles et al., "Spreading vectors for similarity search", ICLR 2019: the Kozachenko-Leonenko
+    estimate of the differential entropy, which spreads the features of a batch; DINOv2 (Oquab et al.,
+    "DINOv2: Learning Robust Visual Features without Supervision", TMLR 2024) adds it on each global
+    crop's student features.
+
+    Args:
+        x: ``[N, D]`` features, N >= 2.
+        eps: Guards the normalisation, the distance and the log.
+
+    Returns:
+        Scalar float32 loss.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # nearest neighbours sqrt(2) apart
+        >>> round(float(koleo_loss(x)), 4)
+        -0.3466
+
+    """
+    with torch.autocast(x.device.type, enabled=False):  # as DINOv2: a bf16 x @ x.T picks wrong neighbours
+        x = F.normalize(x.float(), dim=-1, eps=eps)
+        with torch.no_grad():  # each point's nearest neighbour, as DINOv2 finds it
+            sim = x @ x.T
+            sim.fill_diagonal_(-1.0)
+            nearest = sim.argmax(dim=1)
+        return -torch.log(F.pairwise_distance(x, x[nearest], eps=eps) + eps).mean()

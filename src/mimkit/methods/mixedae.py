@@ -13,6 +13,7 @@ project's design notes and are settings.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
 from mimkit.methods.decoders import MaskTokenDecoder
 from mimkit.methods.losses import masked_mse, patch_reconstruction, patchify
 from mimkit.schema import check_heads, check_positive
+
+log = logging.getLogger(__name__)
 
 
 def homologous_contrastive_loss(z: torch.Tensor, source: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -79,7 +82,9 @@ class MixedAE(PretrainMethod):
 
         Attributes:
             mix_ratio: ``r``: each image's share of a mixed sample; ``1 / r`` must be an integer >= 2.
-            seg_embed: Add a learned segment embedding per image index of the group.
+            seg_embed: Add a learned segment embedding per image index of the group. It reaches every
+                token of the residual stream, so with the contrastive loss on, the projector can read
+                a token's image from it and solve that loss without recognising any content.
             homologous_attention: TopK attention with ``K = r * L + 1`` in pre-training (off: vanilla).
             homologous_blocks: Use it in the last this many blocks only (0: every block).
             contrastive_weight: Weight of the homologous contrastive loss (0: off).
@@ -144,6 +149,13 @@ class MixedAE(PretrainMethod):
             nn.init.trunc_normal_(self.seg_embed, std=0.02)
         self.projector = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, cfg.projector_dim)) \
             if cfg.contrastive_weight > 0 else None
+        if cfg.seg_embed and cfg.contrastive_weight > 0:
+            # Nothing computed from the residual stream can hide the segment embedding, so the loss
+            # reaches its floor (log of the positives' count) from it alone and teaches nothing.
+            log.warning("MixedAE: the segment embedding is added to every token, so the contrastive projector "
+                        "can read each token's image from it and solve the homologous contrastive loss from it "
+                        "alone; set method.seg_embed=false (as the config mixedae_noseg_fmnist does) for a "
+                        "contrastive loss that must recognise image content")
         self.decoder = MaskTokenDecoder(dim, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, p * p * c)
 
     @property
