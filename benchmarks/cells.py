@@ -177,15 +177,21 @@ def random_init_rows(models: list[Cell]) -> list[list[object]]:
     The floor a pre-trained encoder must rise above: on 28 px Fashion-MNIST an untrained CvT is
     within a few points of raw pixels.
     """
-    seen: dict[tuple, Cell] = {}
+    seen: dict[str, Cell] = {}
     for m in models:
-        b = load_config(resolve_config_path(m.config), m.overrides).backbone
-        seen.setdefault((b["name"], b.get("global_pool")), m)
+        cfg = load_config(resolve_config_path(m.config), m.overrides)
+        # stochastic depth changes training only: an untrained encoder is the same with any rate
+        backbone = {k: v for k, v in cfg.backbone.items() if k != "drop_path_rate"}
+        key = json.dumps([backbone, cfg.data.img_size, cfg.data.channels, m.eval_overrides], sort_keys=True)
+        seen.setdefault(key, m)
     rows = []
-    for (name, pool), m in seen.items():
-        acc = evaluate_subject(resolve_subject(None, "random", str(resolve_config_path(m.config)),
-                                               [o for o in m.overrides if o.startswith("backbone.")]), 1.0)
-        rows.append([f"random-init {name}" + (f" ({pool} pool)" if pool else ""), "-", "-", "-",
+    for m in seen.values():
+        config = str(resolve_config_path(m.config))
+        backbone = load_config(config, m.overrides).backbone
+        overrides = [o for o in m.overrides if o.startswith("backbone.")] + m.eval_overrides
+        acc = evaluate_subject(resolve_subject(None, "random", config, overrides), 1.0)
+        pool = backbone.get("global_pool")
+        rows.append([f"random-init {backbone['name']}" + (f" ({pool} pool)" if pool else ""), "-", "-", "-",
                      acc["knn20"], acc["knn200"], acc["linprobe"]])
     return rows
 

@@ -11,6 +11,7 @@ from conftest import fixed_batch_losses
 
 from mimkit.backbones import create_backbone
 from mimkit.errors import ConfigError
+from mimkit.masking import TokenMask
 from mimkit.methods import check_method_cfg, create_method
 from mimkit.methods.data2vec2 import ConvDecoder, Data2Vec2, instance_normed_targets
 
@@ -117,14 +118,28 @@ def test_the_cvt_student_sees_nothing_of_its_hidden_cells():
     cls_b, slots_b = d2v2.encode_clones(changed, masks)
     torch.testing.assert_close(cls_a, cls_b)
     torch.testing.assert_close(slots_a[~masks], slots_b[~masks])
+    # the class-token stand-in is the mean of the visible output tokens, not of all of them
+    tokens = d2v2.encoder.forward_features(images, TokenMask(masks))
+    visible_mean = torch.stack([tokens[i][~masks[i]].mean(0) for i in range(2)])
+    torch.testing.assert_close(cls_a, visible_mean)
+    assert not torch.allclose(cls_a, tokens.mean(1), atol=1e-4)
     # the hidden cells are the noise the decoder fills from, not the encoder's outputs there
     assert slots_a[masks].std() < 0.1 and slots_a[~masks].std() > 0.1
 
 
-def test_on_the_cvt_the_last_stage_is_the_target_and_every_part_learns():
+def test_on_the_cvt_the_last_stage_is_the_target_and_every_part_learns(monkeypatch):
     d2v2 = _d2v2_cvt(clones=2).train()
-    out = d2v2(torch.randn(4, 1, 28, 28))
+    images = torch.randn(4, 1, 28, 28)
+    taken = []
+    real = d2v2.teacher_encoder.forward_intermediates
+    monkeypatch.setattr(d2v2.teacher_encoder, "forward_intermediates",
+                        lambda x, indices, **k: taken.append(indices) or real(x, indices, **k))
+    last_stage = real(images, [2], norm=False, output_fmt="NLC", intermediates_only=True)
+    torch.testing.assert_close(d2v2.targets(images), instance_normed_targets(last_stage))
+    out = d2v2(images)
+    assert taken == [1, 1], "one teacher pass, its last stage"
     assert out.mask.shape == (4, 16) and out.logs["masked"] == pytest.approx(10 / 16)
     out.loss.backward()
-    assert all(p.grad is not None for p in d2v2.encoder.parameters() if p.requires_grad)
+    for part in (d2v2.encoder, d2v2.decoder):
+        assert all(p.grad is not None for p in part.parameters() if p.requires_grad)
     assert all(p.grad is None for p in d2v2.teacher_encoder.parameters())

@@ -20,6 +20,7 @@ from mimkit.backbones.cvt import CVT_PRESETS, ConvVisionTransformer
 from mimkit.backbones.swin import SWIN_PRESETS, SwinTransformer
 from mimkit.backbones.vit import VIT_PRESETS, VisionTransformer
 from mimkit.errors import ConfigError
+from mimkit.masking.kinds import as_kinds
 from mimkit.schema import coerce
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -49,7 +50,7 @@ def backbones_taking(mask_kind: str | tuple[str, ...] | None) -> list[str]:
     """Names of the registered backbones whose ``mask_kinds`` include ``mask_kind`` (or one of a
     tuple of kinds, as a method that can hand several declares); all for None.
     """
-    wanted = (mask_kind,) if isinstance(mask_kind, str) else mask_kind
+    wanted = as_kinds(mask_kind)
     return sorted(name for name, b in BACKBONES.items()
                   if wanted is None or set(wanted) & set(getattr(getattr(b, "func", b), "mask_kinds", ())))
 

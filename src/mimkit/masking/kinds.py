@@ -1,8 +1,8 @@
 """The kinds of mask a backbone can take, as types: one masked forward, ``forward_features(x, mask=...)``.
 
 A backbone lists the kinds it accepts in ``mask_kinds``; a method names the kind it needs in
-``mask_kind`` (None: it masks nothing). The composition root pairs them, and a backbone given a
-kind it does not take refuses it by name.
+``mask_kind`` (None: it masks nothing; a tuple: the kinds it can hand, in order of preference).
+The composition root pairs them, and a backbone given a kind it does not take refuses it by name.
 
 - :class:`KeepTokens`: only some patch tokens are encoded, the rest dropped (MAE, He et al.,
   "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022).
@@ -145,5 +145,10 @@ def token_mask_to_pixels(mask: torch.Tensor, height: int, width: int) -> torch.T
     return torch.nn.functional.interpolate(visible, size=(height, width), mode="nearest")
 
 
-__all__ = ["MASK_KINDS", "KeepTokens", "Mask", "MixGroups", "MixPairs", "PixelMask", "TokenMask", "check_mask",
-           "token_mask_to_pixels"]
+def as_kinds(mask_kind: str | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """A method's ``mask_kind`` as a tuple of kinds in order of preference (None: it masks nothing)."""
+    return (mask_kind,) if isinstance(mask_kind, str) else mask_kind
+
+
+__all__ = ["MASK_KINDS", "KeepTokens", "Mask", "MixGroups", "MixPairs", "PixelMask", "TokenMask", "as_kinds",
+           "check_mask", "token_mask_to_pixels"]

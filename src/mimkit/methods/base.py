@@ -23,6 +23,7 @@ from torch import nn
 from mimkit.data.batch import Batch
 from mimkit.data.views import ViewSpec, expand_views, parse_views
 from mimkit.errors import ConfigError
+from mimkit.masking.kinds import as_kinds
 
 
 @dataclass
@@ -110,7 +111,7 @@ class PretrainMethod(nn.Module):
 
         """
         kinds = getattr(encoder, "mask_kinds", frozenset())
-        wanted = (self.mask_kind,) if isinstance(self.mask_kind, str) else tuple(self.mask_kind or ())
+        wanted = as_kinds(self.mask_kind) or ()
         for kind in wanted:
             if kind in kinds:
                 return kind

@@ -26,8 +26,8 @@ from torch import nn
 
 from mimkit.data.batch import Batch
 from mimkit.masking import TokenMask, block_masks
-from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
-from mimkit.methods.teacher import Pair, ema_update, frozen_copy, linear_momentum, reset_teacher, teacher_train
+from mimkit.methods.base import MethodConfig, PretrainOutput
+from mimkit.methods.teacher import Pair, TeacherStudent, frozen_copy, linear_momentum
 from mimkit.schema import check_positive, require
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class RegressionConfig(MethodConfig):
             require(getattr(self, key) >= 0, f"method.{key}", ">= 0", getattr(self, key))
 
 
-class EncoderTeacher(PretrainMethod):
+class EncoderTeacher(TeacherStudent):
     """The part data2vec and data2vec 2.0 share: an EMA copy of the encoder under a linear decay, the
     schedule's state in buffers, and the collapse guard after each step.
 
@@ -136,8 +136,7 @@ class EncoderTeacher(PretrainMethod):
     def add_teacher(self) -> None:
         """A teacher copy of ``self.encoder`` that never takes a gradient, and the schedule's buffers."""
         self.teacher_encoder = frozen_copy(self.encoder)
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("progress", torch.zeros((), dtype=torch.float64))
+        self.add_schedule_state()
         # The last micro-batch's feature stds, which the collapse check after the step reads.
         self._stds: tuple[float, float] | None = None
 
@@ -157,22 +156,10 @@ class EncoderTeacher(PretrainMethod):
             return 1
         return min(len(enc.blocks), self.cfg.top_k or max(1, len(enc.blocks) // 2))
 
-    def train(self, mode: bool = True) -> EncoderTeacher:
-        """Train the student; the teacher stays in eval except BatchNorm (see ``teacher_train``)."""
-        super().train(mode)
-        teacher_train(self.teacher_encoder, mode)
-        return self
-
-    def encoder_loaded(self) -> None:
-        """The teacher starts as the loaded student, as at initialisation."""
-        reset_teacher(self.teacher_pairs())
-
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         """Move the teacher towards the student, advance the schedule, check for a collapse."""
-        ema_update(self.teacher_pairs(), self.momentum(step / max(1, total_steps)))
-        self.step.fill_(step + 1)
-        self.progress.fill_(min(1.0, (step + 1) / max(1, total_steps)))
+        self.advance_teacher(step, total_steps)
         warn_if_collapsed(self.title, step, total_steps, self._stds, self.cfg)
 
 

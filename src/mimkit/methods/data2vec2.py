@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.data.batch import Batch
+from mimkit.errors import ConfigError
 from mimkit.masking import KeepTokens, TokenMask, inverse_block_masks
 from mimkit.methods.base import PretrainOutput
 from mimkit.methods.data2vec import EncoderTeacher, RegressionConfig, feature_std
@@ -86,7 +87,8 @@ class ConvDecoder(nn.Module):
 
 
 class Data2Vec2(EncoderTeacher):
-    """Student encoder on visible tokens + conv decoder, against an EMA teacher's instance-normed targets.
+    """Student encoder on masked clones (the visible tokens alone on the ViT) + conv decoder, against an
+    EMA teacher's instance-normed targets.
 
     Example:
         >>> from mimkit.backbones import create_backbone
@@ -135,11 +137,13 @@ class Data2Vec2(EncoderTeacher):
     def __init__(self, encoder: nn.Module, cfg: Config) -> None:
         """The student ``encoder``, the conv decoder, and a teacher copy of the encoder without gradients."""
         super().__init__()
-        self.check_encoder(encoder)
         self.cfg = cfg
         self.encoder = encoder
         # The ViT encodes the visible tokens only; the CvT sees the hidden cells' pixels removed.
         self.sparse = self.pick_mask_kind(encoder) == "keep_idx"
+        if not self.sparse and getattr(encoder, "uses_mask_token", False):
+            raise ConfigError(f"data2vec 2.0 has no mask token: {type(encoder).__name__} must drop tokens "
+                              "(keep_idx) or hide pixels, as the ViT and the CvT do")
         d = encoder.num_features
         self.decoder = ConvDecoder(d, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_kernel, cfg.decoder_groups)
         self.add_teacher()
@@ -156,7 +160,7 @@ class Data2Vec2(EncoderTeacher):
 
         Args:
             clones: ``[B, C, H, W]`` images (each image repeated ``clones`` times).
-            masks: ``[B, L]`` bool, True = hidden; every row hides the same number of tokens.
+            masks: ``[B, L]`` bool, True = hidden; on the ViT every row hides the same number of tokens.
 
         Returns:
             ``(cls [B, D], slots [B, L, D])``: the class token (on a backbone without one, the mean of
@@ -165,19 +169,22 @@ class Data2Vec2(EncoderTeacher):
 
         """
         b, length = masks.shape
-        noise = torch.randn(b, length, self.encoder.num_features, device=clones.device) * self.cfg.noise_std
+        std = self.cfg.noise_std
         if not self.sparse:
             tokens = self.encoder.forward_features(clones, TokenMask(masks))  # [B, L, D]
             visible = (~masks).unsqueeze(-1)
-            cls = (tokens * visible).sum(1) / visible.sum(1).clamp_min(1)
-            return cls, torch.where(visible, tokens, noise.to(tokens.dtype))
+            # float32: a bf16 sum over the tokens would round the class-token stand-in
+            cls = (tokens.float() * visible).sum(1) / visible.sum(1).clamp_min(1)
+            noise = torch.randn(tokens.shape, device=tokens.device, dtype=tokens.dtype) * std
+            return cls, torch.where(visible, tokens, noise)
         seen_count = length - int(masks[0].sum())
         # Every clone shows the same number of tokens, so their indices form one tensor (ascending).
         keep = torch.sort((~masks).float().argsort(dim=1, descending=True, stable=True)[:, :seen_count], dim=1).values
         tokens = self.encoder.forward_features(clones, KeepTokens(keep))
         seen = tokens[:, self.encoder.num_prefix_tokens:]  # [B, V, D]
         d = seen.shape[-1]
-        slots = noise.to(seen.dtype).scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), seen)
+        slots = torch.randn(b, length, d, device=seen.device, dtype=seen.dtype) * std
+        slots = slots.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), seen)
         return tokens[:, 0], slots
 
     def forward(self, batch: Batch | torch.Tensor) -> PretrainOutput:

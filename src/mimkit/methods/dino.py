@@ -29,11 +29,11 @@ from torch import nn
 
 from mimkit.data.batch import Batch
 from mimkit.data.views import expand_views
-from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
+from mimkit.methods.base import MethodConfig, PretrainOutput
 from mimkit.methods.centering import CENTERINGS, make_centering
 from mimkit.methods.heads import DINOHead
 from mimkit.methods.losses import koleo_loss
-from mimkit.methods.teacher import Pair, cosine_momentum, ema_update, frozen_copy, reset_teacher, teacher_train
+from mimkit.methods.teacher import Pair, TeacherStudent, cosine_momentum, frozen_copy
 from mimkit.schema import check_positive, require
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(-1)
 
 
-class DINO(PretrainMethod):
+class DINO(TeacherStudent):
     """Student encoder + DINO head against an EMA teacher copy; evaluation reads the teacher's encoder.
 
     Example:
@@ -174,8 +174,7 @@ class DINO(PretrainMethod):
         self.teacher_head = frozen_copy(self.head)
         self.center = make_centering(cfg.centering, cfg.out_dim, cfg.center_momentum,
                                      iterations=cfg.sinkhorn_iterations)
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("progress", torch.zeros((), dtype=torch.float64))
+        self.add_schedule_state()
         # The teacher's entropies on the last micro-batch, which the collapse check after the step reads.
         self._entropies: tuple[float, float] | None = None
 
@@ -195,15 +194,6 @@ class DINO(PretrainMethod):
     def momentum(self, progress: float) -> float:
         """The teacher's EMA momentum: a cosine from ``momentum`` to 1."""
         return cosine_momentum(progress, self.cfg.momentum)
-
-    def train(self, mode: bool = True) -> DINO:
-        """Train the student; the teacher stays in eval mode except its BatchNorm layers
-        (:func:`~mimkit.methods.teacher.teacher_train`).
-        """
-        super().train(mode)
-        for _, teacher in self.teacher_pairs():
-            teacher_train(teacher, mode)
-        return self
 
     # ---- the forward pass ----
 
@@ -273,7 +263,8 @@ class DINO(PretrainMethod):
         """``loss`` plus ``koleo_weight`` x the KoLeo term of the student's global crops (``loss`` itself at 0).
 
         The term is one :func:`~mimkit.methods.losses.koleo_loss` per global crop over the batch, summed
-        (DINOv2's ``KoLeoLoss`` on each crop's class token); it is logged as ``loss_koleo``.
+        (DINOv2's ``KoLeoLoss``, here on each crop's pooled feature: the class token or the token mean);
+        it is logged as ``loss_koleo``.
 
         Args:
             loss: The method's loss so far.
@@ -331,18 +322,12 @@ class DINO(PretrainMethod):
         for center in self.centers():
             center.discard()
 
-    def encoder_loaded(self) -> None:
-        """The teacher starts as the loaded student, as at initialisation."""
-        reset_teacher(self.teacher_pairs())
-
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         """Apply the centre updates, move the teacher towards the student, advance the schedules."""
         for center in self.centers():
             center.update()
-        ema_update(self.teacher_pairs(), self.momentum(step / max(1, total_steps)))
-        self.step.fill_(step + 1)
-        self.progress.fill_(min(1.0, (step + 1) / max(1, total_steps)))
+        self.advance_teacher(step, total_steps)
         self._check_collapse(step, total_steps)
 
     def _check_collapse(self, step: int, total_steps: int) -> None:

@@ -13,6 +13,7 @@ project's design notes and are settings.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -56,6 +57,19 @@ def homologous_contrastive_loss(z: torch.Tensor, source: torch.Tensor, temperatu
         positive = (source.unsqueeze(-1) == source.unsqueeze(-2)) & ~self_pair
         per_anchor = (log_prob * positive).sum(-1) / positive.sum(-1).clamp_min(1)
         return -per_anchor.mean()
+
+
+@functools.cache
+def _warn_segment_shortcut() -> None:
+    """Say once per process that the contrastive loss can be solved from the segment embedding.
+
+    Nothing computed from the residual stream can hide the segment embedding, so the loss reaches
+    its floor (the log of the positives' count) from it alone and teaches nothing.
+    """
+    log.warning("MixedAE: the segment embedding is added to every token, so the contrastive projector "
+                "can read each token's image from it and solve the homologous contrastive loss from it "
+                "alone; set method.seg_embed=false (as the config mixedae_noseg_fmnist does) for a "
+                "contrastive loss that must recognise image content")
 
 
 class MixedAE(PretrainMethod):
@@ -150,12 +164,7 @@ class MixedAE(PretrainMethod):
         self.projector = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, cfg.projector_dim)) \
             if cfg.contrastive_weight > 0 else None
         if cfg.seg_embed and cfg.contrastive_weight > 0:
-            # Nothing computed from the residual stream can hide the segment embedding, so the loss
-            # reaches its floor (log of the positives' count) from it alone and teaches nothing.
-            log.warning("MixedAE: the segment embedding is added to every token, so the contrastive projector "
-                        "can read each token's image from it and solve the homologous contrastive loss from it "
-                        "alone; set method.seg_embed=false (as the config mixedae_noseg_fmnist does) for a "
-                        "contrastive loss that must recognise image content")
+            _warn_segment_shortcut()
         self.decoder = MaskTokenDecoder(dim, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, p * p * c)
 
     @property

@@ -18,7 +18,9 @@ Why not timm's ``ModelEmaV3`` (which the fine-tuning method uses for its weight 
   a linear anneal); ``ModelEmaV3`` keeps a decay with its own warm-up by step count.
 
 The functions work on ``(student, teacher)`` module pairs that the method names; the state a resume
-needs is the teacher's weights, which are in the method's ``state_dict``.
+needs is the teacher's weights, which are in the method's ``state_dict``. :class:`TeacherStudent`
+is what every teacher-student method shares on top of them: the teachers' train mode, their reset
+when the student is loaded, and the step that moves them and advances the schedule's buffers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from mimkit.methods.base import PretrainMethod
 
 #: A student module and its teacher copy.
 Pair = tuple[nn.Module, nn.Module]
@@ -116,5 +120,48 @@ def linear_momentum(progress: float, start: float, end: float, anneal_end: float
     return start + (end - start) * progress / anneal_end
 
 
-__all__ = ["Pair", "cosine_momentum", "ema_update", "frozen_copy", "linear_momentum", "reset_teacher",
-           "teacher_train"]
+class TeacherStudent(PretrainMethod):
+    """A method with EMA teachers: DINO, iBOT, data2vec, data2vec 2.0.
+
+    A subclass names its ``(student, teacher)`` pairs in :meth:`teacher_pairs` and its momentum
+    schedule in :meth:`momentum`, and calls :meth:`add_schedule_state` in its constructor; the
+    schedule's ``step`` and ``progress`` are buffers, so a resumed run continues bit for bit.
+    """
+
+    step: torch.Tensor
+    progress: torch.Tensor
+
+    def add_schedule_state(self) -> None:
+        """The ``step`` and ``progress`` buffers that :meth:`advance_teacher` moves."""
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("progress", torch.zeros((), dtype=torch.float64))
+
+    def teacher_pairs(self) -> list[Pair]:  # pragma: no cover - abstract
+        """The ``(student, teacher)`` modules the EMA moves."""
+        raise NotImplementedError
+
+    def momentum(self, progress: float) -> float:  # pragma: no cover - abstract
+        """The teacher's EMA momentum at ``progress`` in [0, 1] of the schedule."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> TeacherStudent:
+        """Train the student; the teachers stay in eval mode except their BatchNorm layers (:func:`teacher_train`)."""
+        super().train(mode)
+        for _, teacher in self.teacher_pairs():
+            teacher_train(teacher, mode)
+        return self
+
+    def encoder_loaded(self) -> None:
+        """The teachers start as the loaded student, as at initialisation."""
+        reset_teacher(self.teacher_pairs())
+
+    @torch.no_grad()
+    def advance_teacher(self, step: int, total_steps: int) -> None:
+        """After optimizer step ``step``: move the teachers at that step's momentum, advance the buffers."""
+        ema_update(self.teacher_pairs(), self.momentum(step / max(1, total_steps)))
+        self.step.fill_(step + 1)
+        self.progress.fill_(min(1.0, (step + 1) / max(1, total_steps)))
+
+
+__all__ = ["Pair", "TeacherStudent", "cosine_momentum", "ema_update", "frozen_copy", "linear_momentum",
+           "reset_teacher", "teacher_train"]
