@@ -177,17 +177,16 @@ def random_init_rows(models: list[Cell]) -> list[list[object]]:
     The floor a pre-trained encoder must rise above: on 28 px Fashion-MNIST an untrained CvT is
     within a few points of raw pixels.
     """
-    seen: dict[str, Cell] = {}
+    seen: dict[str, tuple[Cell, dict]] = {}
     for m in models:
         cfg = load_config(resolve_config_path(m.config), m.overrides)
         # stochastic depth changes training only: an untrained encoder is the same with any rate
         backbone = {k: v for k, v in cfg.backbone.items() if k != "drop_path_rate"}
         key = json.dumps([backbone, cfg.data.img_size, cfg.data.channels, m.eval_overrides], sort_keys=True)
-        seen.setdefault(key, m)
+        seen.setdefault(key, (m, cfg.backbone))
     rows = []
-    for m in seen.values():
+    for m, backbone in seen.values():
         config = str(resolve_config_path(m.config))
-        backbone = load_config(config, m.overrides).backbone
         overrides = [o for o in m.overrides if o.startswith("backbone.")] + m.eval_overrides
         acc = evaluate_subject(resolve_subject(None, "random", config, overrides), 1.0)
         pool = backbone.get("global_pool")

@@ -43,7 +43,9 @@ def test_a_patch_centre_averages_per_image_means():
 
 
 def test_sinkhorn_knopp_balances_the_prototypes_over_the_batch():
-    logits = torch.randn(64, 8) * 3 + torch.arange(8.0)  # prototype 7 dominates the raw softmax
+    # A fixed draw: on about 1 draw in 20 the raw softmax is balanced enough by chance to fail the ratio below.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, generator=g) * 3 + torch.arange(8.0)  # prototype 7 dominates the raw softmax
     p = SinkhornKnopp(iterations=50).probs(logits, 0.5)
     torch.testing.assert_close(p.sum(-1), torch.ones(64))
     torch.testing.assert_close(p.sum(0), torch.full((8,), 8.0), rtol=1e-3, atol=0.0)

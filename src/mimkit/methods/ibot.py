@@ -25,7 +25,6 @@ from mimkit.methods.base import PretrainOutput
 from mimkit.methods.centering import make_centering
 from mimkit.methods.dino import DINO, dino_loss
 from mimkit.methods.heads import DINOHead
-from mimkit.methods.losses import koleo_loss  # still importable from here, beside the iBOT losses
 from mimkit.methods.teacher import Pair, frozen_copy
 from mimkit.schema import require
 
@@ -181,4 +180,4 @@ class IBOT(DINO):
         return [self.head] + ([] if self.cfg.shared_head else [self.patch_head])
 
 
-__all__ = ["IBOT", "ibot_patch_loss", "koleo_loss"]
+__all__ = ["IBOT", "ibot_patch_loss"]
