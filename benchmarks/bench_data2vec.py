@@ -6,7 +6,8 @@ evenly spaced checkpoints, each evaluated with kNN (k = 20, 200) and the linear 
 raw pixels and the untrained encoder of each backbone, and fine-tuned for ``--finetune-min`` minutes
 (0: not).
 
-    data2vec and data2vec 2.0 on the ViT and on the stride-2 CvT (with 4, 2 and 1 clones); DINO on
+    data2vec and data2vec 2.0 on the ViT and on the stride-2 CvT (with 4, 2 and 1 clones); data2vec
+    2.0 with its blocks' feed-forward outputs as targets; DINO on
     the ViT with mimkit's recipe and with DINO's own (teacher temperature 0.04 throughout, each
     parameter's gradient clipped, a free last-layer norm); iBOT; CvT-MAE (stride 4)
 
@@ -31,6 +32,13 @@ MODELS = [
     # Fewer masked clones per teacher pass: more images per minute, less signal per image.
     Cell("data2vec 2.0 (CvT, 2 clones)", "data2vec2_cvt_fmnist", ["method.clones=2"]),
     Cell("data2vec 2.0 (CvT, 1 clone)", "data2vec2_cvt_fmnist", ["method.clones=1"]),
+    # data2vec 2.0's own targets: the top blocks' feed-forward outputs before the residual. On the
+    # CvT the block target is one layer (the last stage's output); K=1 changes only what is taken.
+    Cell("data2vec 2.0 (ViT, FFN targets)", "data2vec2_fmnist", ["method.target_layer=ffn"]),
+    Cell("data2vec 2.0 (CvT, 2 clones, FFN targets)", "data2vec2_cvt_fmnist",
+         ["method.clones=2", "method.target_layer=ffn"]),
+    Cell("data2vec 2.0 (CvT, 2 clones, FFN target of the last block)", "data2vec2_cvt_fmnist",
+         ["method.clones=2", "method.target_layer=ffn", "method.top_k=1"]),
     Cell("DINO (ViT, mimkit recipe)", "dino_fmnist"),
     Cell("DINO (ViT, DINO's recipe)", "dino_fmnist", DINO_OWN),
     Cell("iBOT (ViT)", "ibot_fmnist"),

@@ -15,7 +15,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -158,13 +158,17 @@ def parse_shard(ap: argparse.ArgumentParser, text: str) -> tuple[int, int]:
 
 
 def final_row(cell: Cell, out: Path, finetune_min: float) -> dict:
-    """The last checkpoint under the full protocol, and its fine-tuning (written once, then read)."""
+    """The last checkpoint under the full protocol, and its fine-tuning (written once, then read; a
+    later call with ``finetune_min`` fine-tunes an encoder evaluated without)."""
     run_dir = cell_dir(out, cell)
     result_file = run_dir / "final.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
-    subject = resolve_subject(str(latest_checkpoint(run_dir / "checkpoints")), None, None, cell.eval_overrides)
-    row = {"cell": cell.name, **evaluate_subject(subject, 1.0)}
+        row = json.loads(result_file.read_text())
+        if not finetune_min or "finetune" in row:
+            return row
+    else:
+        subject = resolve_subject(str(latest_checkpoint(run_dir / "checkpoints")), None, None, cell.eval_overrides)
+        row = {"cell": cell.name, "seed": cell.seed, **evaluate_subject(subject, 1.0)}
     if finetune_min:
         row |= finetune_cell(cell, run_dir, finetune_min)
     result_file.write_text(json.dumps(row, indent=2) + "\n")
@@ -202,9 +206,10 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
     Each model pre-trains for ``--budget-min`` minutes with ``--curve-points`` checkpoints, each
     probed on a ``--train-fraction`` bank (the curve of accuracy against minutes); the last one is
     evaluated with the full protocol beside raw pixels and fine-tuned for ``--finetune-min``
-    minutes; ``mimkit resources`` measures every config in its own process. ``--shard K/N`` runs
-    every N-th model (side by side, one core each); the call without it prints the tables (of the
-    ``--only`` models, where given).
+    minutes; ``mimkit resources`` measures every config in its own process. ``--seeds`` repeats
+    every model with other seeds and adds their mean and spread. ``--shard K/N`` runs every N-th
+    run (side by side, one core each); the call without it prints the tables (of the ``--only``
+    models, where given).
 
     Args:
         doc: The script's docstring (its first line is the command's description).
@@ -221,6 +226,9 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
     ap.add_argument("--finetune-min", type=float, default=10.0, help="fine-tuning minutes of each final encoder")
     ap.add_argument("--only", default="", help="run and tabulate only the models whose name contains one of "
                     "these comma-separated texts")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="repeat every model with these seeds (initialisation, masks, crops, data order; "
+                         "0: the configs' own)")
     ap.add_argument("--shard", default="0/1", help="K/N: run every N-th model starting at the K-th (0-based)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", default=default_out)
@@ -232,17 +240,21 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
     out.mkdir(parents=True, exist_ok=True)
     print(f"# {doc.splitlines()[0]}\n# {platform.node()} ({cpu_flags()}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    models = [m for m in models if any(text in m.name for text in args.only.split(","))]
+    if args.overrides:  # what every run was given beyond the budget (a fixed number of epochs, another precision)
+        print(f"# every run: {' '.join(args.overrides)}", flush=True)
+    models = [replace(m, seed=seed) for m in models if any(text in m.name for text in args.only.split(","))
+              for seed in args.seeds]
     for cell in models[shard::shards]:
         knn_curve(cell, out, args.budget_min, args.train_fraction, args.curve_points, args.overrides)
         print(json.dumps(final_row(cell, out, args.finetune_min)), flush=True)
     if shards > 1:
         return
-    curves = {m.name: knn_curve(m, out, args.budget_min, args.train_fraction, args.curve_points, args.overrides)
+    # Keyed by label: a model's name with its seed.
+    curves = {m.label: knn_curve(m, out, args.budget_min, args.train_fraction, args.curve_points, args.overrides)
               for m in models}
-    finals = [final_row(m, out, args.finetune_min) for m in models]
-    cells = {m.name: json.loads((cell_dir(out, m) / "cell.json").read_text()) for m in models}
-    extras = {m.name: extra(m, cell_dir(out, m)) if extra else {} for m in models}
+    finals = {m.label: final_row(m, out, args.finetune_min) for m in models}
+    cells = {m.label: json.loads((cell_dir(out, m) / "cell.json").read_text()) for m in models}
+    extras = {m.label: extra(m, cell_dir(out, m)) if extra else {} for m in models}
     extra_keys = sorted({k for row in extras.values() for k in row})
     pixels_config = str(resolve_config_path("mae_fmnist"))
     pixels = evaluate_subject(resolve_subject(None, "pixels", pixels_config, []), 1.0)
@@ -251,16 +263,19 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
           f"bank and probe set, full test set); fine-tuning {args.finetune_min:g} minutes")
     print(markdown_table(
         ["model", "steps", "epochs", "train img/s", "kNN k=20", "kNN k=200", "linear probe", "fine-tune", *extra_keys],
-        [[r["cell"], cells[r["cell"]]["steps"], cells[r["cell"]]["epochs"], round(cells[r["cell"]]["img_per_s"]),
+        [[label, cells[label]["steps"], cells[label]["epochs"], round(cells[label]["img_per_s"]),
           r["knn20"], r["knn200"], r["linprobe"], r.get("finetune", "-"),
-          *[extras[r["cell"]].get(k, "-") for k in extra_keys]] for r in finals]
+          *[extras[label].get(k, "-") for k in extra_keys]] for label, r in finals.items()]
         + [[*r, "-", *["-" for _ in extra_keys]] for r in randoms]
         + [["raw pixels", "-", "-", "-", pixels["knn20"], pixels["knn200"], pixels["linprobe"], "-",
             *["-" for _ in extra_keys]]]))
     print(f"\n# the curve: every checkpoint, {args.train_fraction:.0%} bank / probe set")
     print(markdown_table(["model", "step", "pre-train min", "kNN k=20", "kNN k=200", "linear probe"],
-                         [[r["cell"], r["step"], r["minutes"], r["knn20"], r["knn200"], r["linprobe"]]
-                          for rows in curves.values() for r in rows]))
+                         [[label, r["step"], r["minutes"], r["knn20"], r["knn200"], r["linprobe"]]
+                          for label, rows in curves.items() for r in rows]))
+    if len(args.seeds) > 1:
+        print(f"\n# mean ± sample standard deviation over seeds {' '.join(map(str, args.seeds))}")
+        print(seed_summary(list(finals.values())))
     print("\n# pre-training minutes until the first checkpoint beats raw pixels (same 20 % protocol; - : never)")
     px = evaluate_subject(resolve_subject(None, "pixels", pixels_config, []), args.train_fraction)
     print(markdown_table(["model", f"kNN k=20 > {px['knn20']:.2f}", f"linear probe > {px['linprobe']:.2f}"],

@@ -45,8 +45,15 @@ def _shard(batch: Batch, rank: int) -> Batch:
     return Batch(batch.images[part], batch.labels[part])
 
 
+#: A tiny stride-2 CvT. Its projections' BatchNorm pools each rank's half of the batch, as the
+#: single-process reference's one forward per rank does, so the gradients still agree.
+CVT = ["backbone.name=cvt_tiny_s2", "backbone.dims=[16, 32, 64]", "backbone.num_heads=[1, 2, 2]",
+       "backbone.depths=[1, 1, 1]"]
+
+
 def _method_overrides(method: str, overrides: list[str]) -> list[str]:
-    """The tiny run's settings for ``method``: the classifier takes none of MAE's decoder settings."""
+    """The tiny run's settings for ``method`` (``name@cvt``: on a tiny CvT): the classifier takes none
+    of MAE's decoder settings."""
     if method == "mae":
         return overrides
     decoder = [o for o in overrides if o.startswith("method.decoder")]
@@ -54,8 +61,13 @@ def _method_overrides(method: str, overrides: list[str]) -> list[str]:
         return [o for o in overrides if not o.startswith(("method.", "backbone."))] + [
             "backbone.name=swin_tiny_p2", "backbone.embed_dims=[16, 32]", "backbone.depths=[1, 1]",
             "backbone.num_heads=[1, 2]", "method.name=mixmae", *decoder]
-    if method in ("data2vec", "data2vec2"):  # masks (and v2's noise) from each rank's RNG, a teacher
-        return [o for o in overrides if not o.startswith("method.")] + [f"method.name={method}"]
+    if method.startswith("data2vec"):  # masks (and v2's noise) from each rank's RNG, a teacher
+        name, _, backbone = method.partition("@")
+        drop = ("method.", "backbone.") if backbone else ("method.",)
+        kept = [o for o in overrides if not o.startswith(drop)]
+        if name == "data2vec2" and backbone:  # 2 x 2 visible blocks of 4 x 4 cells, as its config; hooked targets
+            kept += ["method.mask_ratio=0.6", "method.block_size=2", "method.target_layer=ffn"]
+        return kept + [f"method.name={name}"] + (CVT if backbone else [])
     if method == "mixedae":  # one group of four per rank, 32 px images
         return [o for o in overrides if not o.startswith("method.")] + [
             "method.name=mixedae", *decoder, "data.img_size=32", "backbone.img_size=32"]
@@ -129,7 +141,7 @@ def _run_worker(rank: int, port: int, overrides: list[str]) -> None:
 
 
 @pytest.mark.parametrize("method", ["mae", "finetune", "finetune+ema", "mixmae", "mixedae", "data2vec",
-                                    "data2vec2"])
+                                    "data2vec2", "data2vec@cvt", "data2vec2@cvt"])
 def test_two_process_gradient_equals_single_process_gradient(tmp_path, tiny_run_overrides, method):
     """DDP must average the ranks' gradients: with each rank's loss the mean over its half of the
     global batch, the result is the gradient of the global-batch mean (lightly's issue 1528 was a

@@ -14,6 +14,7 @@ from mimkit.backbones import create_backbone
 from mimkit.errors import ConfigError
 from mimkit.methods import check_method_cfg, create_method
 from mimkit.methods.data2vec import Data2Vec, feature_std, layer_targets, regression_loss
+from mimkit.methods.data2vec2 import instance_normed_targets
 
 
 def _d2v(backbone: str = "vit_tiny_p4", **cfg) -> Data2Vec:
@@ -48,6 +49,49 @@ def test_the_target_is_the_top_half_of_the_vit_and_the_last_stage_of_the_cvt():
     assert _d2v(top_k=3).top_blocks() == 3
     assert _d2v(top_k=9).top_blocks() == 4
     assert _d2v("cvt_tiny_s2").top_blocks() == 1
+    assert _d2v("cvt_tiny_s2", target_layer="ffn", top_k=9).top_blocks() == 1  # the last stage has 1 block
+
+
+def _ffn_by_hand(enc: torch.nn.Module, images: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """The top ``k`` blocks' feed-forward outputs before the residual, recomputed block by block
+    (the ViT's blocks, or the CvT's last stage's), patch tokens only."""
+    if hasattr(enc, "blocks"):
+        tokens = enc.embed(images)
+        tokens = torch.cat([enc.cls_token.expand(len(images), -1, -1), tokens], dim=1)
+        blocks, run, prefix = list(enc.blocks), (lambda f, t: f(t)), 1
+    else:
+        x = images
+        for stage in enc.stages[:-1]:
+            x, _ = stage(x)
+        x, _ = enc.stages[-1].embed(x)
+        h, w = x.shape[-2:]
+        tokens = x.flatten(2).transpose(1, 2)
+        blocks, run, prefix = list(enc.stages[-1].blocks), (lambda f, t: f(t, h, w)), 0
+    outs = []
+    for i, block in enumerate(blocks):
+        mid = tokens + run(block.attn, block.norm1(tokens))
+        if i >= len(blocks) - k:
+            outs.append(block.mlp(block.norm2(mid))[:, prefix:])
+        tokens = run(block, tokens)
+    return outs
+
+
+@pytest.mark.parametrize("method", ["data2vec", "data2vec2"])
+@pytest.mark.parametrize("backbone", ["vit_tiny_p4", "cvt_tiny_s2"])
+def test_ffn_targets_are_the_top_blocks_feed_forward_outputs_before_the_residual(method, backbone):
+    torch.manual_seed(0)
+    kwargs = {**TINY_FAMILY[family(backbone)], "img_size": 28, "in_chans": 1}
+    kwargs |= {"depth": 4} if backbone.startswith("vit") else {"depths": (1, 1, 4)}
+    model = create_method({"name": method, "target_layer": "ffn"}, create_backbone(backbone, **kwargs)).eval()
+    images = torch.randn(3, 1, 28, 28)
+    assert model.top_blocks() == 2  # the top half of 4 blocks (on the CvT, of its last stage)
+    by_hand = _ffn_by_hand(model.teacher_encoder, images, 2)
+    normed = layer_targets if method == "data2vec" else instance_normed_targets
+    with torch.no_grad():
+        torch.testing.assert_close(model.targets(images), normed(by_hand))
+        assert not any(block.mlp._forward_hooks for block in model.target_blocks())  # removed after the pass
+        model.cfg.target_layer = "block"  # the end-of-block targets are something else
+        assert not torch.allclose(model.targets(images), normed(by_hand), atol=1e-2)
 
 
 @pytest.mark.parametrize("backbone", ["vit_tiny_p4", "cvt_tiny_s2"])
@@ -99,7 +143,7 @@ def test_collapse_is_reported_with_what_to_change(caplog):
 
 
 @pytest.mark.parametrize("setting, value", [("mask_ratio", 1.0), ("top_k", -1), ("momentum", 1.5),
-                                            ("loss_beta", 0.0), ("mask_min_block", 0)])
+                                            ("loss_beta", 0.0), ("mask_min_block", 0), ("target_layer", "fc")])
 def test_bad_settings_are_named(setting, value):
     with pytest.raises(ConfigError, match=rf"method\.{setting}"):
         check_method_cfg({"name": "data2vec", setting: value})

@@ -12,12 +12,16 @@ masked tokens regresses it with a smooth L1 loss (beta 2) scaled by ``1 / sqrt(D
 decay rises linearly from ``momentum`` to ``momentum_end`` over the first ``momentum_anneal`` of the
 schedule, then stays. On a hierarchical backbone (the CvT) the targets come from its last stage:
 stages differ in width and resolution, so only the last is a target of the student's output tokens.
+``target_layer=ffn`` takes each block's feed-forward output before the residual connection instead
+(data2vec 2.0's choice; on the CvT, of the top K blocks of the last stage).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +35,30 @@ from mimkit.methods.teacher import Pair, TeacherStudent, frozen_copy, linear_mom
 from mimkit.schema import check_positive, require
 
 log = logging.getLogger(__name__)
+
+#: What of each of the teacher's top blocks a target averages (``RegressionConfig.target_layer``).
+TARGET_LAYERS = ("block", "ffn")
+
+
+@contextmanager
+def recorded_outputs(modules: Sequence[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Collect the output of each of ``modules``, in call order, during the forwards inside the block.
+
+    Example:
+        >>> lin = nn.Linear(2, 3)
+        >>> with recorded_outputs([lin]) as outs:
+        ...     _ = lin(torch.zeros(4, 2))
+        >>> [tuple(o.shape) for o in outs]
+        [(4, 3)]
+
+    """
+    outputs: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _module, _args, out: outputs.append(out)) for m in modules]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def feature_std(x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +125,8 @@ class RegressionConfig(MethodConfig):
 
     top_k: int = 0
     """How many of the teacher's last blocks are averaged into the target (0: the top half; data2vec
-    ViT-B: 6 of 12, data2vec 2.0: 10 of 12). On the CvT the last stage is the target whatever this is."""
+    ViT-B: 6 of 12, data2vec 2.0: 10 of 12). On the CvT with ``target_layer=block`` the last stage's
+    output is the target whatever this is; with ``ffn``, K counts the last stage's blocks."""
     momentum: float = 0.99
     """The teacher's decay at the start. data2vec's 0.999-0.9998 (and data2vec 2.0's 0.9998-0.99999)
     have horizons of thousands of steps, a whole CPU budget, which would leave the teacher near its
@@ -110,11 +139,18 @@ class RegressionConfig(MethodConfig):
     ``min_target_var``); so does a prediction std below ``min_pred_var``."""
     min_pred_var: float = 0.01
     collapse_check_every: int = 100
+    target_layer: str = "block"
+    """What of each top block the target averages: ``block``, its output (the residual stream, as
+    data2vec's vision code takes it), or ``ffn``, its feed-forward output before the residual
+    connection (data2vec 2.0's ``end_of_block_targets: false``). On the CvT ``block`` is the last
+    stage's output and ``ffn`` the feed-forward outputs of the top K blocks of its last stage."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.top_k >= 0, "method.top_k", ">= 0 (0 = the top half of the blocks)", self.top_k)
         check_positive("method", collapse_check_every=self.collapse_check_every)
+        require(self.target_layer in TARGET_LAYERS, "method.target_layer", " or ".join(TARGET_LAYERS),
+                self.target_layer)
         for key in ("momentum", "momentum_end", "momentum_anneal"):
             require(0.0 <= getattr(self, key) <= 1.0, f"method.{key}", "in [0, 1]", getattr(self, key))
         for key in ("min_target_var", "min_pred_var"):
@@ -149,12 +185,36 @@ class EncoderTeacher(TeacherStudent):
         c = self.cfg
         return linear_momentum(progress, c.momentum, c.momentum_end, c.momentum_anneal)
 
-    def top_blocks(self) -> int:
-        """How many intermediates the target averages: the top K blocks, or the CvT's last stage."""
+    def target_blocks(self) -> Sequence[nn.Module]:
+        """The teacher's blocks whose outputs can be targets: the ViT's, or the last stage's of a
+        hierarchical backbone (its stages differ in width and resolution).
+        """
         enc = self.teacher_encoder
-        if not hasattr(enc, "blocks"):  # a hierarchical backbone: its intermediates are stages
-            return 1
-        return min(len(enc.blocks), self.cfg.top_k or max(1, len(enc.blocks) // 2))
+        return enc.blocks if hasattr(enc, "blocks") else enc.stages[-1].blocks
+
+    def top_blocks(self) -> int:
+        """How many layers the target averages: the top K blocks, or the CvT's last stage as a whole."""
+        if self.cfg.target_layer == "block" and not hasattr(self.teacher_encoder, "blocks"):
+            return 1  # a hierarchical backbone's intermediates are stages
+        depth = len(self.target_blocks())
+        return min(depth, self.cfg.top_k or max(1, depth // 2))
+
+    @torch.no_grad()
+    def teacher_layers(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The teacher's patch tokens ``[N, L, D]`` of each layer the target averages, shallowest first,
+        from one pass over the unmasked ``images`` (``cfg.target_layer`` says which output of a block).
+        """
+        enc, k = self.teacher_encoder, self.top_blocks()
+        if self.cfg.target_layer == "block":
+            return enc.forward_intermediates(images, k, norm=False, output_fmt="NLC", intermediates_only=True)
+        blocks = self.target_blocks()
+        # Hooks rather than a backbone option: timm's intermediates convention has no FFN outputs.
+        with recorded_outputs([block.mlp for block in blocks[len(blocks) - k:]]) as outs:
+            enc.forward_features(images)
+        if len(outs) != k:
+            raise RuntimeError(f"{type(enc).__name__}: expected one feed-forward output from each of the top {k} "
+                               f"blocks in one teacher pass, got {len(outs)}; use method.target_layer=block")
+        return [out[:, enc.num_prefix_tokens:] for out in outs]
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
@@ -214,9 +274,7 @@ class Data2Vec(EncoderTeacher):
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """The teacher's float32 targets ``[N, L, D]`` for every patch token of the unmasked ``images``."""
-        blocks = self.teacher_encoder.forward_intermediates(images, self.top_blocks(), norm=False,
-                                                            output_fmt="NLC", intermediates_only=True)
-        return layer_targets(blocks)
+        return layer_targets(self.teacher_layers(images))
 
     def draw_masks(self, n: int, height: int, width: int) -> torch.Tensor:
         """``[n, height * width]`` bool BEiT block masks at ``mask_ratio``, from the global RNG."""
@@ -240,5 +298,5 @@ class Data2Vec(EncoderTeacher):
         return PretrainOutput(loss, logs, None, masks.float())
 
 
-__all__ = ["Data2Vec", "EncoderTeacher", "RegressionConfig", "feature_std", "layer_targets", "regression_loss",
-           "warn_if_collapsed"]
+__all__ = ["TARGET_LAYERS", "Data2Vec", "EncoderTeacher", "RegressionConfig", "feature_std", "layer_targets",
+           "recorded_outputs", "regression_loss", "warn_if_collapsed"]

@@ -9,16 +9,18 @@ stay visible, about 80 % of the patches are hidden) and the student encodes only
 tokens, as MAE's encoder does. A light convolutional decoder sees the encoded tokens at their
 places, small noise at the hidden ones, and predicts every token. The teacher, an exponential
 moving average of the student's encoder (the decoder has none), encodes each image once, unmasked;
-its top K block outputs, each instance-normed over the tokens, are averaged and layer-normed into the
-target of all the clones. The loss is the squared error on the hidden tokens scaled by ``1 /
-sqrt(D)``, plus the class token regressing the mean of the image's targets.
+its top K block outputs (``method.target_layer=ffn``: their feed-forward outputs before the residual
+connection, data2vec 2.0's own choice, which in its post-LN blocks is the same place), each
+instance-normed over the tokens, are averaged and layer-normed into the target of all the clones.
+The loss is the squared error on the hidden tokens scaled by ``1 / sqrt(D)``, plus the class token
+regressing the mean of the image's targets.
 
 On a backbone that cannot drop tokens (the CvT) the student sees the whole clone with the hidden
 cells' pixels removed (its pixel masks and update mask, as CvT-MAE and data2vec on the CvT), the
 masks are drawn on its last-stage grid, the targets are the teacher's last stage (stages differ in
-width and resolution), and the mean of the visible output tokens stands in for the class token. No
-public implementation runs data2vec 2.0 on a hierarchical convolutional encoder: this is mimkit's
-reading of it.
+width and resolution; with ``ffn``, its top K blocks' feed-forward outputs), and the mean of the
+visible output tokens stands in for the class token. No public implementation runs data2vec 2.0 on
+a hierarchical convolutional encoder: this is mimkit's reading of it.
 """
 
 from __future__ import annotations
@@ -151,9 +153,7 @@ class Data2Vec2(EncoderTeacher):
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """The teacher's float32 targets ``[N, L, D]`` of the unmasked ``images``, one pass per image."""
-        blocks = self.teacher_encoder.forward_intermediates(images, self.top_blocks(), norm=False, output_fmt="NLC",
-                                                            intermediates_only=True)
-        return instance_normed_targets(blocks)
+        return instance_normed_targets(self.teacher_layers(images))
 
     def encode_clones(self, clones: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The student on masked clones: its class token and the decoder's input.
