@@ -7,9 +7,9 @@ raw pixels and the untrained encoder of each backbone, and fine-tuned for ``--fi
 (0: not).
 
     data2vec and data2vec 2.0 on the ViT and on the stride-2 CvT (with 4, 2 and 1 clones); data2vec
-    2.0 with its blocks' feed-forward outputs as targets; DINO on
-    the ViT with mimkit's recipe and with DINO's own (teacher temperature 0.04 throughout, each
-    parameter's gradient clipped, a free last-layer norm); iBOT; CvT-MAE (stride 4)
+    2.0 with its blocks' feed-forward outputs as targets; DINO on the ViT with mimkit's recipe and
+    with DINO's own (teacher temperature 0.04 throughout, each parameter's gradient clipped, a free
+    last-layer norm); iBOT; CvT-MAE (stride 4)
 
 Usage (two models side by side, one core each, then a last call for the tables and the figure):
     python benchmarks/bench_data2vec.py --budget-min 10 --threads 1 --shard 0/2 --out RUNS
