@@ -146,6 +146,16 @@ def knn_curve(cell: Cell, out: Path, budget: float, train_fraction: float, point
     return rows
 
 
+def picks(text: str, name: str, models: list[Cell]) -> bool:
+    """Whether ``--only``'s ``text`` picks the model ``name`` (see the option's help)."""
+    names = [m.name for m in models]
+    if text in names:
+        return text == name
+    if any(text in n for n in names):
+        return text in name
+    return any(part in name for part in text.split(","))
+
+
 def parse_shard(ap: argparse.ArgumentParser, text: str) -> tuple[int, int]:
     """``--shard K/N`` as ``(K, N)``; anything else is an argparse error naming the valid form."""
     try:
@@ -224,8 +234,10 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
     ap.add_argument("--curve-points", type=int, default=4, help="intermediate checkpoints per model")
     ap.add_argument("--train-fraction", type=float, default=0.2, help="per-class bank / probe fraction of the curve")
     ap.add_argument("--finetune-min", type=float, default=10.0, help="fine-tuning minutes of each final encoder")
-    ap.add_argument("--only", default="", help="run and tabulate only the models whose name contains one of "
-                    "these comma-separated texts")
+    ap.add_argument("--only", nargs="+", default=[""], metavar="TEXT",
+                    help="run and tabulate only the models whose name contains one of these texts; a text equal "
+                         "to a name picks that model alone, and one that no name contains is split on commas "
+                         "('iBOT,DINO')")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0],
                     help="repeat every model with these seeds (initialisation, masks, crops, data order; "
                          "0: the configs' own)")
@@ -242,7 +254,7 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     if args.overrides:  # what every run was given beyond the budget (a fixed number of epochs, another precision)
         print(f"# every run: {' '.join(args.overrides)}", flush=True)
-    models = [replace(m, seed=seed) for m in models if any(text in m.name for text in args.only.split(","))
+    models = [replace(m, seed=seed) for m in models if any(picks(text, m.name, models) for text in args.only)
               for seed in args.seeds]
     for cell in models[shard::shards]:
         knn_curve(cell, out, args.budget_min, args.train_fraction, args.curve_points, args.overrides)
