@@ -6,7 +6,7 @@ minutes (``train.budget_minutes=0 train.epochs=E``: the schedule is fitted to th
 precision (``train.precision=fp32``), then evaluate as ``budget_comparison`` does (curve on a 20 %
 bank, which is the quickstart's protocol; full protocol at the end).
 
-    CvT-MAE (stride 4) as packaged; a higher and a lower learning rate; mask ratio 0.75; batch 128
+    CvT-MAE (stride 4) as packaged; two higher and a lower learning rate; mask ratio 0.75; batch 128
     (twice the steps for the same images, the learning rate scaled with the batch as always)
 
 Usage (two cells side by side, one core each, then a last call for the tables), at the 1818 steps
@@ -27,6 +27,7 @@ MODELS = [
     Cell("CvT-MAE (stride 4)", "cvt_mae_fmnist_s4"),
     Cell("CvT-MAE (stride 4, lr 2e-3)", "cvt_mae_fmnist_s4", ["optim.base_lr=2e-3"]),
     Cell("CvT-MAE (stride 4, lr 5e-4)", "cvt_mae_fmnist_s4", ["optim.base_lr=5e-4"]),
+    Cell("CvT-MAE (stride 4, lr 3e-3)", "cvt_mae_fmnist_s4", ["optim.base_lr=3e-3"]),
     Cell("CvT-MAE (stride 4, mask 0.75)", "cvt_mae_fmnist_s4", ["method.mask_ratio=0.75"]),
     Cell("CvT-MAE (stride 4, batch 128)", "cvt_mae_fmnist_s4", ["optim.batch_size=128"]),
 ]
