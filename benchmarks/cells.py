@@ -153,7 +153,7 @@ def picks(text: str, name: str, models: list[Cell]) -> bool:
         return text == name
     if any(text in n for n in names):
         return text in name
-    return any(part in name for part in text.split(","))
+    return "," in text and any(picks(part.strip(), name, models) for part in text.split(",") if part.strip())
 
 
 def parse_shard(ap: argparse.ArgumentParser, text: str) -> tuple[int, int]:
@@ -254,6 +254,10 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     if args.overrides:  # what every run was given beyond the budget (a fixed number of epochs, another precision)
         print(f"# every run: {' '.join(args.overrides)}", flush=True)
+    # --only takes several texts, so a key=value after it would land there: a text must pick a model
+    lost = [text for text in args.only if not any(picks(text, m.name, models) for m in models)]
+    if lost:
+        ap.error(f"--only {' '.join(map(repr, lost))} picks no model; the models: {'; '.join(m.name for m in models)}")
     models = [replace(m, seed=seed) for m in models if any(picks(text, m.name, models) for text in args.only)
               for seed in args.seeds]
     for cell in models[shard::shards]:
