@@ -7,7 +7,8 @@ precision (``train.precision=fp32``), then evaluate as ``budget_comparison`` doe
 bank, which is the quickstart's protocol; full protocol at the end).
 
     CvT-MAE (stride 4) as packaged; two higher and a lower learning rate; mask ratio 0.75; batch 128
-    (twice the steps for the same images, the learning rate scaled with the batch as always)
+    (twice the steps for the same images, the learning rate scaled with the batch as always);
+    pre-training on 20 or 16 px crops, evaluated at 28 px
 
 Usage (two cells side by side, one core each, then a last call for the tables), at the 1818 steps
 of 256 images (7.76 epochs) that an AVX2-only host made in the 10-minute quickstart:
@@ -30,6 +31,13 @@ MODELS = [
     Cell("CvT-MAE (stride 4, lr 3e-3)", "cvt_mae_fmnist_s4", ["optim.base_lr=3e-3"]),
     Cell("CvT-MAE (stride 4, mask 0.75)", "cvt_mae_fmnist_s4", ["method.mask_ratio=0.75"]),
     Cell("CvT-MAE (stride 4, batch 128)", "cvt_mae_fmnist_s4", ["optim.batch_size=128"]),
+    # Pre-training on smaller crops, evaluated at 28 px: fewer pixels per image buy more images per
+    # minute (section 7). Run these with the number of images such a host makes at their size, i.e.
+    # train.epochs scaled by the fp32 images/s of `mimkit resources` at that size against 28 px.
+    Cell("CvT-MAE (stride 4, 20 px crops)", "cvt_mae_fmnist_s4", ["data.img_size=20"], ["data.img_size=28"]),
+    Cell("CvT-MAE (stride 4, 16 px crops, mask 2)", "cvt_mae_fmnist_s4", ["data.img_size=16", "method.mask_size=2"],
+         ["data.img_size=28"]),
+    Cell("CvT-MAE (stride 4, 16 px crops)", "cvt_mae_fmnist_s4", ["data.img_size=16"], ["data.img_size=28"]),
 ]
 
 if __name__ == "__main__":
