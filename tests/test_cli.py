@@ -108,6 +108,9 @@ def test_pretrain_bad_override_exits_2(capsys, tmp_path):
     (["--config", "mae_fmnist", "method.mask_ratio=1.2"], "method.mask_ratio must be in (0, 1), got 1.2"),
     (["--config", "cvt_mae_fmnist", "method.mask_size=8"], "method.mask_size 8 does not tile 28x28"),
     (["--config", "cvt_mae_fmnist", "method.mask_ratio=0"], "method.mask_ratio must be in (0, 1)"),
+    # a 7x7/4 first embedding covers 12 of 14 pixels: the decoder could not predict the last two
+    (["--config", "cvt_mae_fmnist_s4", "data.img_size=14", "method.mask_size=2"],
+     "14x14 training images (data.img_size, or a view's size) leave pixels outside every first-stage window"),
     (["data.name=imagefolder", "data.root=/nonexistent/x"], "data.root: folder not found: /nonexistent/x"),
     (["backbone.name=cvt_tiny_s2"], "Valid backbones"),
 ])

@@ -91,13 +91,29 @@ class CvTMAE(PretrainMethod):
                                    cfg.decoder_head_dim, cfg.skip)
 
     def check_image_size(self, height: int, width: int) -> None:
-        """The mask is a grid of ``mask_size`` blocks, so it must tile the image."""
+        """The mask is a grid of ``mask_size`` blocks, so it must tile the image; the decoder predicts
+        ``stride`` pixels per first-stage token, so those tokens must cover the image.
+        """
         b = self.cfg.mask_size
         if height % b or width % b:
             side = min(height, width)
             valid = [s for s in range(2, side + 1) if height % s == 0 and width % s == 0]
             raise ConfigError(f"method.mask_size {b} does not tile {height}x{width} training images; "
                               f"valid mask sizes: {', '.join(map(str, valid)) or 'none (change data.img_size)'}")
+        grids = getattr(self.encoder, "stage_grids", None)
+        if grids is None:
+            return
+        stride = self.encoder.strides[0]
+        rows, cols = grids(height, width)[0]
+        if rows * stride < height or cols * stride < width:
+            near = [s for s in range(max(stride, min(height, width) - 2 * stride), min(height, width) + 2 * stride)
+                    if grids(s, s)[0][0] * stride >= s and s % b == 0]
+            raise ConfigError(
+                f"{height}x{width} training images (data.img_size, or a view's size) leave pixels outside every "
+                f"first-stage window of the encoder "
+                f"({rows}x{cols} tokens of {stride} px cover {rows * stride}x{cols * stride}), so the decoder "
+                f"cannot predict them; sizes near it that work with method.mask_size {b}: "
+                f"{', '.join(map(str, near)) or 'none'}")
 
     def forward(self, batch: Batch | torch.Tensor) -> PretrainOutput:
         """Blank pixel blocks, encode the whole image, decode through the skips, score.
