@@ -8,7 +8,8 @@ bank, which is the quickstart's protocol; full protocol at the end).
 
     CvT-MAE (stride 4) as packaged; two higher and a lower learning rate; mask ratio 0.75; batch 128
     (twice the steps for the same images, the learning rate scaled with the batch as always);
-    pre-training on 20 or 16 px crops, evaluated at 28 px; mask ratio 0.35; crop scale 0.6-1
+    pre-training on 20 or 16 px crops, evaluated at 28 px; mask ratio 0.35; crop scale 0.6-1, 0.8-1, and
+    no crop (the flip alone)
 
 Usage (two cells side by side, one core each, then a last call for the tables), at the 1818 steps
 of 256 images (7.76 epochs) that an AVX2-only host made in the 10-minute quickstart:
@@ -41,6 +42,8 @@ MODELS = [
     Cell("CvT-MAE (stride 4, mask 0.35)", "cvt_mae_fmnist_s4", ["method.mask_ratio=0.35"]),
     # Fashion-MNIST's test images are whole, centred objects; a milder crop keeps training closer to them.
     Cell("CvT-MAE (stride 4, crop 0.6-1)", "cvt_mae_fmnist_s4", ["method.views=[{scale: [0.6, 1.0], hflip: 0.5}]"]),
+    Cell("CvT-MAE (stride 4, crop 0.8-1)", "cvt_mae_fmnist_s4", ["method.views=[{scale: [0.8, 1.0], hflip: 0.5}]"]),
+    Cell("CvT-MAE (stride 4, no crop)", "cvt_mae_fmnist_s4", ["method.views=[{scale: [1.0, 1.0], hflip: 0.5}]"]),
 ]
 
 if __name__ == "__main__":
