@@ -43,7 +43,8 @@ MODELS = [
     # Fashion-MNIST's test images are whole, centred objects; a milder crop keeps training closer to them.
     Cell("CvT-MAE (stride 4, crop 0.6-1)", "cvt_mae_fmnist_s4", ["method.views=[{scale: [0.6, 1.0], hflip: 0.5}]"]),
     Cell("CvT-MAE (stride 4, crop 0.8-1)", "cvt_mae_fmnist_s4", ["method.views=[{scale: [0.8, 1.0], hflip: 0.5}]"]),
-    Cell("CvT-MAE (stride 4, no crop)", "cvt_mae_fmnist_s4", ["method.views=[{scale: [1.0, 1.0], hflip: 0.5}]"]),
+    Cell("CvT-MAE (stride 4, no crop)", "cvt_mae_fmnist_s4",
+         ["method.views=[{scale: [1.0, 1.0], ratio: [1.0, 1.0], hflip: 0.5}]"]),
 ]
 
 if __name__ == "__main__":
