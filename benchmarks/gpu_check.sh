@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The device check for a lent GPU, in one call of a few minutes: CUDA, bf16 and the torchrun (NCCL)
-# path; a few hundred steps of every method at 224 px with its throughput and peak CUDA memory
+# The device check for a lent GPU, in one call of a few minutes: CUDA, bf16, fp16 with its gradient
+# scaler, what precision=auto chooses, and the torchrun (NCCL) path; a few hundred steps of every method at 224 px with its throughput and peak CUDA memory
 # (`cuda_peak_mib` in each run's metrics.jsonl); the pre-training step against HuggingFace's, the
 # fine-tuning step against timm's; `mimkit resources` and `mimkit export` on the GPU.
 #
@@ -24,8 +24,10 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 nvidia-smi || true
-$PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0),
-'bf16', torch.cuda.is_bf16_supported())"
+$PY -c "import torch, timm; from mimkit.engine.precision import resolve_precision as r
+print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0),
+'bf16', torch.cuda.is_bf16_supported(), 'native bf16', torch.cuda.is_bf16_supported(including_emulation=False),
+'precision=auto ->', r('auto', torch.device('cuda')))"
 # 320 steps of 64: 224 px RGB (Fashion-MNIST resized), bf16 autocast on CUDA.
 GPU=(data.root=.gpu_data data.img_size=224 data.channels=3 optim.batch_size=64 train.epochs=0.35
      train.device=cuda train.precision=bf16 train.progress=false train.log_every=40 train.keep_last=1)
@@ -45,6 +47,19 @@ $PY -m mimkit pretrain --config dino_fmnist "run_dir=$OUT/dino_vits" "${TS[@]}" 
 echo "DINO ViT-S/16: $(last "$OUT/dino_vits")"
 $PY -m mimkit pretrain --config ibot_fmnist "run_dir=$OUT/ibot_vits" "${TS[@]}" "${GPU[@]}" train.epochs=0.1
 echo "iBOT ViT-S/16: $(last "$OUT/ibot_vits")"
+# data2vec and data2vec 2.0 (four masked clones per teacher pass) on ViT-B/16, data2vec 2.0 on CvT-13.
+B16=(backbone.name=vit_base_patch16 backbone.patch_size=16)
+$PY -m mimkit pretrain --config data2vec_fmnist "run_dir=$OUT/data2vec_vitb" "${B16[@]}" "${GPU[@]}" train.epochs=0.1
+echo "data2vec ViT-B/16: $(last "$OUT/data2vec_vitb")"
+$PY -m mimkit pretrain --config data2vec2_fmnist "run_dir=$OUT/data2vec2_vitb" "${B16[@]}" "${GPU[@]}" train.epochs=0.1
+echo "data2vec 2.0 ViT-B/16: $(last "$OUT/data2vec2_vitb")"
+$PY -m mimkit pretrain --config data2vec2_cvt_fmnist "run_dir=$OUT/data2vec2_cvt13" backbone.name=cvt_13 \
+    "${GPU[@]}" train.epochs=0.1
+echo "data2vec 2.0 CvT-13: $(last "$OUT/data2vec2_cvt13")"
+# fp16 autocast with the gradient scaler (what precision=auto gives a GPU without native bf16).
+$PY -m mimkit pretrain --config mae_fmnist "run_dir=$OUT/mae_vitb_fp16" "${B16[@]}" method.decoder_dim=512 \
+    method.decoder_depth=4 method.decoder_heads=8 "${GPU[@]}" train.precision=fp16 train.epochs=0.1
+echo "MAE ViT-B/16 fp16: $(last "$OUT/mae_vitb_fp16")"
 # MixMAE on Swin-B/W14 (the released model: windows 14, 14, 14, 7, no shifts) and on CvT-13; MixedAE
 # on ViT-B/16 (196 tokens in four sets of 49). 320 steps each; batch 64 is even and a multiple of 4.
 $PY -m mimkit pretrain --config mixmae_swin_fmnist "run_dir=$OUT/mixmae_swinb" backbone.name=swin_b_w14 \
@@ -67,7 +82,7 @@ echo "torchrun MAE: $(last "$OUT/mae_torchrun")"
 $PY benchmarks/bench_throughput.py --device cuda --precision bf16 fp32 --batch 256 --rounds 3 --steps 20
 # Costs at 224 px on the GPU (CUDA max allocated), and the fine-tuning step of ViT-B/16 against timm's.
 $PY -m mimkit resources mae_fmnist@vit_base_patch16 cvt_mae_fmnist_s4@cvt_13 mixmae_swin_fmnist@swin_b_w14 \
-    mixedae_fmnist@vit_base_patch16 --img-size 224 --batch 64 \
+    mixedae_fmnist@vit_base_patch16 --img-size 224 --batch-size 64 \
     data.channels=3 train.device=cuda --out "$OUT/resources_224.json"
 $PY benchmarks/bench_finetune_throughput.py --device cuda --img-size 224 --patch 16 --chans 3 --dim 768 \
     --depth 12 --heads 12 --batch 64 --rounds 3 --steps 10

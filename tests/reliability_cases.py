@@ -179,7 +179,7 @@ CASES: list[Case] = [
          r"step_00000018/model\.safetensors does not fit this architecture: shape mismatches"),
     Case("finetune-too-many-blocks", 5, ("finetune", "{run}", "method.trainable_blocks=9"),
          r"method\.trainable_blocks 9 is more than the 2 parameter groups of this backbone; use -1 for all, or 0 to 2"),
-    Case("finetune-without-run", 5, ("finetune",), r"give a pre-training run to fine-tune, or --scratch with --arch"),
+    Case("finetune-without-run", 5, ("finetune",), r"give a pre-training run to fine-tune, or --scratch with --config"),
     Case("export-over-files", 1, ("export", "{run}", "--out", "{ws}/few"),
          r"export folder .*/few already holds files; pass --overwrite to replace them, or choose another --out"),
     Case("export-no-checkpoint", 5, ("export", "{ws}/few", "--out", "{ws}/exported"),

@@ -50,8 +50,8 @@ def test_parser_has_core_subcommands():
 
 def test_missing_command_and_bad_option(capsys):
     assert _exit_code([]) == 2
-    assert _exit_code(["knn", "--precision", "fp16"]) == 2
-    assert "fp16" in capsys.readouterr().err
+    assert _exit_code(["knn", "--precision", "fp8"]) == 2
+    assert "fp8" in capsys.readouterr().err
 
 
 def test_config_prints_resolved_yaml(capsys):
@@ -221,3 +221,23 @@ def test_eval_settings_come_from_an_eval_config_and_flags_override_it(tmp_path, 
     assert main(["knn", *data, *common, "--eval-config", str(tmp_path / "few.yaml"), "--k", "2"]) == 0
     assert "k=2: " in capsys.readouterr().out
     assert list((tmp_path / "runs" / "baseline-pixels").glob("knn-k2-T0.1-data*.json"))
+
+
+@pytest.mark.parametrize("argv, new", [
+    (["resources", "mae_fmnist", "--batch", "2"], "--batch is now --batch-size"),
+    (["finetune", "--scratch", "--arch", "mae_fmnist"], "--arch is now --config"),
+])
+def test_earlier_flag_names_are_refused_with_the_new_one(argv, new, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert new in err and len(err.strip().splitlines()) == 1
+
+
+def test_finetune_config_beside_a_run_points_to_finetune_config(tmp_path, capsys):
+    """The earlier meaning of finetune's --config (the fine-tuning config) is refused with the new flag."""
+    from mimkit.evaluation.finetune import finetune_config
+
+    with pytest.raises(ConfigError, match="a run brings its own; the fine-tuning config is --finetune-config"):
+        finetune_config(str(tmp_path), "fmnist", [], arch="fmnist")

@@ -59,18 +59,19 @@ def test_exported_encoder_gives_the_same_features(tmp_path, method_name, backbon
 
 
 def _check_timm(out, x, expected):
-    """The timm-keyed weights load into timm's own VisionTransformer, as its docs describe, and agree."""
+    """timm's own loader reads the export's ``timm/`` folder: the same features, and its input pipeline."""
     import timm
+    from timm.data import resolve_model_data_config
 
-    spec = json.loads((out / "timm" / "config.json").read_text())
-    model = timm.create_model(spec["architecture"], pretrained=True,
-                              pretrained_cfg_overlay={**spec["pretrained_cfg_overlay"],
-                                                      "file": str(out / "timm" / "model.safetensors")},
-                              **spec["model_args"]).eval()
+    model = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
     assert type(model).__module__.startswith("timm.")
     with torch.no_grad():
         features = model.forward_head(model.forward_features(x), pre_logits=True)
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+    meta = json.loads((out / "encoder.json").read_text())["input"]
+    data = resolve_model_data_config(model)
+    assert data["input_size"] == (1, meta["img_size"], meta["img_size"])
+    assert list(data["mean"]) == meta["mean"] and list(data["std"]) == meta["std"]
 
 
 def test_the_export_is_a_checkpoint_every_command_reads(tmp_path):

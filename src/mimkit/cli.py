@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from mimkit.config import ConfigError, resolve_config_path, to_yaml
+from mimkit.config import PRECISIONS, ConfigError, resolve_config_path, to_yaml
 from mimkit.errors import MimkitError
 
 log = logging.getLogger("mimkit")
@@ -44,6 +44,19 @@ def _number(kind: type, low: float, inclusive: bool = True, what: str | None = N
     return parse
 
 
+class _Renamed(argparse.Action):
+    """An option's earlier name: refused in one line that gives the name replacing it."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: object) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string} is now {self.new}")
+
+
 POSITIVE_INT = _number(int, 1, what="a positive integer")
 POSITIVE_FLOAT = _number(float, 0.0, inclusive=False, what="positive")
 
@@ -64,7 +77,7 @@ def _eval_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> 
     p.add_argument("--baseline", choices=["pixels", "random"], help="evaluate a built-in baseline instead")
     p.add_argument("--config", help="config for a baseline without a run (path or packaged name)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--eval-config", default="default",
                    help="evaluation protocol: configs/eval/NAME.yaml or a path; the flags below override it")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="images per feature-extraction pass (config: 512)")
@@ -96,12 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a pre-training run's encoder with a linear head (layer-wise lr "
                        "decay, label smoothing, optional Mixup/CutMix, partial fine-tuning with "
                        "method.trainable_blocks=K), then report top-1 on the test split. Settings: the run's "
-                       "config, then --config, then key=value overrides.")
+                       "config, then --finetune-config, then key=value overrides.")
     p.add_argument("run", nargs="?", help="pre-training run folder or checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5 method.layer_decay=0.65")
-    p.add_argument("--config", default="fmnist", help="fine-tuning config: configs/finetune/NAME.yaml or a path")
+    p.add_argument("--finetune-config", default="fmnist",
+                   help="fine-tuning config: configs/finetune/NAME.yaml or a path")
     p.add_argument("--scratch", action="store_true", help="random initialisation: the supervised baseline")
-    p.add_argument("--arch", help="with --scratch and no run: a pre-training config naming backbone and data")
+    p.add_argument("--config", dest="arch", help="with --scratch and no run: the pre-training config (name or path) "
+                   "naming backbone and data")
+    p.add_argument("--arch", action=_Renamed, new="--config")
     p.add_argument("--resume", help="'auto' or a checkpoint path, as for pretrain")
     p.add_argument("--overwrite", action="store_true", help="replace a fine-tuning run already there")
 
@@ -140,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default: reconstructions.png in the run folder, or views.png for a "
                    "method without a pixel reconstruction)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", action="store_true",
+                   help="also draw the encoder's last-block attention (attention.png) and a PCA of its patch "
+                        "features (pca.png), beside the figure")
 
     p = sub.add_parser("export", help="release an encoder: safetensors + config, loadable by mimkit.load_encoder",
                        description="Write a run's encoder (safetensors and encoder.json), its whole model and "
@@ -164,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-fraction", type=_number(float, 0.0, inclusive=False, what="in (0, 1]", high=1.0),
                    help="per-class fraction of each train split as kNN bank / probe training set (config: 1)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--batch-size", type=POSITIVE_INT, help="images per feature-extraction pass (config: 512)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -176,9 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="+", metavar="CONFIG[@BACKBONE]", help="e.g. mae_fmnist cvt_mae_fmnist_s4")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.channels=3")
     p.add_argument("--img-size", type=POSITIVE_INT, default=0, help="input side (default: each config's own)")
-    p.add_argument("--batch", type=POSITIVE_INT, default=64)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per measured step")
+    p.add_argument("--batch", action=_Renamed, new="--batch-size")
     p.add_argument("--steps", type=POSITIVE_INT, default=5, help="timed steps after two warm-up steps (median)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--threads", type=_number(int, 0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", help="also write the rows as JSON here")
     for p in sub.choices.values():
@@ -235,7 +255,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from mimkit.evaluation.finetune import finetune_config, run_finetune
     from mimkit.viz import save_loss_curve
 
-    cfg = finetune_config(args.run, args.config, args.overrides, args.scratch, args.arch, args.resume is not None)
+    cfg = finetune_config(args.run, args.finetune_config, args.overrides, args.scratch, args.arch,
+                          args.resume is not None)
     result, path, run_dir = run_finetune(cfg, args.resume, args.overwrite)
     curve = save_loss_curve(run_dir)
     ema = f", weight average {result['top1_ema']:.2f}%" if "top1_ema" in result else ""
@@ -333,7 +354,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     from mimkit.evaluation.runner import run_config_for
     from mimkit.methods import PretrainMethod
     from mimkit.models import method_from_config
-    from mimkit.viz import save_loss_curve, save_reconstructions, save_views
+    from mimkit.viz import save_feature_maps, save_loss_curve, save_reconstructions, save_views
 
     ckpt = resolve_checkpoint(args.run)
     cfg_path = run_config_for(ckpt)
@@ -372,6 +393,11 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         batch = next(iter(loader))
         save_views(batch.all_views, loader.normalize, out, title=f"{title}: the views it trains on")
         print(f"{cfg.method.name} has no pixel reconstruction; the views it trains on -> {out}")
+    if args.attention:
+        loader = build_loader(data, cfg.data, num, train=False, normalize=normalize)
+        for png in save_feature_maps(method.eval_module, next(iter(loader)).images, loader.normalize, out.parent,
+                                     title=f"{title} ({method.eval_module_name})"):
+            print(f"{png.stem} -> {png}")
     try:
         print(f"loss curve -> {save_loss_curve(run_dir)}")
     except FileNotFoundError as err:
@@ -405,7 +431,7 @@ def _cmd_resources(args: argparse.Namespace) -> int:
 
         check_writable(Path(args.out), "the rows", "give --out a writable path")
         _check_replaces_rows(Path(args.out))
-    rows = measure_configs(args.configs, args.img_size, args.batch, args.steps, args.precision, args.overrides,
+    rows = measure_configs(args.configs, args.img_size, args.batch_size, args.steps, args.precision, args.overrides,
                            args.threads)
     print(resources_table(rows))
     if args.out:

@@ -28,6 +28,8 @@ CONFIG_ROOT = Path(__file__).parent / "configs"
 
 #: The values of ``optim.clip_mode``.
 CLIP_MODES = ("global", "per_param")
+#: The values of ``train.precision`` and of the commands' ``--precision``.
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def resolve_config_path(name: str | Path | None, relative_to: Path | None = None) -> Path | None:
@@ -110,7 +112,8 @@ class TrainConfig:
     (``epochs`` is then an upper bound; warmup is cut to at most a quarter of the estimated steps).
     For equal-compute comparisons; 0 = schedule by epochs."""
     precision: str = "auto"
-    """auto | fp32 | bf16 (autocast); auto = bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    """auto | bf16 | fp16 | fp32 (autocast; fp16 with a gradient scaler); auto = bf16 where the hardware
+    computes it natively (CUDA since Ampere, CPUs with AVX512-BF16 or AMX), fp16 on older GPUs, else fp32."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     log_every: int = 20
@@ -119,6 +122,13 @@ class TrainConfig:
     keep_last: int = 2
     max_bad_steps: int = 10
     """Stop after this many consecutive non-finite losses (each such step is skipped)."""
+    eval_every: int = 0
+    """Watch the run: every N optimizer steps (and at the last), kNN k=20 of the evaluated module on a
+    per-class ``eval_fraction`` of the labelled train split as bank, against the same fraction of
+    the test split, logged as ``eval/knn20`` (metrics.jsonl, TensorBoard, the loss-curve picture).
+    Not counted as training time. Needs labelled data; 0 = off."""
+    eval_fraction: float = 0.05
+    """Per-class fraction of each split that ``eval_every`` uses."""
     compile: bool = False
     deterministic: bool = False
     progress: bool = True
@@ -321,7 +331,7 @@ def validate(cfg: PretrainConfig) -> None:
     require(o.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0", o.warmup_epochs)
     require(o.clip_grad >= 0, "optim.clip_grad", ">= 0 (0 disables clipping)", o.clip_grad)
     require(o.clip_mode in CLIP_MODES, "optim.clip_mode", f"one of {', '.join(CLIP_MODES)}", o.clip_mode)
-    require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "auto, fp32 or bf16", t.precision)
+    require(t.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}", t.precision)
     require(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)
     require(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device)), "train.device", "auto, cpu, cuda or cuda:N",
              t.device)
@@ -331,6 +341,8 @@ def validate(cfg: PretrainConfig) -> None:
     require(t.ckpt_every_steps >= 0, "train.ckpt_every_steps", ">= 0 (0 = epoch ends only)", t.ckpt_every_steps)
     require(t.keep_last >= 0, "train.keep_last", ">= 0 (0 keeps all)", t.keep_last)
     require(t.max_bad_steps >= 1, "train.max_bad_steps", "at least 1", t.max_bad_steps)
+    require(t.eval_every >= 0, "train.eval_every", ">= 0 (0 = off)", t.eval_every)
+    require(0.0 < t.eval_fraction <= 1.0, "train.eval_fraction", "in (0, 1]", t.eval_fraction)
     require(bool(cfg.run_dir.strip()), "run_dir", "a folder path", cfg.run_dir)
 
 

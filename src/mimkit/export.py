@@ -9,9 +9,11 @@ An export folder holds
 - ``model.safetensors`` and ``config.yaml``: the whole method (decoder included) and the run's
   resolved config, so the folder is itself a checkpoint every command reads (``mimkit visualize``
   draws reconstructions from a released model, ``mimkit knn`` and ``mimkit finetune`` take it).
-- ``timm/`` for ViT backbones: the same weights keyed for timm's ``VisionTransformer`` (the fixed
-  sin-cos position embedding written out as its ``pos_embed``) and the ``timm.create_model``
-  arguments that give the same features.
+- ``timm/`` for ViT backbones: a folder in the layout of timm's ``save_for_hf`` that timm's own
+  loader reads, ``timm.create_model("local-dir:<export>/timm", pretrained=True)``: the same weights
+  keyed for timm's ``VisionTransformer`` (the fixed sin-cos position embedding written out as its
+  ``pos_embed``), the ``create_model`` arguments that give the same features, and a
+  ``pretrained_cfg`` with the input size, channels, mean and std, for ``resolve_model_data_config``.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def timm_vit_weights(encoder: VisionTransformer, img_size: int) -> tuple[dict[st
         img_size: The input side the position embedding is written for.
 
     Returns:
-        ``(state_dict, model_args)`` for ``timm.create_model("vit_base_patch16_224", **model_args)``.
+        ``(state_dict, model_args)`` for ``timm.create_model(timm_architecture(model_args), **model_args)``.
 
     """
     gh, gw = encoder.grid_size(img_size, img_size)
@@ -83,6 +85,37 @@ def timm_vit_weights(encoder: VisionTransformer, img_size: int) -> tuple[dict[st
     if encoder.global_pool == "token":
         args["global_pool"] = "token"
     return state, args
+
+
+def timm_architecture(model_args: dict[str, Any]) -> str:
+    """The timm ViT entry point nearest in width; ``model_args`` override its shape whatever it is."""
+    widths = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
+              1024: "vit_large_patch16_224"}
+    return widths.get(model_args["embed_dim"], "vit_base_patch16_224")
+
+
+def timm_hub_config(model_args: dict[str, Any], mean: list[float], std: list[float]) -> dict[str, Any]:
+    """The ``config.json`` of timm for an exported ViT, in the layout ``timm.models.save_for_hf`` writes.
+
+    Args:
+        model_args: From :func:`timm_vit_weights`.
+        mean: Per-channel mean the encoder was trained with (pixels in [0, 1]).
+        std: Per-channel standard deviation.
+
+    Returns:
+        ``architecture`` and ``model_args`` (read by ``create_model("local-dir:...")``), and a
+        ``pretrained_cfg`` that ``timm.data.resolve_model_data_config`` turns into the input
+        pipeline: ``input_size`` ``(C, H, W)``, ``mean``, ``std``, bicubic, no crop margin.
+
+    """
+    size = model_args["img_size"]
+    return {
+        "architecture": timm_architecture(model_args), "num_classes": 0, "num_features": model_args["embed_dim"],
+        "global_pool": model_args["global_pool"], "model_args": model_args,
+        "pretrained_cfg": {"input_size": [model_args["in_chans"], size, size], "fixed_input_size": True,
+                           "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center", "mean": mean,
+                           "std": std, "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"},
+    }
 
 
 def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -153,13 +186,7 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
         state, args = timm_vit_weights(encoder, settings["img_size"])
         (tmp / "timm").mkdir()
         save_file(state, str(tmp / "timm" / "model.safetensors"))
-        size = settings["img_size"]
-        overlay = {"input_size": [settings["in_chans"], size, size], "num_classes": 0,
-                   "mean": mean, "std": std}
-        (tmp / "timm" / "config.json").write_text(json.dumps(
-            {"architecture": "vit_base_patch16_224", "model_args": args, "pretrained_cfg_overlay": overlay,
-             "usage": "timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay={**overlay, "
-                      "'file': '<this folder>/model.safetensors'}, **model_args)"}, indent=2) + "\n")
+        (tmp / "timm" / "config.json").write_text(json.dumps(timm_hub_config(args, mean, std), indent=2) + "\n")
     # The old export is moved aside, not deleted, until the new one is in place.
     old = out.parent / f".{out.name}.old"
     shutil.rmtree(old, ignore_errors=True)

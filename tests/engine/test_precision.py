@@ -22,6 +22,34 @@ def test_auto_on_cpu_follows_native_bf16(monkeypatch, fast, expected):
     assert precision.resolve_precision("auto", torch.device("cpu")) == expected
 
 
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_on_cuda_takes_bf16_only_where_native(monkeypatch, native, expected):
+    """A T4 or V100 emulates bf16 (``is_bf16_supported()`` alone says yes): fp16 with a scaler instead."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    cuda = torch.device("cuda")
+    assert precision.resolve_precision("auto", cuda) == expected
+    assert (precision.grad_scaler(cuda, "auto") is not None) == (expected == "fp16")
+    assert precision.resolve_precision("fp32", cuda) == "fp32"
+
+
+def test_only_fp16_gets_a_grad_scaler(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert [precision.grad_scaler(cpu, p) is None for p in ("auto", "bf16", "fp32")] == [True] * 3
+    assert isinstance(precision.grad_scaler(cpu, "fp16"), torch.amp.GradScaler)
+    with precision.autocast(cpu, "fp16"):
+        y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+    assert y.dtype == torch.float16
+
+
+def test_an_unknown_precision_is_refused():
+    from mimkit.models import load_config
+
+    with pytest.raises(ConfigError, match=r"train\.precision must be one of auto, bf16, fp16, fp32, got 'fp8'"):
+        load_config(None, ["train.precision=fp8"])
+
+
 def test_autocast_context(monkeypatch):
     cpu = torch.device("cpu")
     assert isinstance(precision.autocast(cpu, "fp32"), contextlib.nullcontext)

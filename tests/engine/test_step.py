@@ -110,6 +110,36 @@ def test_per_param_norms_are_float32_for_bf16_gradients():
     assert float(g[1].norm()) == pytest.approx(1.0, rel=1e-5)
 
 
+def _fp16_step(method: _Tiny, init_scale: float, **clip) -> tuple[bool, torch.amp.GradScaler]:
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    result = train_step(method, method, [Batch(_images())], optimizer, device=torch.device("cpu"),
+                        precision="fp16", lr=0.1, step=0, total_steps=10, scaler=scaler, **clip)
+    return result.taken, scaler
+
+
+def test_an_fp16_overflow_skips_the_step_and_halves_the_scale():
+    method = _Tiny()
+    before = {n: p.detach().clone() for n, p in method.named_parameters()}
+    # gradients of about 10 times 2^40 are far beyond fp16's 65504
+    taken, scaler = _fp16_step(method, 2.0**40)
+    assert not taken and scaler.get_scale() == 2.0**39
+    assert all(torch.equal(p, before[n]) for n, p in method.named_parameters())
+
+
+@pytest.mark.parametrize("clip", [{}, {"clip_grad": CLIP}])
+def test_an_fp16_step_applies_the_unscaled_gradient(clip):
+    """The update (and the clip) see the gradient divided by the scale: an fp32 step's, to fp16's precision."""
+    method, reference = _Tiny(), _Tiny()
+    taken, scaler = _fp16_step(method, 2.0**8, **clip)
+    assert taken and scaler.get_scale() == 2.0**8
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    train_step(reference, reference, [Batch(_images())], optimizer, device=torch.device("cpu"),
+               precision="fp32", lr=0.1, step=0, total_steps=10, **clip)
+    for (name, p), q in zip(method.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=2e-3, atol=2e-3, msg=name)
+
+
 def test_an_unknown_clip_mode_is_refused():
     with pytest.raises(ConfigError, match=r"optim\.clip_mode must be one of global, per_param, got 'both'"):
         load_config(None, ["optim.clip_mode=both"])

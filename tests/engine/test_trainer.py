@@ -99,6 +99,34 @@ def test_resume_is_exact(tiny_run_config, tmp_path, resume_step):
     assert sa["step"] == sb["step"] == 36
 
 
+def test_fp16_overflows_lower_the_scale_and_resume_is_exact(tiny_run_config, tmp_path, monkeypatch):
+    """fp16 with a gradient scaler: overflowed steps are skipped without counting as non-finite, and the
+    scaler's state is checkpointed, so that a resumed run skips the same steps as an uninterrupted one."""
+    import mimkit.engine.trainer as trainer_module
+
+    # a first scale far too large: the first steps overflow and halve it
+    monkeypatch.setattr(trainer_module, "grad_scaler", lambda device, precision: torch.amp.GradScaler(
+        device.type, init_scale=2.0**24, growth_interval=4))
+    extra = ("train.epochs=2", "train.precision=fp16", "train.ckpt_every_steps=5", "train.keep_last=0",
+             "train.log_every=1", "train.max_bad_steps=2")
+    full = pretrain(tiny_run_config(*extra))
+    rows = [r for r in read_metrics(full) if "loss" in r]
+    assert not [r for r in read_metrics(full) if "skipped_nonfinite" in r]
+    scales = [r["loss_scale"] for r in rows]
+    assert scales[0] < 2.0**24 and len(set(scales)) > 2, scales  # lowered by overflows, raised by growth
+    assert rows[-1]["step"] == 36
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for c in list_checkpoints(part / "checkpoints"):
+        if int(c.name[5:]) > 10:
+            shutil.rmtree(c)
+    assert "grad_scaler" in load_state(part / "checkpoints" / "step_00000010")
+    pretrain(tiny_run_config(*extra, run_dir=part), resume="auto")
+    a = _weights(full / "checkpoints" / "step_00000036")
+    b = _weights(part / "checkpoints" / "step_00000036")
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
 def test_resume_from_explicit_checkpoint(tiny_run_config, tmp_path):
     first = pretrain(tiny_run_config("train.epochs=1"))
     ckpt = latest_checkpoint(first / "checkpoints")

@@ -95,7 +95,7 @@ def test_finetune_command_scores_and_reports(pretrained, capsys):
 def test_finetune_refuses_what_it_cannot_score(pretrained, tmp_path, write_image):
     with pytest.raises(ConfigError, match="method.num_classes 7 does not match the 10 classes"):
         finetune_config(str(pretrained), overrides=[*SHORT, "method.num_classes=7"])
-    with pytest.raises(ConfigError, match="give a pre-training run to fine-tune, or --scratch with --arch"):
+    with pytest.raises(ConfigError, match="give a pre-training run to fine-tune, or --scratch with --config"):
         finetune_config(None)
     with pytest.raises(ConfigError, match="trainable_blocks 9 is more than the 3 parameter groups"):
         Trainer(finetune_config(str(pretrained), overrides=[*SHORT, "method.trainable_blocks=9"]), DistInfo())

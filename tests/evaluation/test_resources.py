@@ -47,7 +47,7 @@ def test_vit_flops_match_a_count_by_hand(tmp_path):
 def test_configs_are_measured_in_their_own_processes_and_refused_up_front(tmp_path, capsys):
     spec = _tiny_config(tmp_path, "mae", "vit_tiny_p4")
     out = tmp_path / "rows.json"
-    assert main(["resources", spec, "--batch", "2", "--steps", "1", "--threads", "1", "--precision", "fp32",
+    assert main(["resources", spec, "--batch-size", "2", "--steps", "1", "--threads", "1", "--precision", "fp32",
                  "--out", str(out), "optim.weight_decay=0.0"]) == 0
     table = capsys.readouterr().out
     rows = json.loads(out.read_text())

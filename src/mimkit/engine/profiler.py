@@ -12,7 +12,7 @@ from mimkit.config import PretrainConfig
 from mimkit.data import build_dataset, build_loader
 from mimkit.engine.distributed import resolve_device
 from mimkit.engine.optim import build_optimizer, scaled_lr
-from mimkit.engine.precision import resolve_precision
+from mimkit.engine.precision import grad_scaler, resolve_precision
 from mimkit.engine.step import PHASES, train_step
 from mimkit.models import method_from_config
 
@@ -59,13 +59,14 @@ def profile_steps(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, top: int
     loader = build_loader(data, cfg.data, cfg.optim.batch_size, train=True, seed=cfg.seed, views=method.views)
     optimizer = build_optimizer(method, cfg.optim, scaled_lr(cfg.optim, 1))
     batches = iter(loader)
+    scaler = grad_scaler(device, precision)
 
     def step() -> int:
         with record_function("data"):
             batch = next(batches).to(device)
         result = train_step(method, method, [batch], optimizer, device=device, precision=precision,
                             lr=optimizer.param_groups[0]["lr"], step=0, total_steps=1,
-                            clip_grad=cfg.optim.clip_grad, clip_mode=cfg.optim.clip_mode)
+                            clip_grad=cfg.optim.clip_grad, clip_mode=cfg.optim.clip_mode, scaler=scaler)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return result.images

@@ -1,10 +1,12 @@
 """The one training step: the trainer, the profiler and every benchmark call :func:`train_step`.
 
 A step is: each micro-batch forward under autocast and backward (DDP synchronises only on the
-last), one check that every loss and the gradient norm are finite (the same verdict on every rank),
-then the method's ``before_optimizer_step``, the scheduled lr and weight decay, clipping (the global
+last; in fp16 on the loss times the gradient scaler's scale, the gradients divided by it afterwards),
+one check that every loss and the gradient norm are finite (the same verdict on every rank), then
+the method's ``before_optimizer_step``, the scheduled lr and weight decay, clipping (the global
 gradient norm, or each parameter's as DINO does), the optimizer and the method's ``after_step``
-(``discard_step`` instead, when the step was skipped).
+(``discard_step`` instead, when the step was skipped). An fp16 step that overflows is skipped the same
+way, and the scaler lowers its scale for the next one.
 The phases are ``record_function`` ranges, so a profile attributes time to them.
 """
 
@@ -49,16 +51,17 @@ class StepResult:
 
 
 def forward_backward(model: nn.Module, batch: Batch, device: torch.device, precision: str, scale: float = 1.0,
-                     sync: bool = True) -> PretrainOutput:
+                     sync: bool = True, scaler: torch.amp.GradScaler | None = None) -> PretrainOutput:
     """Forward one batch under autocast and add ``scale x loss``'s gradient to the parameters.
 
     Args:
         model: The method, or its DDP wrapper (then ``sync=False`` skips the gradient all-reduce).
         batch: On any device; it is moved to ``device`` as a whole.
         device: Where the model is.
-        precision: ``bf16`` or ``fp32`` (resolved).
+        precision: ``bf16``, ``fp16`` or ``fp32`` (resolved).
         scale: ``1 / accumulation steps``, so that micro-batches add up to the batch mean.
         sync: Whether DDP all-reduces this backward (the last micro-batch of a step).
+        scaler: fp16's loss scaler: the gradient added is then ``scaler.get_scale()`` times larger.
 
     """
     batch = batch.to(device)
@@ -67,7 +70,8 @@ def forward_backward(model: nn.Module, batch: Batch, device: torch.device, preci
         with record_function("forward"), autocast(device, precision):
             out = model(batch)
         with record_function("backward"):
-            (out.loss * scale).backward()
+            loss = out.loss * scale
+            (scaler.scale(loss) if scaler is not None else loss).backward()
     return out
 
 
@@ -116,6 +120,7 @@ def train_step(
     clip_grad: float = 0.0,
     clip_mode: str = "global",
     info: DistInfo | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
     """One optimizer step over ``micro_batches`` (gradient accumulation when there are several).
 
@@ -125,7 +130,7 @@ def train_step(
         micro_batches: The step's batches; their mean gradient is applied.
         optimizer: Built by :func:`mimkit.engine.optim.build_optimizer`.
         device: Where the model is.
-        precision: ``bf16`` or ``fp32`` (resolved).
+        precision: ``bf16``, ``fp16`` or ``fp32`` (resolved).
         lr: This step's scheduled learning rate (each group's ``lr_scale`` applies on top).
         step: Optimizer steps taken so far.
         total_steps: The schedule's current length.
@@ -133,6 +138,9 @@ def train_step(
         clip_mode: ``global`` clips the norm of all gradients together; ``per_param`` clips each
             parameter's gradient norm on its own (DINO's, :func:`clip_grad_per_param_`).
         info: The DDP job, for a verdict on finiteness shared by every rank.
+        scaler: fp16's loss scaler (:func:`mimkit.engine.precision.grad_scaler`): the gradients are
+            unscaled before they are measured and clipped, and the scale is updated after the step,
+            lowered when it overflowed.
 
     Returns:
         A :class:`StepResult`; the gradients are zero afterwards either way.
@@ -147,11 +155,13 @@ def train_step(
     loss = torch.zeros((), device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
     for i, batch in enumerate(micro_batches):
-        out = forward_backward(model, batch, device, precision, 1.0 / n, sync=i == n - 1)
+        out = forward_backward(model, batch, device, precision, 1.0 / n, sync=i == n - 1, scaler=scaler)
         # Every micro-batch must be finite: one NaN would poison the accumulated gradient.
         finite &= torch.isfinite(out.loss.detach().float())
         loss += out.loss.detach().float() / n
     with record_function("optimizer"):
+        if scaler is not None:  # the norm, the clip and the method's own gradient edits see true gradients
+            scaler.unscale_(optimizer)
         method.before_optimizer_step(step, total_steps)
         params = [p for p in method.parameters() if p.grad is not None]
         # The norm is taken even without clipping: a finite loss can still give an inf gradient.
@@ -166,7 +176,12 @@ def train_step(
         taken = bool(all_reduce_mean(finite.float(), info) == 1.0) if info is not None else bool(finite)
         if taken:
             apply_schedules(optimizer, lr, step / max(1, total_steps))
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+        if scaler is not None:  # an overflow was recorded by unscale_: the scale is lowered
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if taken:
             method.after_step(step, total_steps)

@@ -32,7 +32,7 @@ from mimkit.engine.continuation import load_run_config
 from mimkit.engine.distributed import DistInfo, all_reduce_mean, broadcast_from_main, cleanup, init_distributed
 from mimkit.engine.logging import RunLogger
 from mimkit.engine.optim import Schedule, build_optimizer, scaled_lr
-from mimkit.engine.precision import resolve_precision
+from mimkit.engine.precision import grad_scaler, resolve_precision
 from mimkit.engine.resume import ResumePoint, RunToOpen, open_run
 from mimkit.engine.run_folder import RunFolder, reading_run, run_config_for
 from mimkit.engine.step import StepResult, train_step
@@ -120,9 +120,15 @@ class Trainer:
         self.forward = torch.compile(self.model) if tc.compile else self.model
         self.schedule = self._plan()
         self.optimizer = build_optimizer(self.method, cfg.optim, self.schedule.peak_lr)
+        self.scaler = grad_scaler(self.device, self.precision)
         self.step, self.epoch, self.start_batch, self.bad_steps = 0, 0, 0, 0
         self.clock = Clock()
         self.window = LogWindow(self.device)
+        self.monitor = None
+        if tc.eval_every and info.is_main:
+            from mimkit.evaluation.monitor import KnnMonitor  # evaluation imports the engine: here, not above
+
+            self.monitor = KnnMonitor(cfg.data, tc.eval_fraction, self.device, self.precision)
 
     def _check_init_fits(self, resume: str | None) -> None:
         """Check ``init``'s weights against the encoder on the meta device, before any memory is taken.
@@ -193,6 +199,8 @@ class Trainer:
         state = point.state
         self.method.load_state_dict(point.weights)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.clock.minutes_before = state.get("train_minutes", 0.0)
         set_rng_state(state["rng"][min(self.info.rank, len(state["rng"]) - 1)])
@@ -238,6 +246,9 @@ class Trainer:
                 bar.update(1)
                 if self.step % self.cfg.train.log_every == 0 or self.step == self.schedule.total_steps:
                     bar.set_postfix_str(self.log_step(result.out, next_batch))
+                if self.cfg.train.eval_every and (self.step % self.cfg.train.eval_every == 0
+                                                  or self.step == self.schedule.total_steps):
+                    self.watch()
                 out_of_time = self.out_of_time()
                 if self.step >= self.schedule.total_steps or out_of_time:
                     self.checkpoint(next_batch)
@@ -287,10 +298,11 @@ class Trainer:
         result = train_step(self.forward, self.method, micro_batches, self.optimizer, device=self.device,
                             precision=self.precision, lr=self.schedule.lr(self.step), step=self.step,
                             total_steps=self.schedule.total_steps, clip_grad=self.cfg.optim.clip_grad,
-                            clip_mode=self.cfg.optim.clip_mode, info=self.info)
+                            clip_mode=self.cfg.optim.clip_mode, info=self.info, scaler=self.scaler)
         self.window.add(result)
         if not result.taken:
-            self._skip_nonfinite()
+            if not self._fp16_overflow(result):
+                self._skip_nonfinite()
             return result
         self.bad_steps = 0
         self.step += 1
@@ -302,6 +314,24 @@ class Trainer:
                     f"and gradient were finite. {self._last_good()}; lower optim.base_lr or set "
                     "optim.clip_grad, then resume with --resume auto")
         return result
+
+    def watch(self) -> None:
+        """Score the evaluated module with kNN on a small bank (``train.eval_every``), logged as ``eval/knn20``.
+
+        The main process evaluates while the others wait at the next collective; the time it takes
+        is taken off the training clock and the throughput window, so a budgeted run trains as long
+        as without it.
+        """
+        t0 = time.perf_counter()
+        if self.monitor is not None:
+            row = self.monitor(self.method.eval_module)
+            self.method.train()
+            self.logger.log(self.step, row, prefix="eval")
+            log.info("step %d: kNN k=20 %.2f %% (%d bank, %d query images)", self.step, row["knn20"],
+                     row["knn_bank"], row["knn_queries"])
+        spent = time.perf_counter() - t0
+        self.clock.t_start += spent
+        self.window.t_start += spent  # nor in the logged images per second
 
     def fit_schedule_to_budget(self) -> None:
         """Re-estimate the schedule's length so that the cosine ends when ``train.budget_minutes`` runs out."""
@@ -336,6 +366,8 @@ class Trainer:
             state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
                      "batch_in_epoch": batch_in_epoch, "rng": states, "total_steps": self.schedule.total_steps,
                      "train_minutes": self.clock.minutes()}
+            if self.scaler is not None:
+                state["grad_scaler"] = self.scaler.state_dict()
             save_checkpoint(self.ckpt_dir, self.step, self.method, state, self.cfg.train.keep_last)
 
     def _last_good(self) -> str:
@@ -343,6 +375,19 @@ class Trainer:
         if last is None:
             return "No checkpoint was written yet"
         return f"The last checkpoint, {last}, was checked finite when written"
+
+    def _fp16_overflow(self, result: StepResult) -> bool:
+        """Whether a skipped step was fp16's loss scale overflowing a finite loss's gradient.
+
+        The scaler has already halved its scale: the next step retries with it, and the skip is no
+        sign of a diverging run. Once the scale is below 1 an overflow is an inf gradient whatever
+        the scale, and counts as a non-finite step.
+        """
+        if self.scaler is None or not bool(torch.isfinite(result.loss)) or self.scaler.get_scale() < 1.0:
+            return False
+        log.info("fp16 gradient overflow at step %d: step skipped, loss scale lowered to %g", self.step,
+                 self.scaler.get_scale())
+        return True
 
     def _skip_nonfinite(self) -> None:
         self.bad_steps += 1
@@ -366,6 +411,8 @@ class Trainer:
         row.update({k: float(v) for k, v in out.logs.items()})
         if self.window.grad_norm is not None:
             row["grad_norm"] = float(self.window.grad_norm)
+        if self.scaler is not None:
+            row["loss_scale"] = self.scaler.get_scale()
         if self.device.type == "cuda":  # what method comparisons report as a method's memory cost
             row["cuda_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.logger.log(self.step, row)

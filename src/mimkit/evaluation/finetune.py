@@ -59,14 +59,15 @@ def finetune_config(run: str | None, config: str = "fmnist", overrides: list[str
             come (and rotated the recorded one away) since.
 
     Raises:
-        ConfigError: Neither a run nor ``--scratch --arch``, or a setting that is refused.
+        ConfigError: Neither a run nor ``--scratch --config``, or a setting that is refused.
 
     """
     if run is None and not (scratch and arch):
-        raise ConfigError("give a pre-training run to fine-tune, or --scratch with --arch CONFIG for a "
+        raise ConfigError("give a pre-training run to fine-tune, or --scratch with --config CONFIG for a "
                           "backbone trained from random weights")
     if run is not None and arch is not None:
-        raise ConfigError("--arch names the backbone of a run-less --scratch baseline; a run brings its own")
+        raise ConfigError(f"--config {arch} names the pre-training config of a run-less --scratch baseline, and a "
+                          "run brings its own; the fine-tuning config is --finetune-config")
     ckpt = resolve_checkpoint(run) if run is not None else None
     base_path = run_config_for(ckpt) if ckpt is not None else resolve_config_path(arch)
     load_run_config(base_path)  # the run's own settings checked on their own, so an error names its file

@@ -95,7 +95,7 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
     from mimkit.data.views import expand_views, views_batch
     from mimkit.engine.distributed import resolve_device
     from mimkit.engine.optim import build_optimizer
-    from mimkit.engine.precision import autocast, resolve_precision
+    from mimkit.engine.precision import autocast, grad_scaler, resolve_precision
     from mimkit.engine.step import train_step
     from mimkit.models import check_method_input, method_from_config
 
@@ -154,8 +154,10 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
                 times.append(time.perf_counter() - t0)
         return batch / sorted(times)[len(times) // 2]
 
+    scaler = grad_scaler(device, prec)
     row["train_img_per_s"] = timed(lambda: train_step(method, method, [data], optimizer, device=device,
-                                                       precision=prec, lr=1e-4, step=0, total_steps=1))
+                                                       precision=prec, lr=1e-4, step=0, total_steps=1,
+                                                       scaler=scaler))
     encoder.eval()
     on_device = images.to(device)
 

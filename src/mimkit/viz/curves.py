@@ -16,15 +16,26 @@ from mimkit.schema import is_number  # noqa: E402
 def save_loss_curve(run_dir: Path, path: Path | None = None) -> Path:
     """Plot training loss (and learning rate) against steps; returns the PNG path.
 
+    A run watched with ``train.eval_every`` gets a second panel: its kNN k=20 accuracy against steps.
+
     Raises:
         FileNotFoundError: When the run has no logged loss yet.
 
     """
-    rows = [r for r in read_metrics(run_dir) if is_number(r.get("loss"))]
+    metrics = read_metrics(run_dir)
+    rows = [r for r in metrics if is_number(r.get("loss"))]
     if not rows:
         raise FileNotFoundError(f"{run_dir}: no loss values in metrics.jsonl")
+    knn = [r for r in metrics if is_number(r.get("knn20"))]
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, axes = plt.subplots(1, 2 if knn else 1, figsize=(11 if knn else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
+    if knn:
+        axes[0, 1].plot([r["step"] for r in knn], [r["knn20"] for r in knn], "o-", color="tab:green")
+        axes[0, 1].set_xlabel("optimizer step")
+        axes[0, 1].set_ylabel("kNN k=20 (%)")
+        axes[0, 1].set_title(f"kNN on {knn[-1].get('knn_bank', '?')} bank images")
+        axes[0, 1].grid(alpha=0.3)
     ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
