@@ -149,9 +149,9 @@ def test_mask_ratio_inside_interval_accepted(ratio):
 
 
 def test_bad_precision_refused():
-    with pytest.raises(ConfigError, match="precision.*fp16"):
-        load_config(None, ["train.precision=fp16"])
-    for ok in ("auto", "fp32", "bf16"):
+    with pytest.raises(ConfigError, match="precision.*fp8"):
+        load_config(None, ["train.precision=fp8"])
+    for ok in ("auto", "fp32", "bf16", "fp16"):
         assert load_config(None, [f"train.precision={ok}"]).train.precision == ok
 
 
