@@ -23,13 +23,7 @@ of 256 images (7.76 epochs) that an AVX2-only host made in the 10-minute quickst
 
 from __future__ import annotations
 
-from cells import Cell, budget_comparison
-
-
-def crop(low: float) -> str:
-    """The override of a single view cropping ``low``-100 % of the image, flipped half the time."""
-    return f"method.views=[{{scale: [{low}, 1.0], hflip: 0.5}}]"
-
+from cells import NO_CROP, Cell, budget_comparison, crop
 
 #: The crop the stride-4 config had until section 24 of BENCHMARKS.md; the recipes of section 23 keep it.
 CROP_035 = crop(0.35)
@@ -53,8 +47,7 @@ MODELS = [
     # Fashion-MNIST's test images are whole, centred objects; a milder crop keeps training closer to them.
     Cell("CvT-MAE (stride 4, crop 0.6-1)", "cvt_mae_fmnist_s4", [crop(0.6)]),
     Cell("CvT-MAE (stride 4, crop 0.8-1)", "cvt_mae_fmnist_s4", [crop(0.8)]),
-    Cell("CvT-MAE (stride 4, no crop)", "cvt_mae_fmnist_s4",
-         ["method.views=[{scale: [1.0, 1.0], ratio: [1.0, 1.0], hflip: 0.5}]"]),
+    Cell("CvT-MAE (stride 4, no crop)", "cvt_mae_fmnist_s4", [NO_CROP]),
 ]
 
 if __name__ == "__main__":

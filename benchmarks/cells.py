@@ -50,6 +50,16 @@ class Cell:
 
 
 
+
+def crop(low: float) -> str:
+    """The override of a single view cropping ``low``-100 % of the image, flipped half the time."""
+    return f"method.views=[{{scale: [{low}, 1.0], hflip: 0.5}}]"
+
+
+#: The override of a single view of the whole image, flipped half the time (the stride-4 CvT-MAE's own
+#: since section 24 of BENCHMARKS.md).
+NO_CROP = "method.views=[{scale: [1.0, 1.0], ratio: [1.0, 1.0], hflip: 0.5}]"
+
 def cell_dir(out: Path, cell: Cell) -> Path:
     """A file-system-safe folder name for a cell."""
     safe = "".join(c if c.isalnum() or c in "=." else "_" for c in cell.label)

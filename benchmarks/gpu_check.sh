@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device check for a lent GPU, in one call of a few minutes: CUDA, bf16, fp16 with its gradient
-# scaler, what precision=auto chooses, and the torchrun (NCCL) path; a few hundred steps of every method at 224 px with its throughput and peak CUDA memory
+# scaler, what precision=auto chooses, and the torchrun (NCCL) path; a few hundred steps of every
+# method at 224 px with its throughput and peak CUDA memory
 # (`cuda_peak_mib` in each run's metrics.jsonl); the pre-training step against HuggingFace's, the
 # fine-tuning step against timm's; `mimkit resources` and `mimkit export` on the GPU.
 #

@@ -382,9 +382,10 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     title = f"{cfg.method.name} {ckpt.name}"
     torch.manual_seed(args.seed)
     normalize = normalizer_for(train, cfg.data.channels)
+    shown = build_loader(data, cfg.data, num, train=False, normalize=normalize)  # the images, resized only
+    images = next(iter(shown)).images if reconstructs or args.attention else None
     if reconstructs:
-        loader = build_loader(data, cfg.data, num, train=False, normalize=normalize)
-        save_reconstructions(method, next(iter(loader)).images, loader.normalize, out, title=title)
+        save_reconstructions(method, images, normalize, out, title=title)
         print(f"reconstructions -> {out}")
     else:
         # No pixels to reconstruct: what the encoder is trained on is the method's augmented views.
@@ -394,8 +395,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         save_views(batch.all_views, loader.normalize, out, title=f"{title}: the views it trains on")
         print(f"{cfg.method.name} has no pixel reconstruction; the views it trains on -> {out}")
     if args.attention:
-        loader = build_loader(data, cfg.data, num, train=False, normalize=normalize)
-        for png in save_feature_maps(method.eval_module, next(iter(loader)).images, loader.normalize, out.parent,
+        for png in save_feature_maps(method.eval_module, images, normalize, out.parent,
                                      title=f"{title} ({method.eval_module_name})"):
             print(f"{png.stem} -> {png}")
     try:

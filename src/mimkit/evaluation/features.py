@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mimkit.config import DataConfig
-from mimkit.data import Batch, build_dataset, build_loader, check_labelled, normalizer_for
+from mimkit.data import Batch, ImageSet, Normalize, build_dataset, build_loader, check_labelled, normalizer_for
 from mimkit.engine.precision import autocast
 from mimkit.engine.run_folder import check_room
 
@@ -90,6 +90,18 @@ def _cache_key(tag: str, cfg: DataConfig, split: str, precision: str) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+def labelled_splits(cfg: DataConfig, what: str) -> tuple[ImageSet, ImageSet, Normalize]:
+    """The whole train and test splits of the labelled dataset in ``cfg``, and the train split's normalisation.
+
+    The pre-training ``subset_fraction`` does not apply. ``what`` names who needs the labels in the
+    refusal of an unlabelled or mismatched dataset (:func:`~mimkit.data.check_labelled`).
+    """
+    cfg = dataclasses.replace(cfg, subset_fraction=1.0)
+    train, test = build_dataset(cfg, "train"), build_dataset(cfg, "test")
+    check_labelled(train, test, what)
+    return train, test, normalizer_for(train, cfg.channels)
+
+
 def dataset_features(
     encoder: nn.Module | None,
     cfg: DataConfig,
@@ -134,10 +146,7 @@ def dataset_features(
             if cached is not None:
                 log.info("using cached features %s", path)
                 return cached
-    train = build_dataset(cfg, "train")
-    test = build_dataset(cfg, "test")
-    check_labelled(train, test, "evaluation (kNN, linear probe)")
-    norm = normalizer_for(train, cfg.channels)
+    train, test, norm = labelled_splits(cfg, "evaluation (kNN, linear probe)")
     train = train.per_class_fraction(train_fraction)
     if path is not None:
         # float32 features of both splits: refused now rather than after the extraction.

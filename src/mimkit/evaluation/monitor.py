@@ -9,14 +9,12 @@ test split the queries, both normalised with the whole train split's statistics 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
 from mimkit.config import DataConfig
-from mimkit.data import build_dataset, build_loader, check_labelled, normalizer_for
-from mimkit.evaluation.features import extract_features
+from mimkit.data import build_loader
+from mimkit.evaluation.features import extract_features, labelled_splits
 from mimkit.evaluation.knn import knn_accuracy
 
 
@@ -39,17 +37,9 @@ class KnnMonitor:
                 with other classes than the train split.
 
         """
-        cfg = dataclasses.replace(cfg, subset_fraction=1.0)
-        what = "train.eval_every (kNN while pre-training; 0 turns it off)"
-        train = build_dataset(cfg, "train")
-        if not train.labelled:  # before looking for a test split an unlabelled folder does not have
-            check_labelled(train, train, what)
-        test = build_dataset(cfg, "test")
-        check_labelled(train, test, what)
-        norm = normalizer_for(train, cfg.channels)
-        self.bank, self.queries = train.per_class_fraction(fraction), test.per_class_fraction(fraction)
-        self.loaders = [build_loader(data, cfg, batch_size, train=False, normalize=norm)
-                        for data in (self.bank, self.queries)]
+        train, test, norm = labelled_splits(cfg, "train.eval_every (kNN while pre-training; 0 turns it off)")
+        self.loaders = [build_loader(data.per_class_fraction(fraction), cfg, batch_size, train=False, normalize=norm)
+                        for data in (train, test)]
         self.num_classes = len(train.classes)
         self.device, self.precision = device, precision
 
