@@ -89,7 +89,7 @@ def stages(args: argparse.Namespace) -> None:
     encoders = {"pre-trained": method.encoder}
     data = dataclasses.replace(cfg.data, subset_fraction=1.0)
     train, test = build_dataset(data, "train"), build_dataset(data, "test")
-    norm = normalizer_for(train, data.channels)
+    norm = normalizer_for(train, data)
     if args.recalibrate_bn:
         clean = build_loader(train, data, 256, train=False, normalize=norm)
         encoders["pre-trained, BatchNorm re-estimated on clean images"] = recalibrated(method.encoder, clean, 40)
@@ -116,7 +116,7 @@ def bypass(args: argparse.Namespace) -> None:
     method, cfg, ckpt = _run(args.run)
     data = dataclasses.replace(cfg.data, subset_fraction=1.0)
     train, test = build_dataset(data, "train"), build_dataset(data, "test")
-    loader = build_loader(test, data, 256, train=False, normalize=normalizer_for(train, data.channels))
+    loader = build_loader(test, data, 256, train=False, normalize=normalizer_for(train, data))
     torch.manual_seed(0)
     sums = {"as trained": 0.0, "deepest map shuffled": 0.0, "every skip shuffled": 0.0}
     pixels = 0.0

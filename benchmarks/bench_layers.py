@@ -51,7 +51,7 @@ def main() -> None:
     enc.eval()
     data = dataclasses.replace(cfg.data, subset_fraction=1.0)
     train, test = build_dataset(data, "train"), build_dataset(data, "test")
-    norm = normalizer_for(train, data.channels)
+    norm = normalizer_for(train, data)
     ftr, ytr = block_features(enc, build_loader(train, data, 512, train=False, normalize=norm))
     fte, yte = block_features(enc, build_loader(test, data, 512, train=False, normalize=norm))
     depth = len(enc.blocks)

@@ -105,12 +105,12 @@ def method_batch(method, images: torch.Tensor, labels: torch.Tensor | None = Non
     """A batch of ``images`` as ``method`` trains on it: one view, or each of its views resized from
     ``images`` (shifted by a pixel per view, so that no two are equal)."""
     specs = expand_views(method.views)
-    if len(specs) == 1:
+    if len(specs) == 1 and not specs[0].size:
         return Batch(images, labels)
     side = images.shape[-1]
     views = tuple(F.interpolate(torch.roll(images, i, dims=-1), size=s.resolved_size(side), mode="bilinear",
                                 antialias=True) for i, s in enumerate(specs))
-    return Batch(views[0], labels, views)
+    return Batch(views[0], labels, views if len(views) > 1 else ())
 
 
 #: A tiny teacher-student setting: small heads, two 28 px global and two 12 px local views.

@@ -92,7 +92,8 @@ CASES: list[Case] = [
          r"dataset unlabelled has 3 training images, fewer than one batch of optim\.batch_size=32"),
     Case("streamed-all-unreadable", 3, ("pretrain", "run_dir={ws}/new", *TINY, "data.name=unlabelled",
          "data.root={ws}/corrupt", "data.cache=no", "data.subset_fraction=1", "optim.batch_size=4"),
-         r"epoch 0 took no optimizer step \(4 unreadable images skipped of 4\)", writes=True),
+         r"dataset unlabelled: none of the 4 images sampled for the normalisation could be decoded; check the "
+         r"images under data\.root"),
     Case("cached-all-unreadable", 3, ("pretrain", "run_dir={ws}/new", *TINY, "data.name=unlabelled",
          "data.root={ws}/corrupt", "data.cache=yes", "data.subset_fraction=1", "optim.batch_size=4"),
          r"dataset unlabelled split train is empty"),
@@ -157,6 +158,13 @@ CASES: list[Case] = [
     Case("invalid-yaml", 5, ("config", "--config", "{ws}/bad.yaml"), r"bad\.yaml: not valid YAML: .* line \d+"),
     Case("missing-config", 5, ("config", "--config", "nope"), r"config 'nope' not found: .*mae_fmnist"),
     Case("unknown-key", 5, ("config", "optim.lr=1"), r"unknown key\(s\) optim\.lr in optim; valid keys: .*base_lr"),
+    Case("init-unknown-timm-model", 5, (*NEW, "init=timm:no_such_vit"),
+         r"init=timm:no_such_vit: timm cannot load it \(.*\); give a timm model name"),
+    Case("stats-per-channel", 5, ("config", "data.mean=[0.5,0.5,0.5]", "data.std=[0.2,0.2,0.2]"),
+         r"data\.mean / data\.std must be both empty .* one per channel of data\.channels, got "
+         r"'\[0\.5, 0\.5, 0\.5\] / \[0\.2, 0\.2, 0\.2\]'"),
+    Case("data-from-python-by-name", 5, (*NEW, "data.name=torch_dataset"),
+         r"data\.name=torch_dataset: this run was trained on a torch Dataset given from Python"),
     Case("unknown-view-key", 5, ("config", "method.views=[{{crop: 0.5}}]"),
          r"method\.views\[0\]: unknown setting\(s\) crop; valid: size, scale, ratio, hflip"),
     Case("view-size-vs-patch", 5, ("config", "--config", "dino_fmnist", "method.views=[{{count: 2}}, {{size: 10}}]"),

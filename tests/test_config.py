@@ -167,6 +167,9 @@ def test_bad_precision_refused():
     ("optim.batch_size=0", "batch_size"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("train.epochs=0", "train.epochs"),
+    ("data.mean=[0.5]", r"data.mean / data.std must be both empty.*\[0.5\] / \[\]"),
+    ("data.mean=[0.5, 0.5, 0.5]", "one per channel"),
+    ("data.mean=[128]", r"data.mean must be values in \[0, 1\]"),
 ])
 def test_out_of_range_values_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -342,3 +345,24 @@ def test_validation_reads_no_environment(monkeypatch, tiny_run_config):
     assert load_config(None, ["optim.min_lr=0.01"]).optim.min_lr == 0.01
     with pytest.raises(ConfigError, match=r"optim\.min_lr must be at most the peak lr 0\.001 .*1 process"):
         Trainer(tiny_run_config("optim.min_lr=0.5"), DistInfo())
+
+
+def test_run_folder_named_after_config_and_data(tmp_path):
+    """The same config on other data runs elsewhere; on its own data, or with run_dir given, where it says."""
+    assert load_config("mae_fmnist").run_dir == "runs/mae_fmnist"
+    pets = tmp_path / "my pets"
+    assert load_config("mae_fmnist", [f"data.root={pets}"]).run_dir == "runs/mae_fmnist-my_pets"
+    assert load_config("mae_fmnist", ["data.name=cifar10"]).run_dir == "runs/mae_fmnist-cifar10"
+    assert load_config("mae_fmnist", [f"data.root={pets}", "run_dir=runs/x"]).run_dir == "runs/x"
+    assert load_config("mae_vits_rgb64", [f"data.root={pets}/"]).run_dir == "runs/mae_vits_rgb64-my_pets"
+    assert load_config("mae_fmnist", ["data.img_size=32"]).run_dir == "runs/mae_fmnist"
+
+
+def test_other_data_is_normalised_with_its_own_statistics():
+    from mimkit.config import on_other_data
+
+    run = DataConfig(name="imagefolder", root="/data/pets", channels=3, mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2])
+    assert on_other_data(run, "imagefolder", "/data/pets", []) == run
+    other = dataclasses.replace(run, root="/data/birds")
+    assert on_other_data(other, "imagefolder", "/data/pets", []).mean == []
+    assert on_other_data(other, "imagefolder", "/data/pets", ["data.mean=[0.5,0.4,0.3]"]) == other

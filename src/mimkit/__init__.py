@@ -13,7 +13,11 @@ def __getattr__(name: str) -> Any:
         from mimkit.export import load_encoder
 
         return load_encoder
+    if name in ("load_config", "pretrain"):
+        from mimkit import engine, models
+
+        return models.load_config if name == "load_config" else engine.pretrain
     raise AttributeError(f"module 'mimkit' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "load_encoder"]
+__all__ = ["__version__", "load_config", "load_encoder", "pretrain"]

@@ -381,7 +381,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         print(f"the {args.split} split has {len(data)} images: showing {num}")
     title = f"{cfg.method.name} {ckpt.name}"
     torch.manual_seed(args.seed)
-    normalize = normalizer_for(train, cfg.data.channels)
+    normalize = normalizer_for(train, cfg.data)
     shown = build_loader(data, cfg.data, num, train=False, normalize=normalize)  # the images, resized only
     images = next(iter(shown)).images if reconstructs or args.attention else None
     if reconstructs:

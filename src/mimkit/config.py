@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,9 @@ class DataConfig:
     """Which images to train on and how to augment them."""
 
     name: str = "fashion_mnist"
-    """fashion_mnist | cifar10 | cifar100 | stl10 | imagefolder | unlabelled | tiny_imagenet."""
+    """fashion_mnist | cifar10 | cifar100 | stl10 | imagefolder | unlabelled | folder | tiny_imagenet
+    (``folder``: ``imagefolder`` where ``root`` has class sub-folders, else ``unlabelled``);
+    ``torch_dataset`` in a run trained on a torch ``Dataset`` given from Python."""
     root: str = ""
     """Dataset folder; empty means the dataset's default location."""
     download: bool = False
@@ -77,6 +79,13 @@ class DataConfig:
     """Decode the dataset once into a uint8 tensor: auto (when small) | yes | no."""
     num_workers: int = 0
     """DataLoader workers for streamed (uncached) datasets."""
+    mean: list[float] = field(default_factory=list)
+    """Per-channel mean, pixels in [0, 1], that images are normalised with. Empty: computed when a run
+    starts from an evenly spaced sample of at most 10000 training images decoded at ``img_size``
+    (the same whether the data is in memory or streamed) and stored in the run's ``config.yaml``, so
+    every later command normalises as training did."""
+    std: list[float] = field(default_factory=list)
+    """Per-channel standard deviation beside ``mean``; both empty or both one value per channel."""
 
 
 @dataclass
@@ -129,6 +138,11 @@ class TrainConfig:
     Not counted as training time. Needs labelled data; 0 = off."""
     eval_fraction: float = 0.05
     """Per-class fraction of each split that ``eval_every`` uses."""
+    wandb: str = ""
+    """A Weights & Biases project to mirror the run's TensorBoard scalars to (``wandb.init`` with
+    ``sync_tensorboard``; a continuation goes on in the same W&B run); needs the optional ``wandb``
+    package (``pip install 'mimkit[wandb]'``; ``WANDB_MODE=offline`` works without a network).
+    Empty = off."""
     compile: bool = False
     deterministic: bool = False
     progress: bool = True
@@ -142,7 +156,9 @@ class PretrainConfig:
     seed: int = 0
     init: str = ""
     """A checkpoint (or run) whose evaluated module initialises this method's (fine-tuning from a
-    pre-trained encoder); empty = random initialisation."""
+    pre-trained encoder), or released ViT weights for a ViT backbone: ``timm:NAME`` (timm's pretrained
+    tag, e.g. ``timm:vit_small_patch16_224.dino``), ``local-dir:PATH`` (a folder timm saved, such as a
+    mimkit export's ``timm/``) or ``hf-hub:ORG/NAME``; empty = random initialisation."""
     data: DataConfig = field(default_factory=DataConfig)
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "vit_tiny_p4"})
     method: Any = field(default_factory=lambda: {"name": "mae"})
@@ -321,6 +337,12 @@ def validate(cfg: PretrainConfig) -> None:
     require(0.0 <= d.random_erasing <= 1.0, "data.random_erasing", "in [0, 1]", d.random_erasing)
     require(d.cache in ("auto", "yes", "no"), "data.cache", "auto, yes or no", d.cache)
     require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+    require(all(0.0 <= m <= 1.0 for m in d.mean), "data.mean", "values in [0, 1] (pixels scaled to [0, 1])",
+            list(d.mean))
+    require(all(v > 0 for v in d.std), "data.std", "positive values", list(d.std))
+    require(len(d.mean) == len(d.std) and len(d.mean) in (0, d.channels), "data.mean / data.std",
+            f"both empty (computed from the data) or both {d.channels} value(s), one per channel of data.channels",
+            f"{list(d.mean)} / {list(d.std)}")
     require(o.batch_size > 0, "optim.batch_size", "positive", o.batch_size)
     require(o.accum_steps > 0, "optim.accum_steps", "positive", o.accum_steps)
     require(o.base_lr > 0, "optim.base_lr", "positive", o.base_lr)
@@ -344,6 +366,19 @@ def validate(cfg: PretrainConfig) -> None:
     require(t.eval_every >= 0, "train.eval_every", ">= 0 (0 = off)", t.eval_every)
     require(0.0 < t.eval_fraction <= 1.0, "train.eval_fraction", "in (0, 1]", t.eval_fraction)
     require(bool(cfg.run_dir.strip()), "run_dir", "a folder path", cfg.run_dir)
+
+
+def on_other_data(data: DataConfig, own_name: str, own_root: str, overrides: list[str] | None) -> DataConfig:
+    """``data`` without a run's stored normalisation when it names other data than the run's own.
+
+    A run's ``data.mean`` / ``data.std`` describe its own images; another dataset (``data.name`` or
+    ``data.root`` changed, as ``transfer`` and evaluation overrides do) is normalised with its own
+    statistics, unless the ``overrides`` set them.
+    """
+    given = any(o.startswith(("data.mean=", "data.std=")) for o in overrides or [])
+    if given or (data.name, data.root) == (own_name, own_root):
+        return data
+    return replace(data, mean=[], std=[])
 
 
 def to_yaml(cfg: Any) -> str:

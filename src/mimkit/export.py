@@ -29,7 +29,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mimkit.backbones import check_backbone_cfg, create_backbone
-from mimkit.backbones.layers.pos_embed import sincos_2d
 from mimkit.backbones.vit import VisionTransformer
 from mimkit.engine.checkpoint import (
     MODEL_FILE,
@@ -58,8 +57,8 @@ def timm_vit_weights(encoder: VisionTransformer, img_size: int) -> tuple[dict[st
     """Mimkit's ViT as timm's ``VisionTransformer``: its state dict and ``create_model`` arguments.
 
     The parameter names are timm's already (the blocks are timm's ``Block``); timm learns a position
-    embedding ``[1, 1 + L, D]`` where mimkit adds a fixed sin-cos one to the patch tokens only, so
-    it is written out for ``img_size``, with zeros at the class token.
+    embedding ``[1, 1 + L, D]`` where mimkit adds one (fixed sin-cos, or learned) to the patch tokens
+    only, so it is written out for ``img_size``, with zeros at the class token.
 
     Args:
         encoder: A mimkit :class:`~mimkit.backbones.vit.VisionTransformer`.
@@ -72,7 +71,7 @@ def timm_vit_weights(encoder: VisionTransformer, img_size: int) -> tuple[dict[st
     gh, gw = encoder.grid_size(img_size, img_size)
     # timm's model is created without a head (num_classes=0): the features are what is released.
     state = {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items() if not k.startswith("head.")}
-    pos = sincos_2d(gh, gw, encoder.embed_dim, torch.device("cpu")).reshape(1, gh * gw, encoder.embed_dim)
+    pos = encoder.positions(gh, gw).detach().float().cpu().reshape(1, gh * gw, encoder.embed_dim)
     pos = torch.cat([torch.zeros(1, 1, encoder.embed_dim), pos], dim=1)
     state["pos_embed"] = pos.to(state["cls_token"].dtype).contiguous()
     block = encoder.blocks[0]
@@ -162,8 +161,8 @@ def export_checkpoint(run: str | Path, out: str | Path, overwrite: bool = False)
     method = build_for_weights(lambda: method_from_config(cfg), ckpt / MODEL_FILE, settings=cfg_path)
     load_weights(method, ckpt)
     encoder = method.eval_module.eval()
-    train = build_dataset(cfg.data, "train")
-    mean, std = normalizer_for(train, cfg.data.channels).stats()
+    # A run stores the statistics it trained with; one from before that is read from its data again.
+    mean, std = normalizer_for(None if cfg.data.mean else build_dataset(cfg.data, "train"), cfg.data).stats()
     settings = backbone_settings(cfg)
     settings.pop("drop_path_rate", None)  # a training-time setting; an exported encoder is for inference
     meta = {

@@ -8,6 +8,7 @@ and the loader call these functions rather than repeating them.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,17 @@ from typing import Any
 from torch import nn
 
 from mimkit.backbones import check_backbone_cfg, check_backbone_input, create_backbone
-from mimkit.config import PretrainConfig, load_yaml, merge_layer, merge_trees, parse_overrides, validate
+from mimkit.config import (
+    DataConfig,
+    PretrainConfig,
+    load_yaml,
+    merge_layer,
+    merge_trees,
+    on_other_data,
+    parse_overrides,
+    resolve_config_path,
+    validate,
+)
 from mimkit.data.batch import whole_sets
 from mimkit.errors import ConfigError
 from mimkit.methods import METHODS, PretrainMethod, check_method_cfg, create_method
@@ -30,15 +41,35 @@ MOVED_TO_VIEWS = {"crop_scale": "scale", "hflip": "hflip"}
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
     """Defaults, then the YAML at ``path``, then ``key=value`` overrides; validated, the method typed.
 
+    A config pointed at other data than its own (``data.name`` or ``data.root`` overridden) runs in
+    a folder named after both, ``<run_dir>-<data>`` (:func:`data_tag`), unless ``run_dir`` is given
+    too: the same config on two folders of images makes two runs, not a refusal or a mix. A
+    normalisation the config stores (a run's ``config.yaml``) is dropped then, to be computed from
+    the new data (:func:`~mimkit.config.on_other_data`).
+
     Args:
-        path: A YAML file, or None for the defaults.
+        path: A YAML file, the name of a packaged config (``mae_vits_rgb64``), or None for the defaults.
         overrides: ``key=value`` strings with dotted keys.
 
     Returns:
         The resolved :class:`~mimkit.config.PretrainConfig`; ``cfg.method`` is the method's ``Config``.
 
     """
-    return compose_config([load_yaml(path)] if path is not None else [], overrides)
+    layers = [load_yaml(resolve_config_path(path))] if path is not None else []
+    cfg = compose_config(layers, overrides)
+    own = {**asdict(DataConfig()), **(layers[0].get("data") or {} if layers else {})}
+    if (cfg.data.name, cfg.data.root) != (own["name"], own["root"]):
+        # A run's config.yaml reused on other data: its stored normalisation is not this data's.
+        cfg.data = on_other_data(cfg.data, own["name"], own["root"], overrides)
+        if "run_dir" not in parse_overrides(overrides or []):
+            cfg.run_dir = f"{cfg.run_dir.rstrip('/')}-{data_tag(cfg.data)}"
+    return cfg
+
+
+def data_tag(data: DataConfig) -> str:
+    """A folder-name-safe name for the data of ``data``: its root folder's name, else the dataset's."""
+    name = Path(data.root).resolve().name if data.root else data.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-") or data.name
 
 
 def compose_config(layers: list[dict[str, Any]], overrides: list[str] | None = None) -> PretrainConfig:
@@ -159,5 +190,5 @@ def method_from_config(cfg: PretrainConfig) -> PretrainMethod:
     return create_method(cfg.method, encoder_from_config(cfg))
 
 
-__all__ = ["backbone_settings", "check_method_input", "check_model_config", "compose_config", "encoder_from_config",
-           "eval_prefix", "load_config", "method_from_config"]
+__all__ = ["backbone_settings", "check_method_input", "check_model_config", "compose_config", "data_tag",
+           "encoder_from_config", "eval_prefix", "load_config", "method_from_config"]

@@ -200,7 +200,7 @@ def test_corrupt_image_skipped_cached(tmp_path, write_image, data_cfg):
     assert data.skipped == 1
     assert len(data) == 9 and data.images.shape[0] == 9
     assert torch.bincount(data.labels).tolist() == [5, 4]
-    loader = BatchLoader(data, data_cfg(), 4, train=False, normalize=normalizer_for(data, 3))
+    loader = BatchLoader(data, data_cfg(), 4, train=False, normalize=normalizer_for(data, data_cfg()))
     assert loader.skipped == 1
 
 
@@ -209,7 +209,7 @@ def test_corrupt_image_skipped_streamed(tmp_path, write_image, data_cfg):
     cfg = data_cfg(name="imagefolder", root=str(root), cache="no")
     data = build_dataset(cfg, "train")
     assert data.images is None and len(data.files) == 10
-    loader = BatchLoader(data, cfg, 4, train=False, normalize=normalizer_for(data, 3))
+    loader = BatchLoader(data, cfg, 4, train=False, normalize=normalizer_for(data, cfg))
     batches = list(loader)
     assert loader.skipped == 1
     images = torch.cat([b.images for b in batches])
@@ -290,3 +290,117 @@ def test_truncated_idx_file_is_named(tmp_path, data_cfg):
                                                                         + b"\1\2"))
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte: 21 bytes where its header promises 24"):
         build_dataset(data_cfg(name="fashion_mnist", root=str(tmp_path), channels=1, img_size=2), "train")
+
+
+# ----------------------------------------------------------------------------- own images: colour, stats, sources
+
+
+def _mixed_folder(root: Path, write_image, n: int = 12, mode: str = "RGB", classes: bool = True) -> Path:
+    """Images of mixed sizes and values, in two class folders (or flat)."""
+    for i in range(n):
+        sub = root / ("train" if classes else "") / (("a", "b")[i % 2] if classes else "")
+        write_image(sub / f"{i}.png", value=40 + 15 * i, size=(10 + 3 * i, 30 - i), mode=mode)
+    return root
+
+
+def test_normalisation_is_the_same_in_memory_and_streamed(tmp_path, write_image, data_cfg):
+    """The statistics come from the same images decoded the same way whatever ``data.cache`` says."""
+    root = _folder_with_corrupt(_mixed_folder(tmp_path / "f", write_image), write_image)
+    cached = build_dataset(data_cfg(name="imagefolder", root=str(root), cache="yes"), "train")
+    streamed_cfg = data_cfg(name="imagefolder", root=str(root), cache="no")
+    streamed = build_dataset(streamed_cfg, "train")
+    assert cached.images is not None and streamed.images is None
+    from mimkit.data.datasets import dataset_stats
+
+    ours = dataset_stats(cached, data_cfg())
+    torch.testing.assert_close(torch.tensor(dataset_stats(streamed, streamed_cfg)), torch.tensor(ours))
+    # Every 3rd image when at most a third of them may be used, in either mode.
+    few = dataset_stats(streamed, streamed_cfg, max_images=len(streamed) // 3)
+    torch.testing.assert_close(torch.tensor(few), torch.tensor(dataset_stats(cached, data_cfg(),
+                                                                            max_images=len(cached) // 3)))
+    assert few != ours
+
+
+def test_colour_images_trained_as_grey_are_warned_about(tmp_path, write_image, data_cfg, caplog):
+    colour = _mixed_folder(tmp_path / "colour", write_image)
+    grey = _mixed_folder(tmp_path / "grey", write_image, mode="L")
+    with caplog.at_level("WARNING", logger="mimkit.data.datasets"):
+        data = build_dataset(data_cfg(name="imagefolder", root=str(colour), channels=1, img_size=8), "train")
+    assert data.images.shape[1] == 1
+    warned = [r.getMessage() for r in caplog.records if "colour" in r.getMessage()]
+    assert len(warned) == 1 and "data.channels=3" in warned[0] and "12 of 12" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mimkit.data.datasets"):
+        build_dataset(data_cfg(name="imagefolder", root=str(grey), channels=1), "train")
+        build_dataset(data_cfg(name="imagefolder", root=str(colour), channels=3), "train")
+    assert not [r for r in caplog.records if "colour" in r.getMessage()]
+
+
+def test_folder_source_reads_labels_where_there_are_class_folders(tmp_path, write_image, data_cfg):
+    labelled = build_dataset(data_cfg(name="folder", root=str(_mixed_folder(tmp_path / "l", write_image))), "train")
+    assert labelled.labelled and labelled.classes == ["a", "b"] and len(labelled) == 12
+    flat = build_dataset(data_cfg(name="folder", root=str(_mixed_folder(tmp_path / "u", write_image,
+                                                                           classes=False))), "train")
+    assert not flat.labelled and len(flat) == 12 and (flat.labels == -1).all()
+    with pytest.raises(DataError, match="test/ or val/"):
+        build_dataset(data_cfg(name="folder", root=str(tmp_path / "u")), "test")
+
+
+class _Images(torch.utils.data.Dataset):
+    """Items of every kind a user may hand over: PIL, uint8 and float tensors, arrays (one of a single
+    channel), pairs, None."""
+
+    def __init__(self, n: int = 9) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.pixels = [torch.randint(0, 256, (3, 12 + i, 16), dtype=torch.uint8, generator=gen) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, i: int):
+        x = self.pixels[i]
+        kind = i % 5
+        if kind == 0:
+            return Image.fromarray(x.permute(1, 2, 0).numpy())
+        if kind == 1:
+            return x, 3
+        if kind == 2:
+            return x.float() / 255
+        if kind == 3:
+            return (x.permute(1, 2, 0).numpy() if i < 5 else x[:1].permute(1, 2, 0).numpy()), 1
+        return None if i == 4 else x
+
+
+@pytest.mark.parametrize("cache", ["yes", "no"])
+def test_any_torch_dataset_trains_in_memory_or_streamed(data_cfg, cache):
+    from mimkit.data import from_torch_dataset
+
+    cfg = data_cfg(img_size=8, cache=cache)
+    data = from_torch_dataset(_Images(), cfg)
+    assert data.name == "torch_dataset" and not data.labelled
+    # Batches of 3 of 9 items: a training epoch drops none, so the unreadable one is always met.
+    loader = BatchLoader(data, cfg, 3, train=True, normalize=normalizer_for(data, cfg))
+    batches = list(loader)
+    assert all(b.images.shape[1:] == (3, 8, 8) and torch.isfinite(b.images).all() for b in batches)
+    assert loader.skipped == 1  # the item that was None
+    assert sum(len(b.images) for b in batches) >= 6
+
+
+def test_torch_dataset_refusals(data_cfg):
+    from mimkit.data import from_torch_dataset
+    from mimkit.data.datasets import dataset_image
+
+    class Endless(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(3, 8, 8)
+
+    with pytest.raises(ConfigError, match="no len"):
+        from_torch_dataset(Endless(), data_cfg())
+    with pytest.raises(ConfigError, match="empty"):
+        from_torch_dataset([], data_cfg())
+    with pytest.raises(DataError, match=r"item 7: .*\[C, H, W\]"):
+        dataset_image(torch.zeros(2, 5, 8, 8), 3, 7)
+    with pytest.raises(DataError, match="item 2: expected a PIL image"):
+        dataset_image("a.png", 3, 2)
+    with pytest.raises(ConfigError, match="torch_dataset.*cannot rebuild"):
+        build_dataset(data_cfg(name="torch_dataset"), "train")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mimkit.data import Batch, BatchLoader, ImageSet, build_loader, normalizer_for
-from mimkit.data.transforms import IMAGENET_MEAN, Normalize
+from mimkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from mimkit.data.views import ViewSpec, parse_views
 
 
@@ -144,15 +144,17 @@ def test_too_small_for_a_batch(data_cfg):
         _loader(_indexed_set(5), data_cfg, batch=8)
 
 
-def test_normalizer_for():
+def test_normalizer_for(data_cfg):
     data = _indexed_set(10, channels=3)
-    norm = normalizer_for(data, 3)
+    norm = normalizer_for(data, data_cfg())
     x = norm(data.images)
     torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-3, rtol=0)
-    streamed = ImageSet("s", torch.zeros(2, dtype=torch.long), files=[])
-    assert normalizer_for(streamed, 3).mean.flatten().tolist() == pytest.approx([m * 255 for m in IMAGENET_MEAN])
-    assert normalizer_for(streamed, 1).mean.numel() == 1
+    # Statistics a run stored are used as they are, the data's own not read at all.
+    stored = normalizer_for(None, data_cfg(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)))
+    assert stored.mean.flatten().tolist() == pytest.approx([m * 255 for m in IMAGENET_MEAN])
+    with pytest.raises(ValueError, match="not set"):
+        normalizer_for(None, data_cfg())
 
 
 def test_build_loader_uses_dataset_stats(data_cfg):

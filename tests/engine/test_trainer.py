@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -7,8 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from mimkit.data import build_dataset
+from mimkit.data.datasets import dataset_stats
 from mimkit.engine import CONFIG_FILE, NonFiniteLossError, pretrain
 from mimkit.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state, load_weights
 from mimkit.engine.logging import read_metrics
@@ -34,8 +38,11 @@ def test_tiny_pretrain(tiny_run_config):
     cfg = tiny_run_config("train.epochs=2")
     run = pretrain(cfg)
     assert str(run) == cfg.run_dir
-    # the resolved config is saved and reads back to the same thing
-    assert load_config(run / CONFIG_FILE) == cfg
+    # the resolved config is saved and reads back to the same thing, with the normalisation it trained with
+    saved = load_config(run / CONFIG_FILE)
+    mean, std = dataset_stats(build_dataset(cfg.data, "train"), cfg.data)
+    assert (saved.data.mean, saved.data.std) == (mean, std) and len(mean) == 1
+    assert saved == dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=mean, std=std))
     rows = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(3, 2 * STEPS_PER_EPOCH + 1, 3))
     losses = [r["loss"] for r in rows]
@@ -72,6 +79,18 @@ def test_resume_auto_continues(tiny_run_config):
     assert _steps(run) == list(range(3, 37, 3))
     after = _weights(latest_checkpoint(run / "checkpoints"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_run_from_before_stored_statistics_goes_on_without(tiny_run_config):
+    """A run whose config.yaml has no data.mean continues as it was (the data's statistics, not refused)."""
+    run = pretrain(tiny_run_config("train.epochs=1"))
+    tree = yaml.safe_load((run / CONFIG_FILE).read_text())
+    del tree["data"]["mean"], tree["data"]["std"]
+    (run / CONFIG_FILE).write_text(yaml.safe_dump(tree, sort_keys=False))
+    assert load_config(run / CONFIG_FILE).data.mean == []
+    pretrain(tiny_run_config("train.epochs=2"), resume="auto")
+    assert latest_checkpoint(run / "checkpoints").name == "step_00000036"
+    assert load_config(run / CONFIG_FILE).data.mean == []
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tiny_run_config):

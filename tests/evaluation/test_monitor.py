@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -69,3 +72,37 @@ def test_eval_every_on_unlabelled_images_is_refused_in_one_line(tiny_run_config,
 def test_bad_watch_settings_are_refused(tiny_run_config, setting):
     with pytest.raises(MimkitError, match=setting.split("=")[0].replace(".", r"\.")):
         tiny_run_config(setting)
+
+
+def test_a_run_mirrors_to_weights_and_biases_through_tensorboard(tiny_run_config, monkeypatch):
+    """train.wandb: one W&B run per run folder, started before TensorBoard's writer, finished at the end;
+    a continuation goes on in the same W&B run. A stand-in module records the calls (no network)."""
+    import sys
+    import types
+
+    calls = []
+
+    class FakeRun:
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or FakeRun()
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = pretrain(tiny_run_config("train.epochs=1", "train.wandb=mimkit-test"))
+    pretrain(tiny_run_config("train.epochs=2", "train.wandb=mimkit-test"), resume="auto")
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert len(inits) == 2 and [c[0] for c in calls].count("finish") == 2
+    assert all(kw["project"] == "mimkit-test" and kw["sync_tensorboard"] and kw["resume"] == "allow" for kw in inits)
+    assert inits[0]["id"] == inits[1]["id"] and inits[0]["dir"] == str(run)
+    assert inits[0]["config"]["method"]["name"] == "mae"
+
+
+def test_weights_and_biases_not_installed_is_refused_in_one_line(tiny_run_config, monkeypatch, tmp_path):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(MimkitError, match=r"train\.wandb=p mirrors the run to Weights & Biases, which is not "
+                                          r"installed: pip install 'mimkit\[wandb\]'"):
+        pretrain(tiny_run_config("train.wandb=p"))
+    assert not (tmp_path / "run").exists()

@@ -2,15 +2,17 @@
 
 Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021; the fixed sin-cos position
 embedding and initialisation follow He et al., "Masked Autoencoders Are Scalable Vision
-Learners", CVPR 2022.
+Learners", CVPR 2022. A learned position embedding (``pos_embed="learned"``) takes the weights of
+ViTs that learned one (DINO's, timm's supervised ones).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, build_sincos2d_pos_embed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -59,6 +61,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
         num_classes: int = 0,
+        pos_embed: str = "sincos",
     ) -> None:
         """Build the encoder.
 
@@ -74,11 +77,16 @@ class VisionTransformer(nn.Module):
             drop_path_rate: Stochastic depth, linearly increasing over the blocks.
             global_pool: ``avg`` (mean of patch tokens) or ``token`` (the class token).
             num_classes: Size of the classification head; 0 = no head.
+            pos_embed: ``sincos``, the fixed 2-D sin-cos embedding (MAE's), or ``learned``, a parameter
+                ``[1, L, D]`` for the ``img_size`` grid that starts as the sin-cos one and is
+                resampled (bicubic) for other grids; the class token has none of its own.
 
         """
         super().__init__()
         if global_pool not in ("avg", "token"):
             raise ConfigError(f"backbone.global_pool must be 'avg' or 'token', got {global_pool!r}")
+        if pos_embed not in POS_EMBEDS:
+            raise ConfigError(f"backbone.pos_embed must be one of {', '.join(POS_EMBEDS)}, got {pos_embed!r}")
         check_positive("backbone", patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
                        num_heads=num_heads, mlp_ratio=mlp_ratio)
         check_heads("backbone.embed_dim", embed_dim, "backbone.num_heads", num_heads)
@@ -96,6 +104,10 @@ class VisionTransformer(nn.Module):
             strict_img_size=False,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed: nn.Parameter | None = None
+        if pos_embed == "learned":
+            grid = self.patch_embed.grid_size
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # numbers, also under a meta device
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
@@ -111,6 +123,11 @@ class VisionTransformer(nn.Module):
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
+        if self.pos_embed is not None:  # starts as the fixed embedding it stands in for; built here, not cached
+            grid = list(self.patch_embed.grid_size)
+            with torch.no_grad():
+                self.pos_embed.copy_(build_sincos2d_pos_embed(grid, dim=self.embed_dim, device=self.pos_embed.device)
+                                     .unsqueeze(0))
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -148,9 +165,32 @@ class VisionTransformer(nn.Module):
                                  f"[{self.embed_dim}], got mask {tuple(token_mask.mask.shape)}")
             hidden = token_mask.mask.bool().unsqueeze(-1)  # [N, L, 1]
             tokens = torch.where(hidden, token_mask.token.to(tokens.dtype).view(1, 1, -1), tokens)
-        # An input of another size than the encoder's (DINO's local crops) spans the same positions.
+        return tokens + self.positions(gh, gw).to(tokens.dtype)
+
+    def positions(self, gh: int, gw: int) -> torch.Tensor:
+        """The position embedding ``[1, gh * gw, D]`` of a ``gh x gw`` patch grid.
+
+        An input of another size than the encoder's (DINO's local crops) spans the same positions:
+        the sin-cos function is evaluated over the encoder's extent, a learned grid is resampled to it.
+        """
         extent = tuple(self.patch_embed.grid_size)
-        return tokens + sincos_2d(gh, gw, self.embed_dim, tokens.device, extent).to(tokens.dtype)
+        if self.pos_embed is None:
+            return sincos_2d(gh, gw, self.embed_dim, self.cls_token.device, extent)
+        if (gh, gw) == extent:
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, [gh, gw], list(extent), num_prefix_tokens=0)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        # A learned grid saved at another image size (pre-trained at 64 px, used at 224) is resampled
+        # to this one, bicubic, as timm resamples its position embeddings on load.
+        key = prefix + "pos_embed"
+        if self.pos_embed is not None and key in state_dict and state_dict[key].shape != self.pos_embed.shape:
+            saved = state_dict[key]
+            side = math.isqrt(saved.shape[1])
+            if saved.dim() == 3 and side * side == saved.shape[1] and saved.shape[2] == self.embed_dim:
+                state_dict[key] = resample_abs_pos_embed(saved.float(), list(self.patch_embed.grid_size),
+                                                         [side, side], num_prefix_tokens=0).to(saved.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward_features(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
         """Encode images: all patch tokens, only those a :class:`KeepTokens` keeps (MAE), all of
@@ -279,16 +319,19 @@ class VisionTransformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay beyond the 1-D rule."""
-        return {"cls_token"}
+        return {"cls_token"} if self.pos_embed is None else {"cls_token", "pos_embed"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, object]:
         """Regexes grouping parameters by depth, as timm uses for layer-wise lr decay."""
         return {
-            "stem": r"^cls_token|^patch_embed",
+            "stem": r"^cls_token|^pos_embed|^patch_embed",
             "blocks": r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         }
 
+
+#: The position embeddings a ViT can have (``backbone.pos_embed``).
+POS_EMBEDS = ("sincos", "learned")
 
 VIT_PRESETS: dict[str, dict[str, int]] = {
     # Small-image presets (28-64 px inputs).

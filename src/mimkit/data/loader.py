@@ -9,12 +9,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from mimkit.data.batch import Batch, whole_sets
-from mimkit.data.datasets import FileDataset, ImageSet
+from mimkit.data.datasets import FileDataset, ImageSet, dataset_stats
 from mimkit.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Normalize,
-    channel_stats,
     pil_eval_transform,
     rand_augment_batch,
     random_erasing_batch,
@@ -27,13 +24,23 @@ if TYPE_CHECKING:  # the data layer takes a DataConfig, but does not import the 
     from mimkit.config import DataConfig
 
 
-def normalizer_for(data: ImageSet, channels: int) -> Normalize:
-    """Per-channel statistics of an in-memory dataset, else ImageNet's (grey: their average)."""
-    if data.images is not None:
-        return Normalize(*channel_stats(data.images))
-    if channels == 1:
-        return Normalize([sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3])
-    return Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))
+def normalizer_for(data: ImageSet | None, cfg: DataConfig) -> Normalize:
+    """The normalisation ``cfg`` gives (``data.mean`` / ``data.std``), else the statistics of ``data``.
+
+    A run stores the statistics it trained with in its ``config.yaml``, so every command that reads
+    the run normalises as training did; where they are not set they are computed from an evenly
+    spaced sample of ``data`` (:func:`~mimkit.data.datasets.dataset_stats`), the same whether it is
+    in memory or streamed.
+
+    Raises:
+        ValueError: Neither statistics in ``cfg`` nor ``data`` to compute them from.
+
+    """
+    if cfg.mean:
+        return Normalize(list(cfg.mean), list(cfg.std))
+    if data is None:
+        raise ValueError("normalizer_for: data.mean / data.std are not set and no data was given to compute them")
+    return Normalize(*dataset_stats(data, cfg))
 
 
 def _collate_skipping(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, int]:

@@ -7,6 +7,7 @@ random resized crop and flip are one batched ``grid_sample`` call.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,27 @@ def channel_stats(images: torch.Tensor, max_images: int = 10000) -> tuple[list[f
     Uses an evenly spaced subset of at most ``max_images`` images, so it is deterministic.
     """
     step = max(1, images.shape[0] // max_images)
-    x = images[::step].float().div_(255)
-    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+    sample = images[::step]
+    return moments(sample[i : i + 256] for i in range(0, sample.shape[0], 256))
+
+
+def moments(chunks: Iterable[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (unbiased) std in [0, 1] of uint8 batches ``[B, C, H, W]`` taken together.
+
+    Summed batch by batch in float64, so ten thousand 224 px images take one batch's memory, not
+    the float copy of them all.
+    """
+    n, total, squares = 0, None, None
+    for x in chunks:
+        x = x.double().div_(255)
+        s, q = x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3))
+        total, squares = (s, q) if total is None else (total + s, squares + q)
+        n += x.numel() // x.shape[1]
+    if total is None:
+        raise ValueError("moments of no images")
+    mean = total / n
+    var = (squares - n * mean.square()) / max(1, n - 1)
+    return mean.tolist(), var.clamp_min(0).sqrt().tolist()
 
 
 class Normalize:

@@ -339,8 +339,19 @@ def check_fits(build: Callable[[], nn.Module], file: Path, prefix: str = "", set
     check_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes, file)
 
 
+#: Tensors a module resamples to its own shape when it loads them: a learned position embedding
+#: ``[1, L, D]`` of another grid (a ViT pre-trained at 64 px, evaluated or fine-tuned at 224).
+RESAMPLED = ("pos_embed",)
+
+
+def _resampled(key: str, own: tuple[int, ...], found: tuple[int, ...]) -> bool:
+    return (key.rsplit(".", 1)[-1] in RESAMPLED and len(own) == len(found) == 3 and own[0] == found[0]
+            and own[2] == found[2])
+
+
 def check_shapes(own: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], file: Path) -> None:
-    """Refuse ``found`` (a file's tensor shapes) unless its keys and shapes are exactly ``own``'s.
+    """Refuse ``found`` (a file's tensor shapes) unless its keys and shapes are exactly ``own``'s
+    (but for the :data:`RESAMPLED` ones, which the module resamples from any grid of the same width).
 
     Raises:
         CheckpointMismatchError: Missing or unexpected keys, or shape mismatches, listed by name.
@@ -349,7 +360,7 @@ def check_shapes(own: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ..
     missing = sorted(set(own) - set(found))
     unexpected = sorted(set(found) - set(own))
     shapes = [f"{k}: checkpoint {found[k]} vs model {own[k]}" for k in sorted(set(own) & set(found))
-              if tuple(own[k]) != tuple(found[k])]
+              if tuple(own[k]) != tuple(found[k]) and not _resampled(k, tuple(own[k]), tuple(found[k]))]
     if missing or unexpected or shapes:
         parts = []
         if missing:

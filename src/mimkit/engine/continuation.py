@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from mimkit.backbones.from_timm import is_timm_source
 from mimkit.config import PretrainConfig, load_yaml
 from mimkit.engine.run_folder import CHANGES_FILE, CONFIG_FILE, write_text
 from mimkit.errors import ConfigError
@@ -35,6 +36,7 @@ CONTINUABLE: dict[str, str] = {
     "train.progress": "the progress bar",
     "train.max_bad_steps": "how many non-finite steps in a row stop the run",
     "train.device": "where the run continues (cpu, cuda)",
+    "train.wandb": "the Weights & Biases project the scalars are mirrored to",
     "data.num_workers": "loader processes (the images are the same)",
 }
 #: Never compared: the folder is where the run is, not a setting of it.
@@ -67,7 +69,7 @@ def flat_settings(cfg: PretrainConfig) -> dict[str, Any]:
     visit("", tree)
     for key in NOT_SETTINGS:
         out.pop(key, None)
-    if out.get("init"):  # one checkpoint however its path was written
+    if out.get("init") and not is_timm_source(out["init"]):  # one checkpoint however its path was written
         out["init"] = str(Path(out["init"]).resolve())
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -22,15 +23,26 @@ class RunLogger:
     """
 
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True,
-                 purge_step: int | None = None) -> None:
-        """Open the files (only when ``enabled``); TensorBoard drops its events from ``purge_step`` on."""
+                 purge_step: int | None = None, wandb_project: str = "", config: dict[str, Any] | None = None) -> None:
+        """Open the files (only when ``enabled``); TensorBoard drops its events from ``purge_step`` on.
+
+        With ``wandb_project`` the TensorBoard scalars are mirrored to Weights & Biases (``config``
+        as the W&B run's config); a run folder is always the same W&B run, so a continuation goes on in it.
+        """
         self.enabled = enabled
         self._writer = None
         self._file = None
+        self._wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(run_dir / METRICS_FILE, "a", buffering=1)
+        if wandb_project:
+            import wandb  # the optional extra; the trainer checks it is there before the run starts
+
+            # Before the SummaryWriter exists: sync_tensorboard patches TensorBoard's writer.
+            self._wandb = wandb.init(project=wandb_project, name=run_dir.name, id=wandb_run_id(run_dir),
+                                     resume="allow", dir=str(run_dir), config=config or {}, sync_tensorboard=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -58,8 +70,19 @@ class RunLogger:
         self._file.close()
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         logging.getLogger("mimkit").removeHandler(self._handler)
         self._handler.close()
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The Weights & Biases run id of a run folder: its name and a hash of its absolute path (the same on
+    every continuation).
+    """
+    digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(run_dir).resolve().name)
+    return f"{safe[:40]}-{digest}"
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> int:

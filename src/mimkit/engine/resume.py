@@ -8,9 +8,10 @@ locked and prepared; the trainer applies the returned :class:`ResumePoint`.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,8 @@ def _prepare_folder(run: RunToOpen, point: ResumePoint | None, overwrite: bool,
     for key, (old, new) in changes.items():
         log.warning("continuing with %s = %r (the run had %r); recorded in config-changes.jsonl", key, new, old)
     record_changes(run_dir, step, changes, source)
-    return RunLogger(run_dir, purge_step=step + 1)
+    return RunLogger(run_dir, purge_step=step + 1, wandb_project=run.cfg.train.wandb,
+                     config=json.loads(json.dumps(asdict(run.cfg), default=str)))
 
 
 __all__ = ["ResumePoint", "RunToOpen", "find_resume_point", "open_run", "verify"]

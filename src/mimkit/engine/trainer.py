@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import logging
 import math
 import random
@@ -11,11 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from mimkit.backbones.from_timm import is_timm_source, load_timm_weights
 from mimkit.config import PretrainConfig
-from mimkit.data import Batch, BatchLoader, build_dataset, build_loader
+from mimkit.data import TORCH_DATASET, Batch, BatchLoader, build_dataset, build_loader, from_torch_dataset
+from mimkit.data.datasets import dataset_stats
 from mimkit.engine.checkpoint import (
     MODEL_FILE,
     check_fits,
@@ -34,7 +40,7 @@ from mimkit.engine.logging import RunLogger
 from mimkit.engine.optim import Schedule, build_optimizer, scaled_lr
 from mimkit.engine.precision import grad_scaler, resolve_precision
 from mimkit.engine.resume import ResumePoint, RunToOpen, open_run
-from mimkit.engine.run_folder import RunFolder, reading_run, run_config_for
+from mimkit.engine.run_folder import CONFIG_FILE, RunFolder, reading_run, run_config_for
 from mimkit.engine.step import StepResult, train_step
 from mimkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from mimkit.methods import PretrainOutput
@@ -55,8 +61,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
-    """Pre-train ``cfg.method`` on ``cfg.data``; returns the run folder.
+def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = False,
+             dataset: Dataset | None = None) -> Path:
+    """Pre-train ``cfg.method`` on ``cfg.data`` (or on ``dataset``); returns the run folder.
+
+    Example:
+        >>> import mimkit
+        >>> cfg = mimkit.load_config("mae_vits_rgb64", ["run_dir=runs/mine"])
+        >>> mimkit.pretrain(cfg, dataset=my_images)  # doctest: +SKIP
 
     Every check (config, data, model, optimizer, the resume checkpoint, that the folder is free and
     writable) is made before anything is written, so a refused run leaves the folder as it was.
@@ -67,6 +79,10 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
             (a fresh start if there is none; corrupt or non-finite newer ones are set aside with a
             warning), or a checkpoint path.
         overwrite: Replace a run already in the folder (its run files are deleted first).
+        dataset: A map-style torch ``Dataset`` of images to train on instead of the one ``cfg.data``
+            names (:func:`~mimkit.data.from_torch_dataset`: PIL images, ``[C, H, W]`` tensors or
+            ``(image, label)`` pairs, without random transforms); ``cfg.data`` still gives the
+            size, channels and augmentation. The run records ``data.name=torch_dataset``.
 
     Returns:
         The run folder, holding ``config.yaml``, ``metrics.jsonl``, ``tb/`` and ``checkpoints/``.
@@ -78,18 +94,33 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = F
     """
     info = init_distributed(cfg.train.device)
     try:
-        trainer = Trainer(cfg, info, resume)
+        trainer = Trainer(cfg, info, resume, dataset)
         trainer.open(resume, overwrite)
         return trainer.fit()
     finally:
         cleanup(info)
 
 
+def _stored_stats(run_dir: str) -> tuple[list[float], list[float]] | None:
+    """The normalisation the run in ``run_dir`` stored, ``([], [])`` for a run from before runs stored
+    one (it goes on without, as it trained), or None where there is no readable run.
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        data = yaml.safe_load(path.read_text()).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None  # no run, or one the resume checks will refuse with their own message
+    if not isinstance(data, dict):
+        return None
+    return list(data.get("mean") or []), list(data.get("std") or [])
+
+
 class Trainer:
     """Everything one pre-training run holds; :meth:`fit` is the loop, the other methods its steps."""
 
-    def __init__(self, cfg: PretrainConfig, info: DistInfo, resume: str | None = None) -> None:
-        """Build data, method, optimizer and schedule for ``cfg`` on this process's device.
+    def __init__(self, cfg: PretrainConfig, info: DistInfo, resume: str | None = None,
+                 dataset: Dataset | None = None) -> None:
+        """Build data, method, optimizer and schedule for ``cfg`` (on ``dataset`` if given) on this process's device.
 
         ``cfg.init`` is loaded here for a fresh run; with ``resume`` given it is loaded only if
         :meth:`open` finds nothing to continue, since a continuation's checkpoint holds every weight.
@@ -97,6 +128,9 @@ class Trainer:
         :meth:`open` has checked everything, so a bad setting leaves nothing behind.
         """
         self.cfg, self.info, tc = cfg, info, cfg.train
+        if tc.wandb and info.is_main and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"train.wandb={tc.wandb} mirrors the run to Weights & Biases, which is not installed: "
+                              "pip install 'mimkit[wandb]' (or wandb), or leave train.wandb empty")
         self.device = info.device
         self.precision = resolve_precision(tc.precision, self.device)
         seed_everything(cfg.seed + info.rank)
@@ -109,7 +143,20 @@ class Trainer:
         self._initialised = False
         if resume is None:
             self._initialise()
-        self.data = build_dataset(cfg.data, "train")
+        if dataset is not None:  # recorded as such: no setting can rebuild it
+            if tc.eval_every:
+                raise ConfigError("train.eval_every scores kNN on a labelled dataset named by the settings, which a "
+                                  "run on a torch Dataset from Python has not; set train.eval_every=0")
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=TORCH_DATASET, root=""))
+        self.data = build_dataset(cfg.data, "train") if dataset is None else from_torch_dataset(dataset, cfg.data)
+        if not cfg.data.mean:
+            # Written to config.yaml when the run opens: every later command normalises as training did.
+            # A continuation takes the run's own, not a recomputation that another machine may round
+            # otherwise (the continuation's check compares every setting exactly).
+            stored = _stored_stats(cfg.run_dir) if resume else None
+            mean, std = stored if stored is not None else dataset_stats(self.data, cfg.data)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=mean, std=std))
+        self.cfg = cfg
         self.folder = RunFolder(cfg.run_dir)
         self.ckpt_dir = self.folder.path / "checkpoints"
         self.logger: RunLogger | None = None
@@ -134,8 +181,11 @@ class Trainer:
         """Check ``init``'s weights against the encoder on the meta device, before any memory is taken.
 
         Settings read from another run (a fine-tuning's) are checked against its weights before the
-        model they describe is built.
+        model they describe is built. Released weights (``timm:``, ``local-dir:``, ``hf-hub:``) are
+        checked when they are loaded, still before anything is written.
         """
+        if is_timm_source(self.cfg.init):
+            return
         with reading_run(self.cfg.init):
             try:
                 init = resolve_checkpoint(self.cfg.init)
@@ -177,7 +227,13 @@ class Trainer:
         self._initialised = True
 
     def _initialise_from(self, path: str) -> None:
-        """Load another run's evaluated module (its encoder, or teacher) into this method's trained encoder."""
+        """Load another run's evaluated module (its encoder, or teacher), or released ViT weights
+        (:mod:`~mimkit.backbones.from_timm`), into this method's trained encoder.
+        """
+        if is_timm_source(path):
+            load_timm_weights(self.method.encoder, path)
+            self.method.encoder_loaded()
+            return
         with reading_run(path):
             ckpt = resolve_checkpoint(path)
             source = load_run_config(run_config_for(ckpt))

@@ -91,15 +91,16 @@ def _cache_key(tag: str, cfg: DataConfig, split: str, precision: str) -> str:
 
 
 def labelled_splits(cfg: DataConfig, what: str) -> tuple[ImageSet, ImageSet, Normalize]:
-    """The whole train and test splits of the labelled dataset in ``cfg``, and the train split's normalisation.
+    """The whole train and test splits of the labelled dataset in ``cfg``, and their normalisation.
 
-    The pre-training ``subset_fraction`` does not apply. ``what`` names who needs the labels in the
+    The normalisation is the one ``cfg`` stores (a run's: what it trained with), else the train
+    split's statistics. The pre-training ``subset_fraction`` does not apply. ``what`` names who needs the labels in the
     refusal of an unlabelled or mismatched dataset (:func:`~mimkit.data.check_labelled`).
     """
     cfg = dataclasses.replace(cfg, subset_fraction=1.0)
     train, test = build_dataset(cfg, "train"), build_dataset(cfg, "test")
     check_labelled(train, test, what)
-    return train, test, normalizer_for(train, cfg.channels)
+    return train, test, normalizer_for(train, cfg)
 
 
 def dataset_features(
@@ -118,7 +119,7 @@ def dataset_features(
 
     The pre-training ``subset_fraction`` does not apply: the labelled train split is used whole, or
     the per-class ``train_fraction`` of it (low-shot evaluation, or a quicker look). Both splits are
-    normalised with the statistics of the whole train split.
+    normalised alike (:func:`labelled_splits`).
 
     Args:
         encoder: The frozen encoder, or None for raw pixels.

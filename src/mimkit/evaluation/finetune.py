@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mimkit.config import CONFIG_ROOT, PretrainConfig, load_yaml, resolve_config_path
+from mimkit.config import CONFIG_ROOT, PretrainConfig, load_yaml, on_other_data, resolve_config_path
 from mimkit.data import build_dataset, build_loader, check_labelled, normalizer_for
 from mimkit.engine.checkpoint import MODEL_FILE, latest_checkpoint, load_weights, resolve_checkpoint
 from mimkit.engine.continuation import load_run_config
@@ -85,6 +85,9 @@ def finetune_config(run: str | None, config: str = "fmnist", overrides: list[str
         # would learn at a fraction of the lr. The baseline trains every layer at the full lr.
         layers.append({"method": {"name": "finetune", "layer_decay": 1.0}})
     cfg = compose_config(layers, overrides)
+    own = base.get("data") or {}
+    cfg = dataclasses.replace(cfg, data=on_other_data(cfg.data, own.get("name", cfg.data.name),
+                                                      own.get("root", cfg.data.root), overrides))
     if cfg.method.name != "finetune":
         raise ConfigError(f"{ft_path}: method.name must be finetune, got {cfg.method.name!r}")
     return _with_classes(cfg)
@@ -126,10 +129,10 @@ def test_accuracy(cfg: PretrainConfig, ckpt: Path, device: str = "auto", precisi
     method = method_from_config(dataclasses.replace(cfg, init=""))
     load_weights(method, ckpt)
     method.to(dev).eval()
-    train = build_dataset(cfg.data, "train")
     test = build_dataset(dataclasses.replace(cfg.data, subset_fraction=1.0), "test")
-    # The statistics the fine-tuning run normalised with: its own training set's.
-    loader = build_loader(test, cfg.data, batch_size, train=False, normalize=normalizer_for(train, cfg.data.channels))
+    # The statistics the fine-tuning run normalised with: stored in its config, or its training set's.
+    train = None if cfg.data.mean else build_dataset(cfg.data, "train")
+    loader = build_loader(test, cfg.data, batch_size, train=False, normalize=normalizer_for(train, cfg.data))
     scored = [False, True] if method.ema is not None else [False]
     correct, total = dict.fromkeys(scored, 0), 0
     for batch in loader:

@@ -111,10 +111,11 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
     images = torch.randn(batch, channels, size, size, generator=gen)
     labels = torch.randint(0, int(getattr(cfg.method, "num_classes", 0) or 10), (batch,), generator=gen)
     data = Batch(images, labels)
-    if len(expand_views(method.views)) > 1:  # the method's own views, at their sizes (multi-crop)
+    specs = expand_views(method.views)
+    if len(specs) > 1 or any(v.size for v in specs):  # the method's own views, at their sizes (multi-crop, crops)
         pixels = torch.randint(0, 256, images.shape, generator=gen).float()
         views = tuple(v / 127.5 - 1 for v in views_batch(pixels, method.views, size, gen))
-        data = Batch(views[0], labels, views)
+        data = Batch(views[0], labels, views if len(views) > 1 else ())
     encoder = method.eval_module
     row: dict[str, Any] = {
         "config": spec, "method": cfg.method.name, "backbone": cfg.backbone["name"], "img_size": size,

@@ -7,14 +7,14 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mimkit.config import ConfigError, PretrainConfig
+from mimkit.config import ConfigError, PretrainConfig, on_other_data
 from mimkit.engine.checkpoint import MODEL_FILE, build_for_weights, load_weights, resolve_checkpoint
 from mimkit.engine.continuation import load_run_config
 from mimkit.engine.distributed import resolve_device
@@ -92,6 +92,7 @@ def resolve_subject(
     base = load_run_config(base_path, base_overrides, complete)
     cfg = load_run_config(base_path, overrides, complete)
     changes = {k: v for k, v in asdict(cfg.data).items() if asdict(base.data)[k] != v}
+    cfg = replace(cfg, data=on_other_data(cfg.data, base.data.name, base.data.root, overrides))
     if run is not None and baseline is None:
         encoder = build_for_weights(lambda: encoder_from_config(cfg), ckpt / MODEL_FILE, eval_prefix(cfg), base_path)
         load_weights(encoder, ckpt, prefix=eval_prefix(cfg))
