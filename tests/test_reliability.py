@@ -1,9 +1,11 @@
 """Bad input through the real command line: exit 2, one line naming the problem, nothing touched.
 
-The cases are the table in ``reliability_cases.py``. Every case runs as a subprocess of
-``python -m mimkit`` in its own copy of a workspace (a finished tiny run, small image folders, a
-truncated archive); the workspace is hashed before and after, so a refusal that wrote, moved or
-deleted anything fails. The subprocesses run two at a time (one per core), once per session.
+The cases are the table in ``reliability_cases.py``. Every case runs ``python -m mimkit`` in its own
+process and its own copy of a workspace (a finished tiny run, small image folders, a truncated
+archive); the workspace is hashed before and after, so a refusal that wrote, moved or deleted
+anything fails. The processes are forked from two servers that have imported mimkit once
+(``cli_forkserver.py``), which saves the interpreter's start and the imports of every case (about 3 s
+each); they run two at a time (one per core), once per session.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from __future__ import annotations
 import fcntl
 import gzip
 import hashlib
+import json
 import os
+import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -215,7 +220,44 @@ class Outcome:
     skipped: str = ""
 
 
-def _run_case(case: Case, template: Path, base: Path) -> Outcome:
+class _Servers:
+    """Two ``cli_forkserver.py`` processes, each lent to one case at a time."""
+
+    def __init__(self, count: int) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        self.procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_forkserver.py"))],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                      for _ in range(count)]
+        self.free: queue.Queue[subprocess.Popen] = queue.Queue()
+        for proc in self.procs:
+            self.free.put(proc)
+
+    def run(self, argv: list[str], cwd: Path, timeout: int) -> tuple[int, str, str]:
+        """``python -m mimkit *argv`` in ``cwd``: exit code, standard output, standard error."""
+        proc = self.free.get()
+        try:
+            out, err = cwd.parent / f"{cwd.name}.out", cwd.parent / f"{cwd.name}.err"
+            proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "out": str(out), "err": str(err),
+                                         "timeout": timeout}) + "\n")
+            proc.stdin.flush()
+            reply = proc.stdout.readline()
+            if not reply:
+                raise RuntimeError(f"the fork server ended (exit {proc.wait()})")
+            rc = json.loads(reply)["rc"]
+            text = err.read_text()
+            if rc == -signal.SIGALRM:  # a hang is a failure of its case, not of the table
+                rc, text = -1, f"timed out after {timeout} s: {text}"
+            return rc, out.read_text(), text
+        finally:
+            self.free.put(proc)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.stdin.close()
+            proc.wait(timeout=60)
+
+
+def _run_case(case: Case, template: Path, base: Path, servers: _Servers) -> Outcome:
     ws = base / case.id
     shutil.copytree(template, ws, symlinks=True)
     try:
@@ -227,13 +269,8 @@ def _run_case(case: Case, template: Path, base: Path) -> Outcome:
     before = _digest(ws)
     fill = {"ws": str(ws), "run": str(ws / "run"), "ckpt": str(list_checkpoints(ws / "run" / "checkpoints")[-1])}
     argv = [a.format(**fill) for a in case.argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     try:
-        proc = subprocess.run([sys.executable, "-m", "mimkit", *argv], capture_output=True, text=True, env=env,
-                              cwd=ws, timeout=120)
-        rc, out, err = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as timeout:  # a hang is a failure of its case, not of the table
-        rc, out, err = -1, str(timeout.stdout), f"timed out after 120 s: {timeout.stderr}"
+        rc, out, err = servers.run(argv, ws, timeout=120)
     finally:
         if release:
             release()
@@ -241,15 +278,31 @@ def _run_case(case: Case, template: Path, base: Path) -> Outcome:
 
 
 @pytest.fixture(scope="session")
-def outcomes(tmp_path_factory, write_image_session) -> dict[str, Outcome]:
+def servers():
+    # Two: the machine has two cores.
+    servers = _Servers(2)
+    yield servers
+    servers.close()
+
+
+@pytest.fixture(scope="session")
+def outcomes(tmp_path_factory, write_image_session, servers) -> dict[str, Outcome]:
     from conftest import TINY_RUN_OVERRIDES
 
     base = tmp_path_factory.mktemp("reliability")
     template = _make_template(base, list(TINY_RUN_OVERRIDES), write_image_session)
-    # Two at a time: the machine has two cores, and each case is mostly the interpreter starting.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {c.id: pool.submit(_run_case, c, template, base) for c in CASES}
+    with ThreadPoolExecutor(max_workers=len(servers.procs)) as pool:
+        futures = {c.id: pool.submit(_run_case, c, template, base, servers) for c in CASES}
     return {k: f.result() for k, f in futures.items()}
+
+
+@pytest.mark.parametrize("argv", [["config", "train.epochs=3"], ["knn", "no-such-run"]])
+def test_forked_command_is_the_command(argv: list[str], servers: _Servers, tmp_path: Path):
+    """What the fork server gives is what ``python -m mimkit`` gives: exit code, output, errors."""
+    (tmp_path / "ws").mkdir()
+    real = subprocess.run([sys.executable, "-m", "mimkit", *argv], capture_output=True, text=True, cwd=tmp_path / "ws",
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert servers.run(argv, tmp_path / "ws", timeout=120) == (real.returncode, real.stdout, real.stderr)
 
 
 def test_case_ids_are_unique_and_classified():

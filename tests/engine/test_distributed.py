@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mimkit.data import Batch
+from mimkit.data import Batch, build_dataset
+from mimkit.data.datasets import dataset_stats
 from mimkit.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state
 from mimkit.engine.distributed import cleanup, init_distributed
 from mimkit.engine.logging import read_metrics
@@ -131,6 +132,7 @@ def _grad_worker(rank: int, port: int, overrides: list[str], out: str) -> None:
         forward_backward(trainer.model, batch, trainer.device, trainer.precision)
         grads = {n: p.grad.clone() for n, p in trainer.method.named_parameters() if p.grad is not None}
         torch.save(grads, Path(out) / f"grads{rank}.pt")
+        torch.save((trainer.cfg.data.mean, trainer.cfg.data.std), Path(out) / f"stats{rank}.pt")
     finally:
         cleanup(info)
 
@@ -151,6 +153,9 @@ def test_two_process_gradient_equals_single_process_gradient(tmp_path, tiny_run_
     cfg = load_config(None, overrides)
     mp.spawn(_grad_worker, args=(_free_port(), overrides, str(tmp_path)), nprocs=WORLD, join=True)
     g0, g1 = (torch.load(tmp_path / f"grads{r}.pt") for r in range(WORLD))
+    # Rank 0 computes the normalisation and shares it: every rank has one process's, bit for bit.
+    single = dataset_stats(build_dataset(cfg.data, "train"), cfg.data)
+    assert [torch.load(tmp_path / f"stats{r}.pt") for r in range(WORLD)] == [single] * WORLD
 
     torch.manual_seed(cfg.seed)  # rank 0's initialisation, which DDP broadcasts to every rank
     model = method_from_config(cfg)

@@ -83,17 +83,22 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world_size
 
 
-def broadcast_from_main(values: list[int], info: DistInfo) -> list[int]:
+def broadcast_from_main(values: list[int] | list[float], info: DistInfo) -> list[int] | list[float]:
     """Rank 0's ``values`` on every rank (returned unchanged for a single process).
 
     Decisions taken from a local clock (time budgets) must be taken once and shared, or the ranks
-    would stop at different steps and the collective calls of the next step would hang.
+    would stop at different steps and the collective calls of the next step would hang; work that
+    gives every rank the same numbers (dataset statistics) is done once. Integers travel as int64,
+    a list with any float as float64, so a Python float arrives bit for bit. Every rank must pass
+    as many values as rank 0.
     """
     if not info.distributed:
         return values
-    t = torch.tensor(values, dtype=torch.int64, device=info.device if info.device.type == "cuda" else "cpu")
+    kind = float if any(isinstance(v, float) for v in values) else int
+    t = torch.tensor(values, dtype=torch.float64 if kind is float else torch.int64,
+                     device=info.device if info.device.type == "cuda" else "cpu")
     dist.broadcast(t, src=0)
-    return [int(v) for v in t.tolist()]
+    return [kind(v) for v in t.tolist()]
 
 
 def cleanup(info: DistInfo) -> None:

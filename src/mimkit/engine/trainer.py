@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mimkit.backbones.from_timm import is_timm_source, load_timm_weights
-from mimkit.config import PretrainConfig
+from mimkit.config import DataConfig, PretrainConfig
 from mimkit.data import TORCH_DATASET, Batch, BatchLoader, build_dataset, build_loader, from_torch_dataset
 from mimkit.data.datasets import dataset_stats
 from mimkit.engine.checkpoint import (
@@ -154,7 +154,7 @@ class Trainer:
             # A continuation takes the run's own, not a recomputation that another machine may round
             # otherwise (the continuation's check compares every setting exactly).
             stored = _stored_stats(cfg.run_dir) if resume else None
-            mean, std = stored if stored is not None else dataset_stats(self.data, cfg.data)
+            mean, std = stored if stored is not None else self._dataset_stats(cfg.data)
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=mean, std=std))
         self.cfg = cfg
         self.folder = RunFolder(cfg.run_dir)
@@ -176,6 +176,15 @@ class Trainer:
             from mimkit.evaluation.monitor import KnnMonitor  # evaluation imports the engine: here, not above
 
             self.monitor = KnnMonitor(cfg.data, tc.eval_fraction, self.device, self.precision)
+
+    def _dataset_stats(self, cfg: DataConfig) -> tuple[list[float], list[float]]:
+        """The training set's normalisation, computed by rank 0 alone and shared (every rank would get the
+        same numbers, at the cost of decoding up to ten thousand images each when streamed).
+        """
+        channels = cfg.channels
+        mean, std = dataset_stats(self.data, cfg) if self.info.is_main else ([0.0] * channels, [0.0] * channels)
+        shared = broadcast_from_main([float(v) for v in (*mean, *std)], self.info)
+        return shared[:channels], shared[channels:]
 
     def _check_init_fits(self, resume: str | None) -> None:
         """Check ``init``'s weights against the encoder on the meta device, before any memory is taken.
