@@ -86,7 +86,7 @@ $PY -m mimkit resources mae_fmnist@vit_base_patch16 cvt_mae_fmnist_s4@cvt_13 mix
     mixedae_fmnist@vit_base_patch16 --img-size 224 --batch-size 64 \
     data.channels=3 train.device=cuda --out "$OUT/resources_224.json"
 # The packaged colour configs as shipped (224 px, their own batch and views), on synthetic batches.
-$PY -m mimkit resources mae_vitb_rgb224 cvt_mae_cvt13_rgb224 cvt_mae_cvt13_crop64 dino_vits_rgb224 \
+$PY -m mimkit resources mae_vitb_rgb224 cvt_mae_cvt13_rgb224 cvt_mae_cvt13_rgb224_sparse cvt_mae_cvt13_crop64 dino_vits_rgb224 \
     data2vec2_vitb_rgb224 --batch-size 32 train.device=cuda --out "$OUT/resources_rgb224.json"
 $PY benchmarks/bench_finetune_throughput.py --device cuda --img-size 224 --patch 16 --chans 3 --dim 768 \
     --depth 12 --heads 12 --batch 64 --rounds 3 --steps 10

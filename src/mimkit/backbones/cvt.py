@@ -18,7 +18,7 @@ from mimkit.backbones.layers.conv_attention import ConvBlock
 from mimkit.backbones.layers.init import trunc_normal_init
 from mimkit.backbones.layers.intermediates import plan_intermediates
 from mimkit.backbones.layers.norm import layer_norm
-from mimkit.backbones.layers.partial_conv import REWEIGHTS, ConvEmbed
+from mimkit.backbones.layers.partial_conv import REWEIGHTS, ConvEmbed, update_ratio
 from mimkit.errors import ConfigError
 from mimkit.masking.kinds import Mask, MixPairs, PixelMask, TokenMask, check_mask, token_mask_to_pixels
 from mimkit.schema import check_heads, check_positive
@@ -41,11 +41,23 @@ class CvTStage(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, visible: torch.Tensor | None = None, reweight: str = "pre_norm"
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, reweight: str = "pre_norm", sparse: bool = False,
+        propagate: str = "window",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Map ``[N, C, H, W]`` (and mask ``[N, 1, H, W]``) to ``[N, D, H', W']`` (and its mask)."""
-        x, visible = self.embed(x, visible, reweight)
+        """Map ``[N, C, H, W]`` (and mask ``[N, 1, H, W]``) to ``[N, D, H', W']`` (and its mask).
+
+        ``sparse`` (with a mask): the blocks run on the visible tokens only
+        (:mod:`mimkit.backbones.layers.sparse`), and the others are zero in the output map;
+        ``propagate`` says which tokens are visible (:data:`~mimkit.backbones.layers.partial_conv.PROPAGATIONS`).
+        """
+        x, visible = self.embed(x, visible, reweight, propagate)
         n, d, h, w = x.shape
+        if sparse and visible is not None and len(self.blocks):
+            packing = self.blocks[0].attn.sparse_stage(visible)
+            tokens = packing.tokens.gather(x)  # [N, L, D]
+            for block in self.blocks:
+                tokens = block(tokens, h, w, sparse=packing)
+            return packing.tokens.scatter(tokens), visible
         tokens = x.flatten(2).transpose(1, 2)  # [N, H'W', D]
         for block in self.blocks:
             tokens = block(tokens, h, w)
@@ -158,7 +170,8 @@ class ConvVisionTransformer(nn.Module):
         self.apply(trunc_normal_init)
 
     def forward_stages(
-        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: str = "pre_norm"
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, update_mask: str = "pre_norm",
+        sparse: bool = False, propagate: str = "window",
     ) -> list[torch.Tensor]:
         """Every stage's output map.
 
@@ -170,6 +183,15 @@ class ConvVisionTransformer(nn.Module):
                 ``pre_norm``, ``post_norm`` or ``mask_only`` propagate the mask through every
                 stage's embedding and re-weight there as
                 :class:`~mimkit.backbones.layers.partial_conv.ConvEmbed` describes.
+            sparse: With ``visible`` and a propagated mask: every stage's blocks compute only the
+                tokens whose embedding window held visible input, and the convolutions read the
+                others as empty (:mod:`mimkit.backbones.layers.sparse`); those tokens are zero in
+                the returned maps (the last one then goes through the final norm, as every map
+                does). The cost then follows the hidden share of each stage.
+            propagate: Which tokens of a stage are visible: ``window`` (the partial convolution's
+                update mask, whose visible region grows at every stage) or ``cell`` (those whose own
+                cell holds visible input: a hole of the last stage's grid stays a hole), see
+                :data:`~mimkit.backbones.layers.partial_conv.PROPAGATIONS`.
 
         Returns:
             ``[N, D_i, H_i, W_i]`` for each stage ``i``; the last one passed through the final norm, so
@@ -179,13 +201,27 @@ class ConvVisionTransformer(nn.Module):
         if update_mask not in UPDATE_MASKS:
             raise ConfigError(f"update_mask must be one of {', '.join(UPDATE_MASKS)}, got {update_mask!r}")
         if update_mask == "none" and visible is not None:
+            if sparse:
+                raise ConfigError("the sparse mode computes where the propagated mask is visible; it needs "
+                                  f"update_mask in {', '.join(REWEIGHTS)}, got 'none'")
             x, visible = x * visible.to(x.dtype), None
         maps = []
         for stage in self.stages:
-            x, visible = stage(x, visible, update_mask if visible is not None else "pre_norm")
+            x, visible = stage(x, visible, update_mask if visible is not None else "pre_norm", sparse, propagate)
             maps.append(x)
         maps[-1] = self.norm(maps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return maps
+
+    def stage_visible(self, visible: torch.Tensor, propagate: str = "window") -> list[torch.Tensor]:
+        """Every stage's propagated mask ``[N, 1, H_i, W_i]`` (float32, 1 = visible as ``propagate``
+        says) for a pixel mask ``[N, 1, H, W]``: where the sparse mode computes.
+        """
+        masks = []
+        for stage in self.stages:
+            embed = stage.embed
+            _, visible = update_ratio(visible, embed.kernel, embed.stride, embed.padding, propagate)
+            masks.append(visible)
+        return masks
 
     def stage_grids(self, height: int, width: int) -> list[tuple[int, int]]:
         """Every stage's token grid for an input of ``height x width`` pixels."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mimkit.backbones.cvt import UPDATE_MASKS
+from mimkit.backbones.layers.partial_conv import PROPAGATIONS
 from mimkit.data.batch import Batch
 from mimkit.errors import ConfigError
 from mimkit.masking import pixel_block_mask
@@ -56,6 +57,12 @@ class CvTMAE(PretrainMethod):
         hole_weight: float = 6.0
         tv_weight: float = 0.1
         norm_pix_loss: bool = False
+        sparse: bool = False
+        """The encoder computes only the tokens whose window holds visible input, each stage's convolutions
+        reading the others as empty (``backbones.layers.sparse``); needs a propagated update mask."""
+        propagate: str = "window"
+        """Which tokens of a stage are visible: window (the partial convolution's update mask, growing at
+        every stage) or cell (their own cell holds visible input); see ``partial_conv.PROPAGATIONS``."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -64,6 +71,12 @@ class CvTMAE(PretrainMethod):
             if self.update_mask not in UPDATE_MASKS:
                 raise ConfigError(f"method.update_mask must be one of {', '.join(UPDATE_MASKS)} (or true / false "
                                   f"for pre_norm / mask_only), got {self.update_mask!r}")
+            if self.propagate not in PROPAGATIONS:
+                raise ConfigError(f"method.propagate must be one of {', '.join(PROPAGATIONS)}, got {self.propagate!r}")
+            for name, asked in (("sparse", self.sparse), ("propagate=cell", self.propagate == "cell")):
+                if asked and self.update_mask == "none":
+                    raise ConfigError(f"method.{name} works on the propagated mask; it needs method.update_mask "
+                                      "pre_norm, post_norm or mask_only, got none")
             if not 0.0 < self.mask_ratio < 1.0:
                 raise ConfigError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
             if self.mask_size < 1:
@@ -82,7 +95,9 @@ class CvTMAE(PretrainMethod):
                 raise ConfigError("method.norm_pix_loss applies to loss 'mae' only; set method.loss=mae")
 
     def __init__(self, encoder: torch.nn.Module, cfg: Config) -> None:
-        """Wrap a hierarchical encoder with ``forward_stages(x, visible, update_mask)``."""
+        """Wrap a hierarchical encoder with ``forward_stages(x, visible, update_mask)`` (and the keyword
+        ``sparse`` for ``method.sparse``).
+        """
         super().__init__()
         self.check_encoder(encoder)
         self.encoder = encoder
@@ -131,7 +146,10 @@ class CvTMAE(PretrainMethod):
         hole = pixel_block_mask(n, h, w, self.cfg.mask_size, self.cfg.mask_ratio, self.cfg.mask_mode,
                                 images.device)  # [N, 1, H, W] float32, 1 = masked
         visible = 1.0 - hole
-        maps = self.encoder.forward_stages(images, visible, self.cfg.update_mask)  # [N, D_i, H_i, W_i]
+        # The keywords only when asked for: an encoder without these modes keeps working as it did.
+        modes = {**({"sparse": True} if self.cfg.sparse else {}),
+                 **({"propagate": self.cfg.propagate} if self.cfg.propagate != "window" else {})}
+        maps = self.encoder.forward_stages(images, visible, self.cfg.update_mask, **modes)  # [N, D_i, H_i, W_i]
         pred = self.decoder(maps, (h, w))  # [N, C, H, W]
         if self.cfg.loss == "inpainting":
             loss, logs = inpainting_loss(pred, images, hole, self.cfg.hole_weight, self.cfg.tv_weight)

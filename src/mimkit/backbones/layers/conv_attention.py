@@ -13,6 +13,7 @@ from torch import nn
 from mimkit.backbones.layers.cpu_kernels import attention_kernel, bf16_on_cpu
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.partial_conv import window_count
+from mimkit.backbones.layers.sparse import Packed, SparseStage, batch_norm_where
 
 
 class ConvProjection(nn.Module):
@@ -63,21 +64,31 @@ class ConvAttention(nn.Module):
         n, length, d = t.shape
         return t.view(n, length, self.num_heads, d // self.num_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, height: int, width: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int, labels: torch.Tensor | None = None,
+                sparse: SparseStage | None = None) -> torch.Tensor:
         """Attend over tokens ``x [N, H*W, D]`` laid out on an ``height x width`` map.
 
         With ``labels`` (``[N or 1, H, W]``, 0/1: which of two mixed images each token shows), no
         token sees the other image: each query's conv window reads only its own label's tokens, keys
         and values are computed once per label (``2 H'W'`` of them, each from its label's tokens
         only), and a query attends only to keys of its label whose window held a token of it.
+
+        With ``sparse``, ``x`` is ``[N, L, D]``: the visible tokens of ``sparse.tokens``. The
+        projections' convolutions read the hidden positions as zeros, their BatchNorm counts the
+        visible tokens (and, for keys and values, the windows that hold one) only, and a query
+        attends to those windows only, so nothing hidden reaches a visible token.
         """
         n, length, d = x.shape
-        fmap = x.transpose(1, 2).reshape(n, d, height, width)
-        if labels is None:
+        if sparse is not None:
+            if labels is not None:
+                raise ValueError("a mixed input (labels) and the sparse mode cannot be combined")
+            q, k, v, mask = self._sparse(x, sparse)
+        elif labels is None:
+            fmap = x.transpose(1, 2).reshape(n, d, height, width)
             q, k, v = self.conv_q(fmap), self.conv_k(fmap), self.conv_v(fmap)
             mask = None
         else:
-            q, k, v, mask = self._separated(fmap, labels)
+            q, k, v, mask = self._separated(x.transpose(1, 2).reshape(n, d, height, width), labels)
         q = self._heads(self.proj_q(q))  # [N, h, HW, D/h]
         k = self._heads(self.proj_k(k))  # [N, h, H'W' (x2 with labels), D/h]
         v = self._heads(self.proj_v(v))
@@ -104,16 +115,31 @@ class ConvAttention(nn.Module):
             # each label's keys from its own tokens; the BatchNorm statistics over the filled windows
             # only, so that the empty half of each label's map does not pull them towards zero
             tokens = torch.cat([proj.conv_map(fmap * m).flatten(2) for m in groups], dim=2).transpose(1, 2)
-            bn = proj.bn
-            if bn.training and bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-            factor = bn.momentum if bn.momentum is not None else 1.0 / max(1, int(bn.num_batches_tracked or 1))
-            normed = F.batch_norm(tokens[keep], bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                  bn.training or not bn.track_running_stats, factor, bn.eps)
-            return tokens.new_zeros(tokens.shape).index_put((keep,), normed.to(tokens.dtype))
+            return batch_norm_where(proj.bn, tokens, keep)
 
         k, v = keys(self.conv_k), keys(self.conv_v)
         return q, k, v, mask.unsqueeze(1)
+
+    def sparse_stage(self, visible: torch.Tensor) -> SparseStage:
+        """The packing of a stage whose visible tokens are ``visible [N, 1, H, W]`` (nonzero = visible):
+        those tokens, and the key/value windows that hold at least one of them.
+        """
+        conv = self.conv_k.conv
+        filled = window_count(visible, conv.kernel_size[0], conv.stride[0], conv.padding[0])
+        return SparseStage(Packed.of(visible), Packed.of(filled))
+
+    def _sparse(self, x: torch.Tensor, sparse: SparseStage) -> tuple[torch.Tensor, ...]:
+        """q, k, v of the visible tokens ``x [N, L, D]`` and the attention mask ``[N, 1, 1, L_k]`` of
+        their key windows (see :meth:`forward`).
+        """
+        fmap = sparse.tokens.scatter(x)  # [N, D, H, W], zero where hidden
+        q = batch_norm_where(self.conv_q.bn, sparse.tokens.gather(self.conv_q.conv_map(fmap)), sparse.tokens.valid)
+        k, v = (batch_norm_where(p.bn, sparse.keys.gather(p.conv_map(fmap)), sparse.keys.valid)
+                for p in (self.conv_k, self.conv_v))
+        # An image with nothing visible has no key window: its (padding) rows attend to its empty keys
+        # rather than to none, which some attention kernels answer with NaN.
+        keys = sparse.keys.valid | ~sparse.keys.valid.any(dim=1, keepdim=True)
+        return q, k, v, keys[:, None, None, :]
 
 
 class ConvBlock(nn.Module):
@@ -128,9 +154,11 @@ class ConvBlock(nn.Module):
         self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, height: int, width: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int, labels: torch.Tensor | None = None,
+                sparse: SparseStage | None = None) -> torch.Tensor:
         """Tokens ``[N, H*W, D]`` of an ``height x width`` map to tokens of the same shape
-        (``labels``: keep two mixed images apart, see :meth:`ConvAttention.forward`).
+        (``labels``: keep two mixed images apart; ``sparse``: ``x`` holds the visible tokens ``[N, L, D]``
+        alone; see :meth:`ConvAttention.forward`).
         """
-        x = x + self.drop_path(self.attn(self.norm1(x), height, width, labels))
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width, labels, sparse))
         return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -32,28 +32,46 @@ def window_count(visible: torch.Tensor, kernel: int, stride: int, padding: int) 
         return F.conv2d(visible.float(), ones, stride=stride, padding=padding)
 
 
-def update_ratio(visible: torch.Tensor, kernel: int, stride: int, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+#: How an embedding's output mask follows from its input's: ``window`` (the partial convolution's
+#: update mask: a token is visible when its window holds a visible input, so the visible region grows
+#: by the kernel's overhang at every stage) or ``cell`` (when its own ``stride x stride`` cell does: a
+#: hidden block of the last stage's grid stays hidden at every stage, as ConvMAE masks).
+PROPAGATIONS = ("window", "cell")
+
+
+def update_ratio(visible: torch.Tensor, kernel: int, stride: int, padding: int,
+                 propagate: str = "window") -> tuple[torch.Tensor, torch.Tensor]:
     """Partial-convolution re-weighting and the next mask, in float32.
 
     The ratio is (image pixels in the window) / (visible image pixels in the window), so zero padding
     keeps its plain-convolution meaning: with nothing masked the ratio is exactly 1 everywhere,
     borders included (the hybrid CvT-MAE's source code divided by k*k and so rescaled every border
     token). A window with no visible pixel gets ratio 0 and is masked in the next stage; the
-    denominator is clamped, so there is no inf or NaN under autocast.
+    denominator is clamped, so there is no inf or NaN under autocast. With ``propagate="cell"`` a
+    token is visible only where its own cell holds a visible input (:data:`PROPAGATIONS`), and a
+    hidden token's ratio is 0 even when its window reaches a visible neighbour.
 
     Args:
         visible: ``[N, 1, H, W]`` with 1 = visible.
         kernel: Conv kernel side.
         stride: Conv stride.
         padding: Conv zero padding.
+        propagate: ``window`` or ``cell``.
 
     Returns:
         ``(ratio [N, 1, H', W'], next visible mask [N, 1, H', W'])``, both float32.
 
     """
+    if propagate not in PROPAGATIONS:
+        raise ValueError(f"propagate must be one of {', '.join(PROPAGATIONS)}, got {propagate!r}")
     cnt = window_count(visible, kernel, stride, padding)
     inside = window_count(torch.ones_like(visible[:1], dtype=torch.float32), kernel, stride, padding)
     next_visible = (cnt > 0).float()
+    if propagate == "cell":
+        cells = F.max_pool2d(visible.float(), stride, stride, ceil_mode=True)
+        rows, cols = cnt.shape[-2:]
+        cells = F.pad(cells, (0, max(0, cols - cells.shape[-1]), 0, max(0, rows - cells.shape[-2])))
+        next_visible = next_visible * cells[..., :rows, :cols]
     return inside / cnt.clamp(min=1.0) * next_visible, next_visible
 
 
@@ -102,7 +120,8 @@ class ConvEmbed(nn.Module):
         self.norm = layer_norm(dim)
 
     def forward(
-        self, x: torch.Tensor, visible: torch.Tensor | None = None, reweight: str = "pre_norm"
+        self, x: torch.Tensor, visible: torch.Tensor | None = None, reweight: str = "pre_norm",
+        propagate: str = "window",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embed ``x [N, C, H, W]`` under an optional mask ``visible [N, 1, H, W]`` (1 = visible).
 
@@ -110,6 +129,7 @@ class ConvEmbed(nn.Module):
             x: Input map.
             visible: Optional mask; masked pixels of ``x`` are zeroed before the convolution.
             reweight: ``pre_norm``, ``post_norm`` or ``mask_only`` (see the class docstring).
+            propagate: How the next mask follows from ``visible`` (:data:`PROPAGATIONS`).
 
         Returns:
             ``(tokens as a map [N, D, H', W'], next visible mask [N, 1, H', W'] float32 or None)``.
@@ -120,7 +140,7 @@ class ConvEmbed(nn.Module):
         ratio = next_visible = None
         if visible is not None:
             x = x * visible.to(x.dtype)
-            ratio, next_visible = update_ratio(visible, self.kernel, self.stride, self.padding)
+            ratio, next_visible = update_ratio(visible, self.kernel, self.stride, self.padding, propagate)
         # The bias is added after a pre-norm re-weighting, so it is kept out of the convolution.
         y = F.conv2d(x, self.proj.weight, None, self.stride, self.padding)
         if ratio is not None and reweight == "pre_norm":
