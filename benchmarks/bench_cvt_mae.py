@@ -14,6 +14,9 @@ re-run, so an interrupted experiment continues where it stopped.
     placement    skip x update-mask placement (none, pre_norm, post_norm): the ablation with a true control
     decoder      skip x decoder depth (1, 2 blocks per stage)
     recipe       mask ratio, loss and learning rate of the CvT-MAE config ``--cvt-config``, one at a time
+    sparse       dense against sparse (method.sparse): the config as packaged, its tokens made visible by
+                 their own cell (method.propagate=cell, still dense), sparse with cell, and sparse with a
+                 1x1 decoder fusion (method.decoder_fuse_kernel=1): the price of the saving in accuracy
     sensitivity  patch size x mask size, ViT-MAE against CvT-MAE
     small_crop   pre-train on random crops at half resolution, evaluate at full resolution
     resources    parameters, FLOPs, peak memory and images/s of CvT-MAE against ViT-MAE, and the kNN
@@ -52,6 +55,10 @@ CVT, VIT = "cvt_mae_fmnist", "mae_fmnist"
 CVT_STRIDE = {2: CVT, 4: f"{CVT}_s4"}
 
 
+#: The experiments that vary one CvT-MAE config by overrides (:func:`cvt_cells`).
+VARIED = ("ablation", "placement", "decoder", "recipe", "sparse")
+
+
 def cvt_cells(experiment: str, cvt: str) -> list[Cell]:
     """The cells of the experiments that vary one CvT-MAE config (``cvt``) by overrides.
 
@@ -63,6 +70,12 @@ def cvt_cells(experiment: str, cvt: str) -> list[Cell]:
     if experiment == "placement":  # the ablation with a true control: where the update mask acts
         return [Cell(f"cvt skip={s} update_mask={u}", cvt, [f"method.skip={s}", f"method.update_mask={u}"])
                 for s in ("true", "false") for u in ("none", "pre_norm", "post_norm")]
+    if experiment == "sparse":  # what the sparse mode's parts cost in accuracy, one at a time
+        cell = ["method.propagate=cell"]
+        return [Cell("cvt dense", cvt), Cell("cvt dense, propagate=cell", cvt, cell),
+                Cell("cvt sparse, propagate=cell", cvt, [*cell, "method.sparse=true"]),
+                Cell("cvt sparse, propagate=cell, decoder_fuse_kernel=1", cvt,
+                     [*cell, "method.sparse=true", "method.decoder_fuse_kernel=1"])]
     if experiment == "decoder":  # the hybrid CvT-MAE paper's decoder has two blocks per stage; packaged: one
         return [Cell(f"cvt skip={s} decoder_depth={d}", cvt, [f"method.skip={s}", f"method.decoder_depth={d}"])
                 for s in ("true", "false") for d in (1, 2)]
@@ -89,7 +102,7 @@ EXPERIMENTS: dict[str, list[Cell]] = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("experiment", choices=["ablation", "placement", "decoder", "recipe", *EXPERIMENTS, "resources"])
+    ap.add_argument("experiment", choices=[*VARIED, *EXPERIMENTS, "resources"])
     ap.add_argument("overrides", nargs="*", help="key=value applied to every cell")
     ap.add_argument("--budget-min", type=float, default=8.0, help="pre-training minutes per cell")
     ap.add_argument("--train-fraction", type=float, default=0.2,
@@ -142,7 +155,7 @@ def main() -> None:
         return
     rows = []
     all_cells = (cvt_cells(args.experiment, args.cvt_config)
-                 if args.experiment in ("ablation", "placement", "decoder", "recipe")
+                 if args.experiment in VARIED
                  else EXPERIMENTS[args.experiment])
     cells = [dataclasses.replace(c, seed=seed) for seed in args.seeds
              for c in all_cells if args.only in c.name][shard::shards]

@@ -77,6 +77,9 @@ def test_switches_change_the_model(flag, on, off):
     ({"norm_pix_loss": True}, "norm_pix_loss"),
     ({"mask_size": 0}, "mask_size"),
     ({"update_mask": "after_norm"}, "method.update_mask must be one of none, pre_norm, post_norm, mask_only"),
+    ({"decoder_fuse_kernel": 2}, "decoder_fuse_kernel must be an odd positive size"),
+    ({"propagate": "pixel"}, "method.propagate must be one of window, cell"),
+    ({"propagate": "cell", "update_mask": "none"}, "method.propagate=cell works on the propagated mask"),
 ])
 def test_bad_settings_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):

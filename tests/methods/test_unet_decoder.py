@@ -37,3 +37,14 @@ def test_no_skip_variant_has_equal_depth_and_width():
     differ = sorted(n for n in shapes_a if shapes_a[n] != shapes_b[n])
     # only the embedding that reads the concatenation is wider
     assert differ == ["ups.0.embed.proj.weight", "ups.1.embed.proj.weight"]
+
+
+def test_a_1x1_fusion_reads_only_its_own_position():
+    dec = UNetDecoder(DIMS, STRIDES, 1, depth=0, fuse_kernel=1).eval()
+    assert [tuple(up.embed.proj.weight.shape[-2:]) for up in dec.ups] == [(1, 1), (1, 1)]
+    maps = _maps()
+    changed = [maps[0].clone(), maps[1], maps[2]]
+    changed[0][..., 5, 5] += 1.0  # one skip position: with no blocks, only its own output pixels move
+    diff = (dec(maps, (28, 28)) - dec(changed, (28, 28))).abs()[0, 0]
+    moved = diff.nonzero().tolist()
+    assert moved and all(r // 2 == 5 and c // 2 == 5 for r, c in moved)

@@ -52,7 +52,8 @@ class CvTStage(nn.Module):
         """
         x, visible = self.embed(x, visible, reweight, propagate)
         n, d, h, w = x.shape
-        if sparse and visible is not None and len(self.blocks):
+        # With every token of every image visible the sparse stage is the dense one, without the packing.
+        if sparse and visible is not None and len(self.blocks) and not bool((visible != 0).all()):
             packing = self.blocks[0].attn.sparse_stage(visible)
             tokens = packing.tokens.gather(x)  # [N, L, D]
             for block in self.blocks:

@@ -53,6 +53,8 @@ class CvTMAE(PretrainMethod):
         false, as older configs wrote it, mean pre_norm and mask_only."""
         decoder_depth: int = 2
         decoder_head_dim: int = 32
+        decoder_fuse_kernel: int = 3
+        """Side of the convolution fusing each upsampled decoder map with its skip (odd)."""
         loss: str = "inpainting"
         hole_weight: float = 6.0
         tv_weight: float = 0.1
@@ -88,6 +90,9 @@ class CvTMAE(PretrainMethod):
             if self.decoder_depth < 0:
                 raise ConfigError(f"method.decoder_depth must be >= 0, got {self.decoder_depth}")
             check_positive("method", decoder_head_dim=self.decoder_head_dim)
+            if self.decoder_fuse_kernel < 1 or self.decoder_fuse_kernel % 2 == 0:
+                raise ConfigError(f"method.decoder_fuse_kernel must be an odd positive size (1, 3, 5, ...), got "
+                                  f"{self.decoder_fuse_kernel}")
             if self.hole_weight < 0 or self.tv_weight < 0:
                 raise ConfigError(f"method.hole_weight and method.tv_weight must be >= 0, got "
                                   f"{self.hole_weight} and {self.tv_weight}")
@@ -103,7 +108,7 @@ class CvTMAE(PretrainMethod):
         self.encoder = encoder
         self.cfg = cfg
         self.decoder = UNetDecoder(encoder.dims, encoder.strides, encoder.in_chans, cfg.decoder_depth,
-                                   cfg.decoder_head_dim, cfg.skip)
+                                   cfg.decoder_head_dim, cfg.skip, cfg.decoder_fuse_kernel)
 
     def check_image_size(self, height: int, width: int) -> None:
         """The mask is a grid of ``mask_size`` blocks, so it must tile the image; the decoder predicts

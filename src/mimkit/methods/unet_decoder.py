@@ -25,12 +25,12 @@ class UpStage(nn.Module):
     """Learned x``scale`` upsampling, optional skip concatenation, conv embedding, CvT blocks."""
 
     def __init__(self, in_dim: int, skip_dim: int, out_dim: int, scale: int, depth: int, head_dim: int,
-                 skip: bool) -> None:
+                 skip: bool, fuse_kernel: int = 3) -> None:
         super().__init__()
         self.skip = skip
         self.up = nn.ConvTranspose2d(in_dim, in_dim, scale, scale)
         # The no-skip variant differs only in the embedding's input width: same depth, same width.
-        self.embed = ConvEmbed(in_dim + (skip_dim if skip else 0), out_dim, 3, 1, 1)
+        self.embed = ConvEmbed(in_dim + (skip_dim if skip else 0), out_dim, fuse_kernel, 1, fuse_kernel // 2)
         self.blocks = nn.ModuleList(ConvBlock(out_dim, _heads(out_dim, head_dim)) for _ in range(depth))
 
     def forward(self, x: torch.Tensor, skip_map: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class UNetDecoder(nn.Module):
     """
 
     def __init__(self, dims: Sequence[int], strides: Sequence[int], out_chans: int, depth: int = 2,
-                 head_dim: int = 32, skip: bool = True) -> None:
+                 head_dim: int = 32, skip: bool = True, fuse_kernel: int = 3) -> None:
         """Build the decoder.
 
         Args:
@@ -70,11 +70,14 @@ class UNetDecoder(nn.Module):
             depth: CvT blocks per decoder stage.
             head_dim: Width per attention head.
             skip: Concatenate the encoder stage maps (U-Net); False gives the equal-size no-skip variant.
+            fuse_kernel: Side of the convolution that fuses each upsampled map with its skip (odd; 3 is
+                the source's). At full resolution these wide convolutions weigh most in the decoder; a
+                1x1 fusion does a ninth of a 3x3's work.
 
         """
         super().__init__()
         self.ups = nn.ModuleList(
-            UpStage(dims[i + 1], dims[i], dims[i], strides[i + 1], depth, head_dim, skip)
+            UpStage(dims[i + 1], dims[i], dims[i], strides[i + 1], depth, head_dim, skip, fuse_kernel)
             for i in reversed(range(len(dims) - 1))
         )
         first = strides[0]
