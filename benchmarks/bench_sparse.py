@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 from common import markdown_table
 
 from mimkit.backbones import create_backbone
@@ -73,13 +72,13 @@ def saving(cvt, masks: list[torch.Tensor], depths: list[int]) -> list[str]:
     """The hidden share of each stage and the share of block multiply-adds skipped."""
     shares, dense, sparse = [], 0.0, 0.0
     for stage, visible, depth, dim in zip(cvt.stages, masks, depths, cvt.dims, strict=True):
-        conv = stage.blocks[0].attn.conv_k.conv
-        windows = F.max_pool2d(visible, conv.kernel_size, conv.stride, conv.padding)
-        area, key_area = visible[0].numel(), windows[0].numel()
+        # The packing the sparse mode itself makes: visible tokens and the key windows holding one.
+        packing = stage.blocks[0].attn.sparse_stage(visible)
+        area, key_area = visible[0].numel(), packing.keys.height * packing.keys.width
         shares.append(1.0 - visible.mean().item())
         dense += depth * block_cost(dim, area, key_area)
         # Per batch of 64, padded to its image with the most tokens, as the sparse mode runs.
-        longest = (visible.view(-1, 64, area).sum(-1).amax(-1), windows.view(-1, 64, key_area).sum(-1).amax(-1))
+        longest = (packing.tokens.valid.sum(1).view(-1, 64).amax(-1), packing.keys.valid.sum(1).view(-1, 64).amax(-1))
         sparse += depth * sum(block_cost(dim, q, k) for q, k in zip(*(t.tolist() for t in longest),
                                                                      strict=True)) / len(longest[0])
     return [*[f"{100 * s:.0f} %" for s in shares], f"{100 * (1 - sparse / dense):.0f} %"]
