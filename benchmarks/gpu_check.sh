@@ -57,6 +57,14 @@ echo "data2vec 2.0 ViT-B/16: $(last "$OUT/data2vec2_vitb")"
 $PY -m mimkit pretrain --config data2vec2_cvt_fmnist "run_dir=$OUT/data2vec2_cvt13" backbone.name=cvt_13 \
     "${GPU[@]}" train.epochs=0.1
 echo "data2vec 2.0 CvT-13: $(last "$OUT/data2vec2_cvt13")"
+# BEiT on ViT-B/16: a VQ-VAE tokenizer on a one-block ViT-S/16 (the same 14 x 14 grid) first, then BEiT
+# naming its run, with BEiT's own minimum block of 16 patches.
+$PY -m mimkit pretrain --config patch_kmeans_fmnist "run_dir=$OUT/vqvae_vits" method.source=encoder \
+    backbone.name=vit_small_patch16 backbone.patch_size=16 "${GPU[@]}" train.epochs=0.05
+echo "VQ-VAE tokenizer ViT-S/16: $(last "$OUT/vqvae_vits")"
+$PY -m mimkit pretrain --config beit_fmnist "run_dir=$OUT/beit_vitb" "${B16[@]}" "method.tokenizer=$OUT/vqvae_vits" \
+    method.mask_min_block=16 "${GPU[@]}" train.epochs=0.1
+echo "BEiT ViT-B/16: $(last "$OUT/beit_vitb")"
 # fp16 autocast with the gradient scaler (what precision=auto gives a GPU without native bf16).
 $PY -m mimkit pretrain --config mae_fmnist "run_dir=$OUT/mae_vitb_fp16" "${B16[@]}" method.decoder_dim=512 \
     method.decoder_depth=4 method.decoder_heads=8 "${GPU[@]}" train.precision=fp16 train.epochs=0.1

@@ -84,16 +84,28 @@ def tiny_backbone_kwargs(name: str, in_chans: int = 3) -> tuple[dict, int]:
     return {k: v for k, v in wanted.items() if k in _accepted(name)}, img
 
 
-def tiny_method_cfg(name: str, img_size: int | None = None) -> dict:
+def tiny_tokenizer_settings(backbone: str = "vit_tiny_p4", in_chans: int = 1) -> dict:
+    """The recorded settings of a tiny tokenizer run (16 codes) on ``backbone``'s tiny grid: what a
+    BEiT's ``method.tokenizer_settings`` holds, so that a test builds BEiT without a tokenizer run."""
+    kwargs, img = tiny_backbone_kwargs(backbone, in_chans)
+    kwargs.pop("img_size"), kwargs.pop("in_chans")
+    return {"data": {"img_size": img, "channels": in_chans}, "backbone": {"name": backbone, **kwargs},
+            "method": {"name": "vqvae", "num_codes": 16, "code_dim": 8, "decoder_dim": 16, "decoder_depth": 1}}
+
+
+def tiny_method_cfg(name: str, img_size: int | None = None, backbone: str = "vit_tiny_p4") -> dict:
     """``method:`` settings that make method ``name`` small (a one-block decoder, three classes, small heads).
 
     With ``img_size``, a method that declares views of their own size (DINO's local crops) gets
-    them at half the image, at most two of each kind.
+    them at half the image, at most two of each kind. A method with a frozen tokenizer (BEiT) gets
+    a tiny one on ``backbone``'s grid, for grey images.
     """
     fields = {f.name for f in dataclasses.fields(METHODS[name].Config)}
     small = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "num_classes": 3,
-             "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
+             "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "num_codes": 16, "code_dim": 8}
     cfg = {"name": name, **{k: v for k, v in small.items() if k in fields}}
+    if "tokenizer_settings" in fields:
+        cfg["tokenizer_settings"] = tiny_tokenizer_settings(backbone)
     views = METHODS[name].Config().views
     if img_size is not None and any(v.get("size") for v in views):
         cfg["views"] = [{**v, "size": img_size // 2 if v.get("size") else 0, "count": min(v.get("count", 1), 2)}
@@ -256,3 +268,21 @@ def fmnist_train():
     from mimkit.data import build_dataset
 
     return build_dataset(DataConfig(), "train")
+
+
+def fake_run(folder: Path, settings: dict | PretrainConfig, seed: int = 0) -> Path:
+    """A run folder as a finished run leaves one (``config.yaml`` and one complete checkpoint) of the
+    method ``settings`` describe, with fresh weights: a helper run (a tokenizer, a teacher) for tests.
+    """
+    from mimkit.config import to_yaml
+    from mimkit.engine.checkpoint import save_checkpoint
+    from mimkit.models import compose_config, method_from_config
+
+    cfg = settings if isinstance(settings, PretrainConfig) else compose_config([settings])
+    cfg = dataclasses.replace(cfg, run_dir=str(folder))
+    torch.manual_seed(seed)
+    method = method_from_config(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    save_checkpoint(folder / "checkpoints", 1, method, {"step": 1}, keep_last=0)
+    return folder

@@ -47,6 +47,8 @@ class Case:
 TINY = tuple(TINY_RUN_OVERRIDES)
 NEW = ("pretrain", "run_dir={ws}/new", *TINY, "train.epochs=1")
 RUN = ("pretrain", "run_dir={run}", *TINY, "train.epochs=1")
+#: A new tiny run of another method (the settings below are MAE's decoder's).
+OTHER = ("pretrain", "run_dir={ws}/new", *(o for o in TINY if not o.startswith("method.")), "train.epochs=1")
 PIX = ("--baseline", "pixels", "--no-progress", "--precision", "fp32", "--batch-size", "8")
 FOLDER = ("data.name=imagefolder", "data.img_size=8", "data.channels=3", "run_dir={ws}/evals")
 
@@ -139,6 +141,13 @@ CASES: list[Case] = [
          r"backbone\.num_heads\[1\] 5 does not divide backbone\.dims\[1\] 96"),
     Case("decoder-heads-do-not-divide", 5, (*NEW, "method.decoder_heads=3"),
          r"method\.decoder_heads 3 does not divide method\.decoder_dim 32"),
+    Case("beit-without-tokenizer", 5, (*OTHER, "method.name=beit"),
+         r"method\.tokenizer: name the tokenizer run whose codes BEiT predicts \(train one first: mimkit pretrain "
+         r"--config vqvae_fmnist\)"),
+    Case("beit-tokenizer-not-a-run", 5, (*OTHER, "method.name=beit", "method.tokenizer={ws}/nothing"),
+         r"method\.tokenizer: no run at '.*/nothing' \(a run folder holding config\.yaml\); train the helper first"),
+    Case("beit-tokenizer-not-a-tokenizer", 5, (*OTHER, "method.name=beit", "method.tokenizer={run}"),
+         r"method\.tokenizer: a MAE run is no tokenizer; name a run of method vqvae"),
     Case("cuda-without-gpu", 5, (*NEW, "train.device=cuda"),
          r"device 'cuda' \(index 0\) is not available: no CUDA GPU"),
     Case("eval-cuda-without-gpu", 5, ("knn", "{run}", "--device", "cuda"), r"device 'cuda' .*no CUDA GPU is visible"),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import method_batch
+from conftest import fake_run, method_batch
 
 import mimkit
 from mimkit.config import (
@@ -18,7 +18,8 @@ from mimkit.config import (
     parse_overrides,
     to_yaml,
 )
-from mimkit.methods import MAE, check_method_cfg
+from mimkit.methods import MAE, METHODS, check_method_cfg
+from mimkit.methods.helpers import fill_helper_settings
 from mimkit.models import load_config, method_from_config
 
 PACKAGED = Path(mimkit.__file__).parent / "configs" / "pretrain" / "mae_fmnist.yaml"
@@ -176,14 +177,27 @@ def test_out_of_range_values_refused(override, message):
         load_config(None, [override])
 
 
+def _stand_in_helpers(method: dict, root: Path) -> None:
+    """Fresh-weight runs under ``root`` for the helper runs a packaged config names (BEiT's tokenizer,
+    VQ-KD's teacher), each built from the packaged config that trains it (the one with that run_dir)."""
+    for run_key in getattr(METHODS[method["name"]].Config, "helpers", {}):
+        run = method.get(run_key)
+        if run and not (root / run).is_dir():
+            source = next(p for p in PACKAGED.parent.glob("*.yaml") if load_yaml(p)["run_dir"] == run)
+            _stand_in_helpers(load_yaml(source)["method"], root)
+            fake_run(root / run, load_config(source))
+
+
 @pytest.mark.parametrize("path", sorted((PACKAGED.parent).glob("*.yaml")), ids=lambda p: p.stem)
-def test_packaged_config_loads_and_builds(path):
+def test_packaged_config_loads_and_builds(path, tmp_path, monkeypatch):
     assert PACKAGED.is_file()
-    cfg = load_config(path)
     raw = load_yaml(path)  # with any base config merged underneath
+    monkeypatch.chdir(tmp_path)  # helper runs are named relative to where a command runs
+    _stand_in_helpers(raw["method"], tmp_path)
+    cfg = load_config(path)
     assert "base" not in raw
     assert cfg.run_dir == raw["run_dir"]
-    assert cfg.method == check_method_cfg(raw["method"])
+    assert cfg.method == fill_helper_settings(check_method_cfg(raw["method"]))
     assert {k: v for k, v in dataclasses.asdict(cfg.method).items() if k in raw["method"]} == raw["method"]
     assert cfg.backbone == raw["backbone"]
     assert cfg.optim.base_lr == pytest.approx(raw["optim"]["base_lr"])

@@ -25,7 +25,8 @@ def _checkpoint(folder, method_name, backbone):
     kwargs, img = tiny_backbone_kwargs(backbone, in_chans=1)
     kwargs.pop("img_size"), kwargs.pop("in_chans")
     cfg = compose_config([{
-        "run_dir": str(folder), "backbone": {"name": backbone, **kwargs}, "method": tiny_method_cfg(method_name, img),
+        "run_dir": str(folder), "backbone": {"name": backbone, **kwargs},
+        "method": tiny_method_cfg(method_name, img, backbone),
         "data": {"img_size": img, "channels": 1, "subset_fraction": 0.01},
     }], [])
     torch.manual_seed(0)

@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=POSITIVE_INT, default=5, help="timed steps after two warm-up steps (median)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--threads", type=_number(int, 0), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--breakdown", type=_number(int, 0), default=0, metavar="DEPTH",
+                   help="also the forward FLOPs of each module down to DEPTH parts of its name below the method "
+                        "(3: encoder.stages.0, decoder.ups.1; 0: not)")
     p.add_argument("--out", help="also write the rows as JSON here")
     for p in sub.choices.values():
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
@@ -352,7 +355,6 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     from mimkit.engine.continuation import load_run_config
     from mimkit.engine.run_folder import check_writable
     from mimkit.evaluation.runner import run_config_for
-    from mimkit.methods import PretrainMethod
     from mimkit.models import method_from_config
     from mimkit.viz import save_feature_maps, save_loss_curve, save_reconstructions, save_views
 
@@ -360,7 +362,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     cfg_path = run_config_for(ckpt)
     cfg = load_run_config(cfg_path)
     method = build_for_weights(lambda: method_from_config(cfg), ckpt / MODEL_FILE, settings=cfg_path)
-    reconstructs = type(method).reconstruct is not PretrainMethod.reconstruct
+    reconstructs = method.reconstructs_pixels
     run_dir = cfg_path.parent
     out = Path(args.out) if args.out else run_dir / ("reconstructions.png" if reconstructs else "views.png")
     if out.suffix.lower() != ".png":
@@ -432,7 +434,7 @@ def _cmd_resources(args: argparse.Namespace) -> int:
         check_writable(Path(args.out), "the rows", "give --out a writable path")
         _check_replaces_rows(Path(args.out))
     rows = measure_configs(args.configs, args.img_size, args.batch_size, args.steps, args.precision, args.overrides,
-                           args.threads)
+                           args.threads, args.breakdown)
     print(resources_table(rows))
     if args.out:
         print(f"rows -> {write_json(Path(args.out), rows)}")

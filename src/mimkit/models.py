@@ -30,6 +30,7 @@ from mimkit.config import (
 from mimkit.data.batch import whole_sets
 from mimkit.errors import ConfigError
 from mimkit.methods import METHODS, PretrainMethod, check_method_cfg, create_method
+from mimkit.methods.helpers import fill_helper_settings
 from mimkit.schema import coerce, from_dict
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def compose_config(layers: list[dict[str, Any]], overrides: list[str] | None = N
     cfg = from_dict(PretrainConfig, tree)
     validate(cfg)
     cfg.method = check_method_cfg(cfg.method)  # parsed here, once; everything after reads the typed Config
+    cfg.method = fill_helper_settings(cfg.method)  # a helper run's settings recorded with the method's
     check_model_config(cfg)
     return cfg
 

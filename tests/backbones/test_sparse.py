@@ -67,6 +67,7 @@ def test_packing_gathers_and_scatters_the_visible_positions_in_raster_order():
     visible[1] = 1
     packed = Packed.of(visible)  # image 2 shows nothing
     assert packed.length == 6 and packed.valid.sum(1).tolist() == [2, 6, 0]
+    assert packed.count == 8 and packed.padded
     assert packed.index[0, :2].tolist() == [1, 5] and packed.index[1].tolist() == list(range(6))
     for index, valid in zip(packed.index, packed.valid, strict=True):  # an image's padding: its own slots past the map
         assert (index[~valid] >= 6).all() and len(set(index.tolist())) == len(index)
@@ -75,16 +76,27 @@ def test_packing_gathers_and_scatters_the_visible_positions_in_raster_order():
     assert tokens.shape == (3, 6, 5) and torch.equal(tokens[~packed.valid], torch.zeros(10, 5))
     assert torch.equal(packed.scatter(tokens), fmap * visible)
     assert torch.equal(packed.mask(), visible)
+    same = Packed.of(visible[:1].expand(2, -1, -1, -1))  # two images alike: no padding, no tail to read
+    assert same.count == 4 and not same.padded and same.index.max() < 6
+    assert torch.equal(same.scatter(same.gather(fmap[:2])), fmap[:2] * visible[:1])
 
 
 @pytest.mark.parametrize("update_mask,propagate", [*[(u, "window") for u in REWEIGHTS], ("pre_norm", "cell")])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_sparse_equals_the_dense_reference(cvt, update_mask, propagate, train):
+@pytest.mark.parametrize("alike", [False, True], ids=["padded", "unpadded"])
+def test_sparse_equals_the_dense_reference(cvt, update_mask, propagate, train, alike):
     """In fp32 the sparse stages equal the dense computation that masks the same positions, in training
-    (BatchNorm on the batch) and evaluation; hidden positions hold nothing in both."""
+    (BatchNorm on the batch) and evaluation; hidden positions hold nothing in both. With one mask for
+    every image no packing pads, and the unpadded paths (no zero tail, BatchNorm of every token, no
+    attention mask) are the ones checked."""
     cvt.train(train)
     reference = copy.deepcopy(cvt)  # BatchNorm's running averages move in training: one copy each
     x, visible = torch.randn(4, 1, 28, 28), _visible()
+    if alike:
+        visible = visible[:1].repeat(4, 1, 1, 1)
+        stages = [cvt.stages[s].blocks[0].attn.sparse_stage(m) for s, m in
+                  enumerate(cvt.stage_visible(visible, propagate))]
+        assert not any(p.tokens.padded or p.keys.padded for p in stages)
     sparse = cvt.forward_stages(x, visible, update_mask, sparse=True, propagate=propagate)
     dense = _dense_reference(reference, x, visible, update_mask, propagate)
     for s, (got, want) in enumerate(zip(sparse, dense, strict=True)):
@@ -136,6 +148,24 @@ def test_batch_norm_of_every_token_is_batch_norm(momentum, train):
         torch.testing.assert_close(got, want)
     for name, buf in ref.named_buffers():
         torch.testing.assert_close(dict(bn.named_buffers())[name], buf, msg=name)
+
+
+@pytest.mark.parametrize("every", [False, True], ids=["some-kept", "all-kept"])
+def test_batch_norm_given_the_kept_count_gives_the_same_numbers(every):
+    """The count-aware paths (every token kept; the kept rows found without a device sync) against the
+    boolean-index path: the same outputs, gradients and running statistics."""
+    torch.manual_seed(0)
+    keep = torch.ones(3, 5, dtype=torch.bool) if every else torch.rand(3, 5) > 0.4
+    tokens = (torch.randn(3, 5, 8) * keep[..., None]).requires_grad_(True)
+    outs, grads, stats = [], [], []
+    for kept in (None, int(keep.sum())):
+        bn = torch.nn.BatchNorm2d(8).train()
+        out = batch_norm_where(bn, tokens, keep, kept)
+        (grad,) = torch.autograd.grad((out * torch.arange(8.0)).sum(), tokens)
+        outs.append(out), grads.append(grad), stats.append((bn.running_mean.clone(), bn.running_var.clone()))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(stats[1], stats[0], rtol=0, atol=0)
 
 
 def test_batch_norm_of_one_token_uses_the_running_statistics():

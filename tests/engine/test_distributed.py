@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import fake_run, tiny_tokenizer_settings
 
 from mimkit.data import Batch, build_dataset
 from mimkit.data.datasets import dataset_stats
@@ -69,6 +70,10 @@ def _method_overrides(method: str, overrides: list[str]) -> list[str]:
         if name == "data2vec2" and backbone:  # 2 x 2 visible blocks of 4 x 4 cells, as its config; hooked targets
             kept += ["method.mask_ratio=0.6", "method.block_size=2", "method.target_layer=ffn"]
         return kept + [f"method.name={name}"] + (CVT if backbone else [])
+    if method == "vqvae":  # a k-means start and codebook sums over both ranks' tokens
+        return [o for o in overrides if not o.startswith("method.")] + [
+            "method.name=vqvae", "method.num_codes=16", "method.code_dim=8", "method.decoder_dim=16",
+            "method.decoder_depth=1"]
     if method == "mixedae":  # one group of four per rank, 32 px images
         return [o for o in overrides if not o.startswith("method.")] + [
             "method.name=mixedae", *decoder, "data.img_size=32", "backbone.img_size=32"]
@@ -143,12 +148,18 @@ def _run_worker(rank: int, port: int, overrides: list[str]) -> None:
 
 
 @pytest.mark.parametrize("method", ["mae", "finetune", "finetune+ema", "mixmae", "mixedae", "data2vec",
-                                    "data2vec2", "data2vec@cvt", "data2vec2@cvt"])
+                                    "data2vec2", "data2vec@cvt", "data2vec2@cvt", "vqvae", "beit"])
 def test_two_process_gradient_equals_single_process_gradient(tmp_path, tiny_run_overrides, method):
     """DDP must average the ranks' gradients: with each rank's loss the mean over its half of the
     global batch, the result is the gradient of the global-batch mean (lightly's issue 1528 was a
     gradient off by the world size). Fine-tuning, with labels in the batch, too, and with a weight
-    average, whose copy must not be a parameter DDP waits for."""
+    average, whose copy must not be a parameter DDP waits for. A tokenizer starts its codebook from
+    both ranks' tokens, as one process does from the whole batch; BEiT's frozen tokenizer is no
+    parameter DDP waits for."""
+    if method == "beit":
+        tokenizer = fake_run(tmp_path / "tokenizer", tiny_tokenizer_settings())
+        tiny_run_overrides = [o for o in tiny_run_overrides if not o.startswith("method.")] + [
+            "method.name=beit", f"method.tokenizer={tokenizer}"]
     overrides = [f"run_dir={tmp_path / 'ddp'}", *_method_overrides(method, tiny_run_overrides)]
     cfg = load_config(None, overrides)
     mp.spawn(_grad_worker, args=(_free_port(), overrides, str(tmp_path)), nprocs=WORLD, join=True)
@@ -159,7 +170,11 @@ def test_two_process_gradient_equals_single_process_gradient(tmp_path, tiny_run_
 
     torch.manual_seed(cfg.seed)  # rank 0's initialisation, which DDP broadcasts to every rank
     model = method_from_config(cfg)
-    for rank in range(WORLD):
+    model.load_helpers()
+    if method == "vqvae":  # one codebook from the whole batch: one forward of it, rank 0's random choices
+        torch.manual_seed(100)
+        model(_global_batch(cfg.data.img_size)).loss.backward()
+    for rank in range(WORLD if method != "vqvae" else 0):
         torch.manual_seed(100 + rank)
         (model(_shard(_global_batch(cfg.data.img_size), rank)).loss / WORLD).backward()
     ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

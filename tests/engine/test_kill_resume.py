@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fake_run, tiny_tokenizer_settings
 from safetensors.torch import load_file
 
 from mimkit.engine.checkpoint import latest_checkpoint, list_checkpoints, load_state
@@ -55,6 +56,10 @@ def _overrides(method: str, tiny: list[str]) -> list[str]:
         return [o for o in tiny if not o.startswith(("method.", "backbone."))] + MIXMAE
     if method in ("data2vec", "data2vec2"):  # a teacher on a linear decay, masks from the global RNG
         return [o for o in tiny if not o.startswith("method.")] + [f"method.name={method}"]
+    if method == "vqvae":  # a k-means start and dead-code restarts from the global RNG, codebook buffers
+        return [o for o in tiny if not o.startswith("method.")] + [
+            "method.name=vqvae", "method.num_codes=16", "method.code_dim=8", "method.decoder_dim=16",
+            "method.decoder_depth=1", "method.dead_threshold=2.0"]
     if method == "mixedae":  # group assignments from the global RNG, a segment embedding, a projector
         return [o for o in tiny if not o.startswith("method.")] + [
             "method.name=mixedae", "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",
@@ -63,8 +68,12 @@ def _overrides(method: str, tiny: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("method", ["mae", "dino", "ibot", "mixmae", "mixedae", "data2vec",
-                                    "data2vec2", "data2vec@cvt", "data2vec2@cvt"])
+                                    "data2vec2", "data2vec@cvt", "data2vec2@cvt", "vqvae", "beit"])
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_run_overrides, method):
+    if method == "beit":  # masks from the global RNG, a frozen tokenizer from its own run
+        tokenizer = fake_run(tmp_path / "tokenizer", tiny_tokenizer_settings())
+        tiny_run_overrides = [o for o in tiny_run_overrides if not o.startswith("method.")] + [
+            "method.name=beit", f"method.tokenizer={tokenizer}"]
     tiny_run_overrides = _overrides(method, tiny_run_overrides)
     full, killed = tmp_path / "full", tmp_path / "killed"
     # The uninterrupted run beside the killed one (one thread each, one core each): they share nothing.

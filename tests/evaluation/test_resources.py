@@ -17,7 +17,7 @@ def _tiny_config(folder, method_name, backbone):
     kwargs, img = tiny_backbone_kwargs(backbone, in_chans=1)
     kwargs.pop("img_size"), kwargs.pop("in_chans")
     path = folder / f"{method_name}-{backbone}.yaml"
-    method = tiny_method_cfg(method_name, img)
+    method = tiny_method_cfg(method_name, img, backbone)
     path.write_text(yaml.safe_dump({"backbone": {"name": backbone, **kwargs}, "method": method,
                                     "data": {"img_size": img, "channels": 1}, "train": {"device": "cpu"}}))
     return str(path)
@@ -63,3 +63,23 @@ def test_configs_are_measured_in_their_own_processes_and_refused_up_front(tmp_pa
 def test_a_backbone_can_be_swapped_in_with_its_preset():
     cfg = config_spec("cvt_mae_fmnist_s4@cvt_13", 64, ["data.channels=3"])
     assert cfg.backbone == {"name": "cvt_13"} and cfg.data.img_size == 64 and cfg.data.channels == 3
+
+
+def test_the_breakdown_by_module_adds_up_to_the_forward(tmp_path, capsys):
+    """Every forward FLOP of a CvT-MAE falls in one of its encoder's stages or its decoder, and the
+    decoder's stages and head make up the decoder; deeper names are left out."""
+    spec = _tiny_config(tmp_path, "cvt_mae", "cvt_tiny_s2")
+    row = measure(spec, batch=2, steps=1, precision="fp32", breakdown=3)
+    parts = row["forward_gflop_by_module"]
+    stages = [g for name, g in parts.items() if name.startswith("encoder.stages.")]
+    decoder = [g for name, g in parts.items() if name.startswith("decoder.ups.") and name.count(".") == 2
+               or name == "decoder.head"]
+    assert len(stages) == 3 and all(g > 0 for g in stages)
+    assert sum(stages) + parts["decoder"] == pytest.approx(row["forward_gflop_per_img"], rel=1e-9)
+    assert sum(decoder) == pytest.approx(parts["decoder"], rel=1e-9)
+    assert all(name.count(".") <= 2 for name in parts)
+    assert 0 < row["forward_gflop_per_img"] < row["train_gflop_per_img"]
+    assert main(["resources", spec, "--batch-size", "2", "--steps", "1", "--precision", "fp32",
+                 "--breakdown", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"Forward FLOPs of {spec}" in out and "| decoder |" in out and "stages" not in out

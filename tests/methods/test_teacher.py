@@ -47,7 +47,7 @@ def test_every_teacher_method_is_covered():
 def _build(name: str, backbone: str, seed: int = 0):
     torch.manual_seed(seed)
     kwargs, img = tiny_backbone_kwargs(backbone, in_chans=1)
-    return create_method(tiny_method_cfg(name, img), create_backbone(backbone, **kwargs)), img
+    return create_method(tiny_method_cfg(name, img, backbone), create_backbone(backbone, **kwargs)), img
 
 
 def _batch(method, img: int, seed: int = 1):

@@ -44,6 +44,7 @@ from mimkit.engine.run_folder import CONFIG_FILE, RunFolder, reading_run, run_co
 from mimkit.engine.step import StepResult, train_step
 from mimkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from mimkit.methods import PretrainOutput
+from mimkit.methods.helpers import check_helper_data
 from mimkit.models import check_method_input, encoder_from_config, eval_prefix, method_from_config
 from mimkit.schema import require
 
@@ -156,6 +157,9 @@ class Trainer:
             stored = _stored_stats(cfg.run_dir) if resume else None
             mean, std = stored if stored is not None else self._dataset_stats(cfg.data)
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=mean, std=std))
+        for warning in check_helper_data(cfg.method, cfg.data.channels, cfg.data.mean, cfg.data.std):
+            if info.is_main:
+                log.warning(warning)
         self.cfg = cfg
         self.folder = RunFolder(cfg.run_dir)
         self.ckpt_dir = self.folder.path / "checkpoints"
@@ -230,9 +234,13 @@ class Trainer:
         return Schedule(total, round(cfg.optim.warmup_epochs * steps_per_epoch), peak, cfg.optim.min_lr, total)
 
     def _initialise(self) -> None:
-        """Load ``cfg.init``, once, into the trained encoder (nothing without an ``init``)."""
-        if self.cfg.init and not self._initialised:
-            self._initialise_from(self.cfg.init)
+        """A fresh run's start, once: ``cfg.init`` into the trained encoder, the method's frozen helpers
+        from their runs (a continuation's checkpoint holds both).
+        """
+        if not self._initialised:
+            if self.cfg.init:
+                self._initialise_from(self.cfg.init)
+            self.method.load_helpers()
         self._initialised = True
 
     def _initialise_from(self, path: str) -> None:

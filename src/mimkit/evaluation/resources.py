@@ -74,7 +74,7 @@ def config_spec(spec: str, img_size: int, overrides: list[str]):
 
 
 def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, precision: str = "auto",
-            overrides: list[str] | None = None) -> dict[str, Any]:
+            overrides: list[str] | None = None, breakdown: int = 0) -> dict[str, Any]:
     """Measure one config in this process (call it in a fresh process for a true memory peak).
 
     Args:
@@ -85,6 +85,9 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
         steps: Timed steps after two warm-up steps; the median is reported.
         precision: ``auto``, ``bf16`` or ``fp32`` for the timed steps (FLOPs are counted in fp32).
         overrides: ``key=value`` settings for the config.
+        breakdown: Also the forward FLOPs of every module down to this many levels of its dotted
+            name below the method (:func:`module_flops`), as ``forward_gflop_by_module`` beside the
+            whole forward's ``forward_gflop_per_img``; 0: not.
 
     Returns:
         A row with the :data:`COLUMNS` keys and the settings measured under.
@@ -131,10 +134,18 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         method(few).loss.backward()
     row["train_gflop_per_img"] = fc.get_total_flops() / few.size / 1e9
+    if breakdown:
+        # The forward alone: torch's module tracker nests the forward passes of modules, but in the
+        # backward it charges some modules' gradients to others (a dropout, the block beside them).
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            method(few)
+        row["forward_gflop_per_img"] = fc.get_total_flops() / few.size / 1e9
+        row["forward_gflop_by_module"] = module_flops(fc.get_flop_counts(), breakdown, few.size)
     method.zero_grad(set_to_none=True)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         encoder.eval().forward_features(few.images)
     row["infer_gflop_per_img"] = fc.get_total_flops() / few.size / 1e9
+    method.discard_step()  # the counting passes took no step: a centre's or codebook's sums would stay on the CPU
     method.to(device).train()
     optimizer = build_optimizer(method, cfg.optim, 1e-4)
     if device.type == "cuda":
@@ -177,6 +188,31 @@ def measure(spec: str, img_size: int = 0, batch: int = 64, steps: int = 5, preci
     return row
 
 
+def module_flops(counts: dict[str, dict[Any, int]], depth: int, images: int) -> dict[str, float]:
+    """GFLOP per image of each module that computed in a forward pass, from
+    ``FlopCounterMode.get_flop_counts()``. A module whose ``forward`` is not called (an encoder
+    whose ``forward_stages`` is) is not listed; its children are.
+
+    Args:
+        counts: FLOPs by module name (the root's class name, then the dotted path of attribute
+            names, ``CvTMAE.encoder.stages.0``; ``Global`` the whole count) and by operator.
+        depth: Keep the modules whose path below the root has at most this many parts
+            (``encoder.stages.0`` has 3); a module holds its children's FLOPs.
+        images: Images the counts were taken over.
+
+    Returns:
+        ``{path below the root: GFLOP per image}`` in the order the modules first computed; what ran
+        outside the root (none in a method's forward) is left out.
+
+    """
+    rows = {}
+    for name, ops in counts.items():
+        parts = name.split(".")[1:]
+        if name != "Global" and 0 < len(parts) <= depth:
+            rows[".".join(parts)] = sum(ops.values()) / images / 1e9
+    return rows
+
+
 def _reset_peak_rss() -> None:
     # Linux: writing 5 to clear_refs resets VmHWM to the current resident set.
     try:
@@ -202,7 +238,7 @@ def peak_rss_mib() -> float:
 
 
 def measure_configs(specs: list[str], img_size: int = 0, batch: int = 64, steps: int = 5, precision: str = "auto",
-                    overrides: list[str] | None = None, threads: int = 0) -> list[dict[str, Any]]:
+                    overrides: list[str] | None = None, threads: int = 0, breakdown: int = 0) -> list[dict[str, Any]]:
     """:func:`measure` each config in a child process of its own; a failure names the config.
 
     Args:
@@ -213,6 +249,7 @@ def measure_configs(specs: list[str], img_size: int = 0, batch: int = 64, steps:
         precision: ``auto``, ``bf16`` or ``fp32``.
         overrides: ``key=value`` settings for every config.
         threads: Torch CPU threads in each child (0 = torch's default).
+        breakdown: Training FLOPs by module down to this depth (see :func:`measure`); 0: not.
 
     Raises:
         ConfigError: A spec that does not resolve (checked before anything is measured), or a
@@ -224,7 +261,7 @@ def measure_configs(specs: list[str], img_size: int = 0, batch: int = 64, steps:
     rows = []
     for spec in specs:
         args = {"spec": spec, "img_size": img_size, "batch": batch, "steps": steps, "precision": precision,
-                "overrides": overrides or []}
+                "overrides": overrides or [], "breakdown": breakdown}
         code = ("import json, sys, torch\n"
                 f"if {threads}: torch.set_num_threads({threads})\n"
                 "from mimkit.evaluation.resources import measure\n"
@@ -251,7 +288,16 @@ def resources_table(rows: list[dict[str, Any]]) -> str:
     shared = [f"{k} {rows[0][k]}" for k in ("batch", "device", "cpu", "precision", "threads", "peak_kind")
               if all(r[k] == rows[0][k] for r in rows)]
     lines.append("\n" + ", ".join([*shared, time.strftime("%Y-%m-%d %H:%M")]))
+    for r in rows:
+        if "forward_gflop_by_module" in r:
+            lines += ["", f"Forward FLOPs of {r['config']} at {r['img_size']} px by module (a module holds its "
+                      "children's; a training step's backward costs about twice each trained module's forward):",
+                      "", "| module | forward GFLOP/img | share of the forward |", "|---|---|---|"]
+            total = r["forward_gflop_per_img"]
+            lines += [f"| {'&nbsp;' * 2 * name.count('.')}{name} | {g:.3f} | {g / total:.1%} |"
+                      for name, g in r["forward_gflop_by_module"].items() if g > 0]
     return "\n".join(lines)
 
 
-__all__ = ["COLUMNS", "config_spec", "cpu_flags", "measure", "measure_configs", "peak_rss_mib", "resources_table"]
+__all__ = ["COLUMNS", "config_spec", "cpu_flags", "measure", "measure_configs", "module_flops", "peak_rss_mib",
+           "resources_table"]

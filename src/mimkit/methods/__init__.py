@@ -9,6 +9,7 @@ from torch import nn
 
 from mimkit.errors import ConfigError
 from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
+from mimkit.methods.beit import BEiT
 from mimkit.methods.cvt_mae import CvTMAE
 from mimkit.methods.data2vec import Data2Vec
 from mimkit.methods.data2vec2 import Data2Vec2
@@ -18,11 +19,13 @@ from mimkit.methods.ibot import IBOT
 from mimkit.methods.mae import MAE
 from mimkit.methods.mixedae import MixedAE
 from mimkit.methods.mixmae import MixMAE
+from mimkit.methods.vqvae import VQTokenizer
 from mimkit.schema import from_dict
 
 METHODS: dict[str, type[PretrainMethod]] = {
     "mae": MAE, "cvt_mae": CvTMAE, "dino": DINO, "ibot": IBOT, "data2vec": Data2Vec, "data2vec2": Data2Vec2,
-    "mixmae": MixMAE, "mixedae": MixedAE,
+    "mixmae": MixMAE, "mixedae": MixedAE, "beit": BEiT,
+    "vqvae": VQTokenizer,  # a visual tokenizer (BEiT's targets), trained as a run of its own
     "finetune": FineTune,
 }
 

@@ -158,6 +158,11 @@ class PretrainMethod(nn.Module):
         forward passes left pending (a teacher centre's sums); a no-op by default.
         """
 
+    def load_helpers(self) -> None:
+        """Hook at the start of a fresh run (not a continuation): read the weights of the frozen
+        helpers the method names from their runs (:mod:`mimkit.methods.helpers`); a no-op by default.
+        """
+
     def encoder_loaded(self) -> None:
         """Hook after the engine loaded pre-trained weights into ``encoder`` (``init``); a no-op by
         default. A teacher-student method copies the student into its teacher here.
@@ -208,6 +213,11 @@ class PretrainMethod(nn.Module):
         if hasattr(self.encoder, "no_weight_decay"):
             skip = {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=skip)
+
+    @property
+    def reconstructs_pixels(self) -> bool:
+        """Whether :meth:`reconstruct` gives pixels (``mimkit visualize`` shows them; else the views)."""
+        return type(self).reconstruct is not PretrainMethod.reconstruct
 
     def reconstruct(
         self, images: torch.Tensor, out: PretrainOutput

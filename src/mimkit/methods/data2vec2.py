@@ -37,6 +37,7 @@ from mimkit.errors import ConfigError
 from mimkit.masking import KeepTokens, TokenMask, inverse_block_masks
 from mimkit.methods.base import PretrainOutput
 from mimkit.methods.data2vec import EncoderTeacher, RegressionConfig, feature_std
+from mimkit.methods.decoders import ConvDecoder
 from mimkit.schema import check_positive, require
 
 
@@ -47,45 +48,6 @@ def instance_normed_targets(blocks: list[torch.Tensor]) -> torch.Tensor:
     normed = [F.instance_norm(b.float().transpose(1, 2)).transpose(1, 2) for b in blocks]
     average = torch.stack(normed).mean(0)
     return F.layer_norm(average, average.shape[-1:])
-
-
-class ConvDecoder(nn.Module):
-    """data2vec 2.0's decoder: grouped ``k x k`` convolutions over the token grid, each followed by a
-    LayerNorm without affine parameters and a GELU, residual from the second on, then a linear layer.
-
-    Args:
-        in_dim: Width of the tokens it reads (the encoder's).
-        dim: Its own width.
-        depth: Convolution layers.
-        kernel: Convolution size (odd).
-        groups: Convolution groups (data2vec 2.0: 16); cut to what divides both widths.
-
-    Example:
-        >>> ConvDecoder(32, 16, 2)(torch.randn(2, 49, 32), (7, 7)).shape
-        torch.Size([2, 49, 32])
-
-    """
-
-    def __init__(self, in_dim: int, dim: int, depth: int, kernel: int = 3, groups: int = 16) -> None:
-        """Build ``depth`` convolution layers and the output projection back to ``in_dim``."""
-        super().__init__()
-        self.convs = nn.ModuleList()
-        for i in range(depth):
-            width = in_dim if i == 0 else dim
-            g = math.gcd(groups, math.gcd(width, dim))
-            self.convs.append(nn.Conv2d(width, dim, kernel, padding=kernel // 2, groups=g))
-        self.proj = nn.Linear(dim if depth else in_dim, in_dim)
-
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Predictions ``[N, L, in_dim]`` of tokens ``[N, L, in_dim]`` laid out on ``grid`` (row-major)."""
-        n, length, d = tokens.shape
-        x = tokens.transpose(1, 2).reshape(n, d, *grid)
-        for i, conv in enumerate(self.convs):
-            y = conv(x)
-            y = F.layer_norm(y.permute(0, 2, 3, 1), y.shape[1:2]).permute(0, 3, 1, 2)
-            y = F.gelu(y)
-            x = y if i == 0 else x + y
-        return self.proj(x.flatten(2).transpose(1, 2))
 
 
 class Data2Vec2(EncoderTeacher):

@@ -1,8 +1,13 @@
-"""Light transformer decoder shared by the token-based masked autoencoders."""
+"""Light decoders shared by the methods: a transformer over mask tokens (the token-based masked
+autoencoders) and a convolution stack over the token grid (data2vec 2.0, the visual tokenizers).
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -76,3 +81,45 @@ class MaskTokenDecoder(nn.Module):
             tokens = self.norm(self.blocks(tokens))
         return self.pred(tokens[:, prefix_tokens:])  # [N, L, out_dim]
 
+
+class ConvDecoder(nn.Module):
+    """data2vec 2.0's decoder (Baevski et al., "Efficient Self-supervised Learning with Contextualized
+    Target Representations for Vision, Speech and Language", ICML 2023): grouped ``k x k``
+    convolutions over the token grid, each followed by a LayerNorm without affine parameters and a
+    GELU, residual from the second on, then a linear layer.
+
+    Args:
+        in_dim: Width of the tokens it reads (the encoder's).
+        dim: Its own width.
+        depth: Convolution layers.
+        kernel: Convolution size (odd).
+        groups: Convolution groups (data2vec 2.0: 16); cut to what divides both widths.
+        out_dim: Width of the predictions (default ``in_dim``, data2vec 2.0's).
+
+    Example:
+        >>> ConvDecoder(32, 16, 2)(torch.randn(2, 49, 32), (7, 7)).shape
+        torch.Size([2, 49, 32])
+
+    """
+
+    def __init__(self, in_dim: int, dim: int, depth: int, kernel: int = 3, groups: int = 16,
+                 out_dim: int | None = None) -> None:
+        """Build ``depth`` convolution layers and the output projection to ``out_dim`` (default ``in_dim``)."""
+        super().__init__()
+        self.convs = nn.ModuleList()
+        for i in range(depth):
+            width = in_dim if i == 0 else dim
+            g = math.gcd(groups, math.gcd(width, dim))
+            self.convs.append(nn.Conv2d(width, dim, kernel, padding=kernel // 2, groups=g))
+        self.proj = nn.Linear(dim if depth else in_dim, out_dim or in_dim)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Predictions ``[N, L, out_dim]`` of tokens ``[N, L, in_dim]`` laid out on ``grid`` (row-major)."""
+        n, length, d = tokens.shape
+        x = tokens.transpose(1, 2).reshape(n, d, *grid)
+        for i, conv in enumerate(self.convs):
+            y = conv(x)
+            y = F.layer_norm(y.permute(0, 2, 3, 1), y.shape[1:2]).permute(0, 3, 1, 2)
+            y = F.gelu(y)
+            x = y if i == 0 else x + y
+        return self.proj(x.flatten(2).transpose(1, 2))

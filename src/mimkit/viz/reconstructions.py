@@ -14,6 +14,8 @@ from mimkit.data.transforms import Normalize  # noqa: E402
 from mimkit.methods import PretrainMethod  # noqa: E402
 
 ROWS = ("original", "encoder input", "reconstruction", "reconstruction + visible")
+#: The rows of a method that hides nothing (a tokenizer decoding its codes).
+WHOLE_ROWS = ("original", "decoded")
 
 
 @torch.no_grad()
@@ -26,7 +28,8 @@ def reconstruction_panels(method: PretrainMethod, images: torch.Tensor, normaliz
         normalize: The normalisation the images went through (to map back to pixels).
 
     Returns:
-        ``[original, masked input, reconstruction, reconstruction pasted into the visible pixels]``.
+        ``[original, masked input, reconstruction, reconstruction pasted into the visible pixels]``, or
+        ``[original, reconstruction]`` for a method that hides nothing (a tokenizer).
 
     """
     method.eval()
@@ -34,6 +37,8 @@ def reconstruction_panels(method: PretrainMethod, images: torch.Tensor, normaliz
     recon, mask = method.reconstruct(images, out)  # both in normalised space; mask 1 = hidden
     original = normalize.denormalize(images)
     shown = normalize.denormalize(recon)
+    if out.mask is None and out.inputs is None:  # nothing hidden: the image and what its codes decode to
+        return [original, shown]
     # what the encoder saw: the image greyed where hidden, or the mixed images of a mixing method
     masked = original * (1 - mask) + 0.5 * mask if out.inputs is None else normalize.denormalize(out.inputs)
     pasted = original * (1 - mask) + shown * mask
@@ -42,8 +47,11 @@ def reconstruction_panels(method: PretrainMethod, images: torch.Tensor, normaliz
 
 def save_reconstructions(method: PretrainMethod, images: torch.Tensor, normalize: Normalize, path: Path,
                          title: str = "") -> Path:
-    """Write the reconstruction grid (rows: original, masked, reconstruction, pasted) to ``path``."""
-    return save_grid(reconstruction_panels(method, images, normalize), ROWS, path, title)
+    """Write the reconstruction grid (rows: original, masked, reconstruction, pasted; or original and
+    decoded for a method that hides nothing) to ``path``.
+    """
+    panels = reconstruction_panels(method, images, normalize)
+    return save_grid(panels, ROWS if len(panels) == len(ROWS) else WHOLE_ROWS, path, title)
 
 
 def save_views(views: tuple[torch.Tensor, ...], normalize: Normalize, path: Path, title: str = "") -> Path:

@@ -130,15 +130,18 @@ class ConvAttention(nn.Module):
 
     def _sparse(self, x: torch.Tensor, sparse: SparseStage) -> tuple[torch.Tensor, ...]:
         """q, k, v of the visible tokens ``x [N, L, D]`` and the attention mask ``[N, 1, 1, L_k]`` of
-        their key windows (see :meth:`forward`).
+        their key windows (see :meth:`forward`); None when no image's keys hold padding.
         """
-        fmap = sparse.tokens.scatter(x)  # [N, D, H, W], zero where hidden
-        q = batch_norm_where(self.conv_q.bn, sparse.tokens.gather(self.conv_q.conv_map(fmap)), sparse.tokens.valid)
-        k, v = (batch_norm_where(p.bn, sparse.keys.gather(p.conv_map(fmap)), sparse.keys.valid)
+        queries, windows = sparse.tokens, sparse.keys
+        fmap = queries.scatter(x)  # [N, D, H, W], zero where hidden
+        q = batch_norm_where(self.conv_q.bn, queries.gather(self.conv_q.conv_map(fmap)), queries.valid, queries.count)
+        k, v = (batch_norm_where(p.bn, windows.gather(p.conv_map(fmap)), windows.valid, windows.count)
                 for p in (self.conv_k, self.conv_v))
+        if not windows.padded:  # every packed key is a real window: nothing to mask
+            return q, k, v, None
         # An image with nothing visible has no key window: its (padding) rows attend to its empty keys
         # rather than to none, which some attention kernels answer with NaN.
-        keys = sparse.keys.valid | ~sparse.keys.valid.any(dim=1, keepdim=True)
+        keys = windows.valid | ~windows.valid.any(dim=1, keepdim=True)
         return q, k, v, keys[:, None, None, :]
 
 

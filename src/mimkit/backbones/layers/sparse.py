@@ -31,6 +31,7 @@ class Packed:
         valid: ``[N, L]`` bool, False on the padding.
         height: Map height.
         width: Map width.
+        count: Visible tokens of the whole batch (``valid.sum()``, known without a device sync).
 
     """
 
@@ -38,6 +39,7 @@ class Packed:
     valid: torch.Tensor
     height: int
     width: int
+    count: int
 
     @classmethod
     def of(cls, visible: torch.Tensor) -> Packed:
@@ -45,29 +47,37 @@ class Packed:
         n, _, h, w = visible.shape
         flat = visible.reshape(n, h * w) != 0
         counts = flat.sum(dim=1)
-        length = max(1, int(counts.max()))
+        # One transfer for both numbers (a device sync on CUDA); the blocks then need none.
+        longest, count = torch.stack([counts.max(), counts.sum()]).tolist()
+        length = max(1, longest)
         # A stable sort puts the visible positions first, each image's in raster order.
         order = torch.argsort((~flat).to(torch.uint8), dim=1, stable=True)[:, :length]
         slots = torch.arange(length, device=visible.device)
         valid = slots < counts[:, None]
-        return cls(torch.where(valid, order, h * w + slots), valid, h, w)
+        return cls(torch.where(valid, order, h * w + slots), valid, h, w, count)
 
     @property
     def length(self) -> int:
         """Tokens per image after packing (the batch's largest visible count)."""
         return self.index.shape[1]
 
+    @property
+    def padded(self) -> bool:
+        """Whether some image keeps fewer tokens than the longest (so the packing holds padding)."""
+        return self.count < self.valid.numel()
+
     def gather(self, fmap: torch.Tensor) -> torch.Tensor:
         """The visible tokens ``[N, L, D]`` of a map ``[N, D, H, W]`` (zeros on the padding)."""
         n, d = fmap.shape[:2]
-        flat = F.pad(fmap.flatten(2), (0, self.length))
+        # Only padding points past the map: without it the map needs no zero tail to read.
+        flat = F.pad(fmap.flatten(2), (0, self.length)) if self.padded else fmap.flatten(2)
         return flat.gather(2, self.index.unsqueeze(1).expand(n, d, -1)).transpose(1, 2)
 
     def scatter(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens ``[N, L, D]`` back into a map ``[N, D, H, W]``, zero where nothing is visible."""
         n, _, d = tokens.shape
         area = self.height * self.width
-        flat = tokens.new_zeros(n, d, area + self.length)
+        flat = tokens.new_zeros(n, d, area + (self.length if self.padded else 0))
         flat = flat.scatter(2, self.index.unsqueeze(1).expand(n, d, -1), tokens.transpose(1, 2))
         return flat[..., :area].reshape(n, d, self.height, self.width)
 
@@ -77,7 +87,8 @@ class Packed:
         return self.scatter(ones)
 
 
-def batch_norm_where(bn: nn.BatchNorm2d, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def batch_norm_where(bn: nn.BatchNorm2d, tokens: torch.Tensor, keep: torch.Tensor,
+                     kept: int | None = None) -> torch.Tensor:
     """``bn`` applied to tokens ``[N, L, D]`` with its statistics over the ``keep [N, L]`` ones only.
 
     In training mode the batch statistics (and the running averages) come from the kept tokens
@@ -85,15 +96,28 @@ def batch_norm_where(bn: nn.BatchNorm2d, tokens: torch.Tensor, keep: torch.Tenso
     zero; the other tokens come out as zeros. In evaluation mode every kept token is normalised by
     the running statistics, as ``bn`` would. A single kept token has no batch variance: it is
     normalised by the running statistics, which it leaves as they are.
+
+    ``kept`` (optional) is ``keep.sum()`` when the caller knows it: with every token kept, the tokens
+    are normalised in place of a gathered copy, with the same numbers; otherwise the kept rows are
+    found without asking the device how many there are (no CUDA sync).
     """
-    rows = tokens[keep]  # [M, D]
+    d = tokens.shape[-1]
+    flat = tokens.reshape(-1, d)
+    every = kept is not None and kept == keep.numel()
+    where = None if every or kept is None else keep.flatten().nonzero_static(size=kept).squeeze(1)
+    rows = flat if every else tokens[keep] if where is None else flat.index_select(0, where)  # [M, D]
     batch_stats = (bn.training or not bn.track_running_stats) and rows.shape[0] > 1
     if batch_stats and bn.training and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
     factor = bn.momentum if bn.momentum is not None else 1.0 / max(1, int(bn.num_batches_tracked or 1))
     normed = F.batch_norm(rows, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                           batch_stats or bn.running_mean is None, factor, bn.eps)
-    return tokens.new_zeros(tokens.shape).index_put((keep,), normed.to(tokens.dtype))
+    normed = normed.to(tokens.dtype)
+    if every:
+        return normed.reshape(tokens.shape)
+    if where is not None:
+        return flat.new_zeros(flat.shape).index_copy(0, where, normed).reshape(tokens.shape)
+    return tokens.new_zeros(tokens.shape).index_put((keep,), normed)
 
 
 @dataclass(frozen=True)
