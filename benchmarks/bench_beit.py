@@ -40,7 +40,7 @@ from mimkit.engine.checkpoint import load_weights, resolve_checkpoint
 from mimkit.engine.continuation import run_settings
 from mimkit.evaluation.resources import cpu_flags, measure_configs, resources_table
 from mimkit.evaluation.runner import resolve_subject
-from mimkit.methods.quantizer import code_perplexity
+from mimkit.methods.quantizer import perplexity
 from mimkit.models import method_from_config
 from mimkit.viz import save_accuracy_curves
 
@@ -104,9 +104,7 @@ def codebook_usage(run_dir: Path) -> dict[str, float]:
     counts = torch.zeros(method.cfg.num_codes, dtype=torch.long)
     for batch in build_loader(build_dataset(data, "train"), data, 512, train=False):
         counts += torch.bincount(method.tokenize(batch.images).flatten(), minlength=counts.numel())
-    codes = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    return {"usage": round(float((counts > 0).float().mean()), 4),
-            "perplexity": round(code_perplexity(codes, counts.numel()), 1)}
+    return {"usage": round(float((counts > 0).float().mean()), 4), "perplexity": round(perplexity(counts), 1)}
 
 
 def run_chain(chain: Chain, out: Path, args: argparse.Namespace) -> dict:

@@ -249,7 +249,7 @@ def measure_configs(specs: list[str], img_size: int = 0, batch: int = 64, steps:
         precision: ``auto``, ``bf16`` or ``fp32``.
         overrides: ``key=value`` settings for every config.
         threads: Torch CPU threads in each child (0 = torch's default).
-        breakdown: Training FLOPs by module down to this depth (see :func:`measure`); 0: not.
+        breakdown: Forward FLOPs by module down to this depth (see :func:`measure`); 0: not.
 
     Raises:
         ConfigError: A spec that does not resolve (checked before anything is measured), or a

@@ -27,7 +27,7 @@ from mimkit.data.batch import Batch
 from mimkit.errors import ConfigError
 from mimkit.masking import TokenMask, block_masks
 from mimkit.methods.base import MethodConfig, PretrainMethod, PretrainOutput
-from mimkit.methods.helpers import build_helper, load_helper_weights
+from mimkit.methods.helpers import build_helper, freeze, load_helper_weights
 from mimkit.methods.vqvae import VQTokenizer, grid_of
 from mimkit.schema import require
 
@@ -89,7 +89,7 @@ class BEiT(PretrainMethod):
         if not isinstance(tokenizer, VQTokenizer):
             raise ConfigError(f"method.tokenizer: a {type(tokenizer).__name__} run is no tokenizer; name a run of "
                               "method vqvae")
-        self.tokenizer = tokenizer.requires_grad_(False).eval()
+        self.tokenizer = freeze(tokenizer)
         self.mask_token = None
         if getattr(encoder, "uses_mask_token", False):
             self.mask_token = nn.Parameter(torch.zeros(encoder.num_features))

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from mimkit.errors import ConfigError
+from mimkit.errors import CheckpointError, ConfigError
 
 
 def run_settings_of(run: str, key: str) -> dict[str, Any]:
@@ -140,7 +140,6 @@ def load_helper_weights(module: nn.Module, run: str, recorded: dict[str, Any], k
     """
     from mimkit.engine.checkpoint import load_weights, resolve_checkpoint
     from mimkit.engine.run_folder import reading_run
-    from mimkit.errors import CheckpointError
 
     if not run:
         raise ConfigError(f"{key}: a fresh run reads the helper's weights from its run; name it (the recorded "

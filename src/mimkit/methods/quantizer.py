@@ -85,7 +85,7 @@ def kmeans(rows: torch.Tensor, k: int, iters: int, normalize: bool = False) -> t
     sphere and nearness is the cosine (spherical k-means).
 
     Example:
-        >>> torch.manual_seed(0)
+        >>> _ = torch.manual_seed(0)
         >>> c, n = kmeans(torch.cat([torch.zeros(5, 2), torch.ones(5, 2)]), 2, iters=5)
         >>> sorted(n.tolist())
         [5.0, 5.0]
@@ -195,10 +195,8 @@ class EMAQuantizer(nn.Module):
         counts = torch.bincount(codes, minlength=self.num_codes).float()
         if self.training:
             self._add(rows.detach(), codes, counts)
-        probs = counts / counts.sum().clamp(min=1)
-        perplexity = float(torch.exp(-(probs * torch.log(probs.clamp(min=1e-12))).sum()))
         vectors = rows + (chosen - rows).detach()  # straight-through: the encoder gets the decoder's gradient
-        return Quantized(vectors.view(*shape, self.dim), codes.view(shape), commitment, perplexity)
+        return Quantized(vectors.view(*shape, self.dim), codes.view(shape), commitment, perplexity(counts))
 
     @torch.no_grad()
     def _start(self, rows: torch.Tensor) -> None:
@@ -262,11 +260,12 @@ class EMAQuantizer(nn.Module):
         return float((self.cluster_size >= t).float().mean())
 
 
-def code_perplexity(codes: torch.Tensor, num_codes: int) -> float:
-    """``exp`` of the entropy of the code frequencies of ``codes`` (any shape, int64)."""
-    probs = torch.bincount(codes.flatten(), minlength=num_codes).float()
-    probs = probs / probs.sum().clamp(min=1)
+def perplexity(counts: torch.Tensor) -> float:
+    """``exp`` of the entropy of the code frequencies ``counts [K]`` (K when every code is used
+    equally, 1 when one code takes everything).
+    """
+    probs = counts.float() / counts.sum().clamp(min=1)
     return math.exp(float(-(probs * torch.log(probs.clamp(min=1e-12))).sum()))
 
 
-__all__ = ["EMAQuantizer", "Quantized", "code_perplexity", "kmeans", "kmeans_pp", "nearest"]
+__all__ = ["EMAQuantizer", "Quantized", "kmeans", "kmeans_pp", "nearest", "perplexity"]

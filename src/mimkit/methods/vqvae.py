@@ -141,6 +141,8 @@ class VQTokenizer(PretrainMethod):
         self.cfg = cfg
         self.encoder = encoder
         self.teacher: nn.Module | None = None
+        self.patch = patch_side(encoder)
+        pixels = encoder.in_chans * self.patch**2  # a token's patch of pixels
         if cfg.target == "teacher":
             if not cfg.teacher_settings:
                 raise ConfigError("method.teacher_settings: empty; they are read from method.teacher's run when the "
@@ -151,12 +153,12 @@ class VQTokenizer(PretrainMethod):
             self.teacher = helper.eval_module
             out_dim = self.teacher.num_features
         else:
-            out_dim = encoder.in_chans * patch_side(encoder) ** 2  # a token's patch of pixels
+            out_dim = pixels
         code_dim = cfg.code_dim
         self.to_code: nn.Module | None = None
         if cfg.source == "patches":  # the encoder gives the grid and nothing else: it never trains
             encoder.requires_grad_(False)
-            code_dim = encoder.in_chans * patch_side(encoder) ** 2
+            code_dim = pixels
         else:
             self.to_code = nn.Linear(encoder.num_features, code_dim)
         self.quantizer = EMAQuantizer(cfg.num_codes, code_dim, cfg.decay, normalize=cfg.normalize,
@@ -166,7 +168,7 @@ class VQTokenizer(PretrainMethod):
 
     def check_image_size(self, height: int, width: int) -> None:
         """Refuse an image that the encoder's token grid does not cut into its patches exactly."""
-        (gh, gw), p = grid_of(self.encoder, height, width), patch_side(self.encoder)
+        (gh, gw), p = grid_of(self.encoder, height, width), self.patch
         if (gh * p, gw * p) != (height, width):
             raise ConfigError(f"method {self.cfg.name or 'vqvae'}: a {height} x {width} image gives the encoder a "
                               f"{gh} x {gw} token grid, which does not cut it into {p} px patches; use "
@@ -199,7 +201,7 @@ class VQTokenizer(PretrainMethod):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """What is quantised, ``[N, L, code_dim]``: the encoder's tokens mapped to codes, or the patches."""
         if self.to_code is None:
-            return patchify(images.float(), patch_side(self.encoder))
+            return patchify(images.float(), self.patch)
         tokens = self.encoder.forward_features(images)
         return self.to_code(tokens[:, self.encoder.num_prefix_tokens:])
 
@@ -218,7 +220,7 @@ class VQTokenizer(PretrainMethod):
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """What the decoder predicts: patch pixels ``[N, L, p*p*C]`` or the teacher's tokens ``[N, L, D_t]``."""
         if self.teacher is None:
-            return patchify(images.float(), patch_side(self.encoder))
+            return patchify(images.float(), self.patch)
         return self.teacher.forward_features(images)[:, self.teacher.num_prefix_tokens:].float()
 
     def forward(self, batch: Batch | torch.Tensor) -> PretrainOutput:
@@ -265,7 +267,7 @@ class VQTokenizer(PretrainMethod):
         if out.pred is None:
             raise NotImplementedError("a VQ-KD tokenizer predicts a teacher's features, not pixels")
         grid = grid_of(self.encoder, *images.shape[-2:])
-        rec = unpatchify(out.pred, patch_side(self.encoder), images.shape[1], grid)
+        rec = unpatchify(out.pred, self.patch, images.shape[1], grid)
         return rec.to(images.dtype), torch.zeros_like(images[:, :1])
 
 
