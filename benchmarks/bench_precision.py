@@ -6,10 +6,11 @@ alternating round after round in one process so that the host's drift hits both 
 is the median over rounds and the ratio bf16 / fp32. This is what ``train.precision=auto`` decides
 between on a CPU with native bf16 (AVX512-BF16 or AMX).
 
-``--kernel`` also times two kernels that are slow in bf16 on a CPU, each against what replaces it:
-the CvT's strided depthwise 3x3 conv against the same conv at stride 1 sampled every second pixel
-(the same numbers), and the flash attention kernel against the math kernel at several sequence
-lengths: ``mimkit.backbones.layers.cpu_kernels`` picks the faster one under CPU bf16.
+``--kernel`` also times three kernels that are slow on a CPU, each against what replaces it: the
+CvT's strided depthwise 3x3 conv against the same conv at stride 1 sampled every second pixel (the
+same numbers), oneDNN's depthwise conv on maps too small to hold a whole window against a product
+with the tap matrix, and the flash attention kernel against the math kernel at several sequence
+lengths: ``mimkit.backbones.layers.cpu_kernels`` picks the faster one.
 
 Usage:
     python benchmarks/bench_precision.py cvt_mae_fmnist_s4 cvt_mae_fmnist mae_fmnist --kernel
@@ -19,39 +20,18 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import engine_step, markdown_table
+from common import add_step_args, alternate, config_method, engine_step, markdown_table, start_steps
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mimkit.config import resolve_config_path
-from mimkit.engine.optim import build_optimizer
-from mimkit.models import load_config, method_from_config
+from mimkit.backbones.layers.cpu_kernels import depthwise_matmul
 
-
-def rate(fn: Callable[[], None], steps: int, items: int) -> float:
-    """Items per second over ``steps`` calls of ``fn``."""
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return steps * items / (time.perf_counter() - t)
-
-
-def alternate(fns: dict[str, Callable[[], None]], rounds: int, steps: int, items: int) -> dict[str, float]:
-    """Median items/s of each function, timed in alternation after two warm-up calls each."""
-    for fn in fns.values():
-        fn()
-        fn()
-    rates: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            rates[k].append(rate(fn, steps, items))
-    return {k: statistics.median(v) for k, v in rates.items()}
+#: Depthwise conv cases ``(channels, map side, stride)``: all but the fourth and the sixth hold no whole
+#: 3x3 window, the fourth and the sixth do (``cpu_kernels.no_inner_window``).
+SMALL_MAPS = ((192, 1, 1), (192, 2, 1), (192, 2, 2), (96, 3, 1), (96, 3, 2), (96, 4, 2), (384, 2, 1))
 
 
 def train_step(config: str, batch: int) -> dict[str, Callable[[], None]]:
@@ -60,10 +40,7 @@ def train_step(config: str, batch: int) -> dict[str, Callable[[], None]]:
     ``config`` is a packaged name or YAML path, optionally followed by comma-separated overrides:
     ``mae_fmnist,backbone.name=vit_small_p4``.
     """
-    name, *overrides = config.split(",")
-    cfg = load_config(str(resolve_config_path(name)), ["train.device=cpu", *overrides])
-    method = method_from_config(cfg).train()
-    opt = build_optimizer(method, cfg.optim, 1e-4)
+    cfg, method, opt = config_method(config)
     x = torch.randn(batch, cfg.data.channels, cfg.data.img_size, cfg.data.img_size)
 
     def step(bf16: bool) -> None:
@@ -90,6 +67,24 @@ def conv_steps(dim: int, size: int, batch: int) -> dict[str, Callable[[], None]]
     return fns
 
 
+def small_map_steps(dim: int, size: int, stride: int, batch: int) -> dict[str, Callable[[], None]]:
+    """Depthwise 3x3 conv on a small map, oneDNN's against the tap-matrix product, fp32 and bf16."""
+    w = torch.randn(dim, 1, 3, 3, requires_grad=True)
+    fns = {}
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x = torch.randn(batch, dim, size, size, dtype=dtype, requires_grad=True)
+
+        def onednn(x: torch.Tensor = x, dtype: torch.dtype = dtype) -> None:
+            F.conv2d(x, w.to(dtype), None, stride, 1, 1, dim).float().sum().backward()
+
+        def matmul(x: torch.Tensor = x, dtype: torch.dtype = dtype) -> None:
+            depthwise_matmul(x, w.to(dtype), stride, 1).float().sum().backward()
+
+        fns[f"oneDNN {dtype_name}"] = onednn
+        fns[f"matmul {dtype_name}"] = matmul
+    return fns
+
+
 def attention_steps(shape: tuple[int, int, int, int]) -> dict[str, Callable[[], None]]:
     """``scaled_dot_product_attention`` forward + backward, flash against math kernel, fp32 and bf16."""
     fns = {}
@@ -106,19 +101,10 @@ def attention_steps(shape: tuple[int, int, int, int]) -> dict[str, Callable[[], 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("configs", nargs="+", help="packaged config names or YAML paths, each optionally "
-                    "followed by comma-separated key=value overrides")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per precision per round")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--kernel", action="store_true", help="also time the strided depthwise conv")
+    add_step_args(ap, rounds=5, steps=3, per="precision")
+    ap.add_argument("--kernel", action="store_true", help="also time the depthwise convs and attention kernels")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch}, {time.strftime('%Y-%m-%d %H:%M')}")
+    start_steps(args)
     rows = []
     for config in args.configs:
         med = alternate(train_step(config, args.batch), args.rounds, args.steps, args.batch)
@@ -132,6 +118,13 @@ def main() -> None:
             rows.append([f"{dim} x {size}x{size}", *[f"{1e3 * args.batch / med[k]:.1f}" for k in med]])
         print("\n# depthwise 3x3 stride-2 conv, forward + backward, ms per batch")
         print(markdown_table(["channels x map", *med], rows))
+        rows = []
+        for dim, size, stride in SMALL_MAPS:
+            med = alternate(small_map_steps(dim, size, stride, args.batch), args.rounds, args.steps * 3, args.batch)
+            rows.append([f"{dim} x {size}x{size} / {stride}", *[f"{1e3 * args.batch / med[k]:.1f}" for k in med]])
+        print("\n# depthwise 3x3 conv on small maps, oneDNN against the tap-matrix product (cpu_kernels."
+              "depthwise_matmul), forward + backward, ms per batch (channels x map / stride)")
+        print(markdown_table(["channels x map / stride", *med], rows))
         rows = []
         for heads, length, head_dim in ((3, 13, 64), (4, 50, 32), (3, 100, 64), (3, 160, 64), (6, 197, 64)):
             med = alternate(attention_steps((args.batch, heads, length, head_dim)), args.rounds, args.steps, args.batch)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import platform
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from mimkit.config import PretrainConfig
+from mimkit.config import PretrainConfig, resolve_config_path
 from mimkit.data import Batch, build_dataset, build_loader
 from mimkit.engine.checkpoint import load_state
 from mimkit.engine.distributed import resolve_device
@@ -18,7 +21,7 @@ from mimkit.engine.precision import resolve_precision
 from mimkit.engine.step import StepResult, train_step
 from mimkit.evaluation.resources import peak_rss_mib as vm_hwm_mib  # noqa: F401 (benchmarks' name)
 from mimkit.evaluation.runner import Subject, features_for, result_name, run_knn, run_linprobe, write_result
-from mimkit.models import method_from_config
+from mimkit.models import load_config, method_from_config
 
 
 def measure_img_per_s(cfg: PretrainConfig, steps: int = 8) -> float:
@@ -35,6 +38,57 @@ def measure_img_per_s(cfg: PretrainConfig, steps: int = 8) -> float:
             t0, seen = time.perf_counter(), 0
         seen += engine_step(method, next(batches), opt, device, precision).images
     return seen / (time.perf_counter() - t0)
+
+
+def rate(fn: Callable[[], object], steps: int, items: int) -> float:
+    """Items per second over ``steps`` calls of ``fn``."""
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return steps * items / (time.perf_counter() - t)
+
+
+def alternate(fns: dict[str, Callable[[], object]], rounds: int, steps: int, items: int) -> dict[str, float]:
+    """Median items/s of each function, timed in alternation after two warm-up calls each.
+
+    Each round times every function in turn, so a host's drift hits them all alike.
+    """
+    for fn in fns.values():
+        fn()
+        fn()
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            rates[k].append(rate(fn, steps, items))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def add_step_args(ap: argparse.ArgumentParser, rounds: int, steps: int, per: str) -> None:
+    """The arguments of the benchmarks that time training steps of packaged configs in alternation."""
+    ap.add_argument("configs", nargs="+", help="packaged config names or YAML paths, each optionally "
+                    "followed by comma-separated key=value overrides")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--steps", type=int, default=steps, help=f"timed steps per {per} per round")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def start_steps(args: argparse.Namespace, extra: str = "") -> None:
+    """Set the threads and the seed of :func:`add_step_args`' arguments and print the host line."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, batch {args.batch}{extra}, {time.strftime('%Y-%m-%d %H:%M')}",
+          flush=True)
+
+
+def config_method(config: str) -> tuple[PretrainConfig, torch.nn.Module, torch.optim.Optimizer]:
+    """The config, method (in train mode, on the CPU) and AdamW of ``NAME[,key=value,...]``."""
+    name, *overrides = config.split(",")
+    cfg = load_config(str(resolve_config_path(name)), ["train.device=cpu", *overrides])
+    method = method_from_config(cfg).train()
+    return cfg, method, build_optimizer(method, cfg.optim, 1e-4)
 
 
 def engine_step(method: torch.nn.Module, batch: Batch | torch.Tensor, optimizer: torch.optim.Optimizer,

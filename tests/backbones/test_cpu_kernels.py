@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from mimkit.backbones import create_backbone
-from mimkit.backbones.layers.cpu_kernels import MATH_ATTENTION_MAX_SCORES, attention_kernel, bf16_on_cpu
+from mimkit.backbones.layers.cpu_kernels import (
+    MATH_ATTENTION_MAX_SCORES,
+    attention_kernel,
+    bf16_on_cpu,
+    depthwise_conv2d,
+    depthwise_matmul,
+    no_inner_window,
+)
 from mimkit.methods import create_method
 
 
@@ -58,3 +65,39 @@ def test_mae_under_cpu_bf16_runs_no_flash_kernel():
 
     assert not any("flash" in k for k in _attention_ops(run))
     assert any("flash" in k for k in _attention_ops(lambda: mae(x).loss))  # fp32: PyTorch's choice
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (2, 3), (3, 3), (1, 5), (4, 4), (5, 2)])
+def test_depthwise_conv2d_equals_the_conv_forward_and_backward(size, stride):
+    """The tap-matrix product computes the conv's numbers and gradients, whichever path runs."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, *size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(F.conv2d(x, w, None, stride, 1, 1, 4))
+    for fn in (depthwise_conv2d, depthwise_matmul):
+        out = fn(x, w, stride, 1)
+        ref = F.conv2d(x, w, None, stride, 1, 1, 4)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(torch.autograd.grad(out, (x, w), grad), torch.autograd.grad(ref, (x, w), grad))
+
+
+@pytest.mark.parametrize("side, stride, inner", [(1, 1, False), (2, 1, False), (2, 2, False), (3, 1, True),
+                                                 (3, 2, False), (4, 2, True), (7, 2, True), (14, 1, True)])
+def test_no_inner_window_is_the_slow_onednn_case(side, stride, inner):
+    """The maps on which oneDNN was measured slow (BENCHMARKS.md, section 31) are the ones chosen."""
+    x = torch.zeros(1, 1, side, side)
+    assert no_inner_window(x, 3, stride, 1) != inner
+    assert no_inner_window(torch.zeros(1, 1, side, 14), 3, stride, 1) != inner  # either side decides
+
+
+def test_the_cvt_projection_takes_the_matmul_path_on_a_2x2_map():
+    """A stride-4 CvT's 2x2 last stage runs no oneDNN depthwise conv, forward or backward."""
+    from mimkit.backbones.layers.conv_attention import ConvProjection
+
+    proj = ConvProjection(8, 2)
+    x = torch.randn(2, 8, 2, 2, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        proj(x).sum().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::bmm" in ops and not any("convolution" in k for k in ops), ops

@@ -211,7 +211,7 @@ def test_conv_projection_bf16_path_equals_the_strided_conv(size):
     assert out.shape == ref.shape == (3, ((size + 1) // 2) ** 2, 8)
     assert torch.allclose(out.float(), ref, atol=0.05, rtol=0.02)
     assert not bf16_on_cpu(x)
-    assert torch.equal(proj(x), ref)
+    torch.testing.assert_close(proj(x), ref)  # fp32: on the 2x2 map the tap-matrix product, equal up to rounding
 
 
 def test_token_mask_hides_the_pixels_of_masked_last_stage_tokens(tiny_cvt):

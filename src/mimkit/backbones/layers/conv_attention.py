@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
-from mimkit.backbones.layers.cpu_kernels import attention_kernel, bf16_on_cpu
+from mimkit.backbones.layers.cpu_kernels import attention_kernel, bf16_on_cpu, depthwise_conv2d, no_inner_window
 from mimkit.backbones.layers.norm import layer_norm
 from mimkit.backbones.layers.partial_conv import window_count
 from mimkit.backbones.layers.sparse import Packed, SparseStage, batch_norm_where
@@ -30,14 +30,14 @@ class ConvProjection(nn.Module):
 
     def conv_map(self, x: torch.Tensor) -> torch.Tensor:
         """The depthwise convolution alone: ``[N, D, H, W]`` to ``[N, D, ceil(H / s), ceil(W / s)]``."""
-        stride = self.conv.stride[0]
-        if stride > 1 and bf16_on_cpu(x):
+        stride, padding = self.conv.stride[0], self.conv.padding[0]
+        if stride > 1 and bf16_on_cpu(x) and not no_inner_window(x, self.conv.kernel_size[0], stride, padding):
             # The stride-1 conv sampled every `stride` pixels: the same numbers. PyTorch's CPU backward
             # of a strided depthwise conv takes a slow path in bf16, slow enough to make the whole
             # CvT-MAE step slower in bf16 than in fp32; in fp32 the strided kernel is the faster one
             # (BENCHMARKS.md, section 10).
-            return F.conv2d(x, self.conv.weight, None, 1, 1, 1, self.conv.groups)[..., ::stride, ::stride]
-        return self.conv(x)
+            return F.conv2d(x, self.conv.weight, None, 1, padding, 1, self.conv.groups)[..., ::stride, ::stride]
+        return depthwise_conv2d(x, self.conv.weight, stride, padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, D, H, W]`` map to ``[N, ceil(H / s) * ceil(W / s), D]`` tokens (``s`` the stride)."""
