@@ -206,6 +206,8 @@ def test_profile_prints_phases_and_operators(capsys, tiny_run_overrides):
         assert phase in out
     ops = [line for line in out.splitlines() if line.startswith("| aten::") or "Optimizer" in line]
     assert 1 <= len(ops) <= 5 and "img/s" in out.splitlines()[0]
+    assert main(["profile", *tiny_run_overrides, "--steps", "1", "--top", "30", "--shapes"]) == 0
+    assert "| aten::addmm [[" in capsys.readouterr().out  # the linear layers, by their input shapes
 
 
 def test_eval_settings_come_from_an_eval_config_and_flags_override_it(tmp_path, write_image, capsys):

@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--steps", type=POSITIVE_INT, default=5)
     p.add_argument("--top", type=POSITIVE_INT, default=15, help="operators to list")
+    p.add_argument("--shapes", action="store_true", help="list each operator once per set of input shapes")
 
     p = sub.add_parser("visualize", help="reconstruction grid (or the views a method sees) and loss curve PNGs",
                        description="Write reconstructions (original, masked, reconstruction, pasted) "
@@ -563,7 +564,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mimkit.engine.profiler import profile_steps
 
         cfg = load_config(resolve_config_path(args.config), args.overrides)
-        print(profile_steps(cfg, steps=args.steps, top=args.top).table())
+        print(profile_steps(cfg, steps=args.steps, top=args.top, shapes=args.shapes).table())
         return 0
     if args.command == "resources":
         return _cmd_resources(args)

@@ -81,6 +81,18 @@ def test_packing_gathers_and_scatters_the_visible_positions_in_raster_order():
     assert torch.equal(same.scatter(same.gather(fmap[:2])), fmap[:2] * visible[:1])
 
 
+def test_the_sparse_stages_hand_on_the_dense_stages_layout(cvt):
+    """The blocks get contiguous tokens and the next layers maps laid out as the dense mode's:
+    convolutions were measured at half the speed on a channels-first copy (BENCHMARKS.md, section 31)."""
+    x, visible = torch.randn(4, 1, 28, 28), _visible()
+    packed = Packed.of(cvt.stage_visible(visible, "window")[0])
+    assert packed.gather(torch.randn(4, 5, 14, 14)).is_contiguous()
+    sparse = cvt.forward_stages(x, visible, "pre_norm", sparse=True)
+    dense = cvt.forward_stages(x, visible, "pre_norm")
+    for got, want in zip(sparse, dense, strict=True):
+        assert got.stride()[1:] == want.stride()[1:]  # within an image; padding may sit between images
+
+
 @pytest.mark.parametrize("update_mask,propagate", [*[(u, "window") for u in REWEIGHTS], ("pre_norm", "cell")])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("alike", [False, True], ids=["padded", "unpadded"])

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.autograd.profiler_util import FunctionEventAvg
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from mimkit.config import PretrainConfig
@@ -37,7 +38,8 @@ class StepProfile:
         return "\n".join(lines)
 
 
-def profile_steps(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, top: int = 15) -> StepProfile:
+def profile_steps(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, top: int = 15,
+                  shapes: bool = False) -> StepProfile:
     """Profile ``steps`` training steps of ``cfg`` (after ``warmup`` unprofiled ones) with torch.profiler.
 
     The step is the engine's own :func:`~mimkit.engine.step.train_step` on batches from the same loader.
@@ -47,6 +49,8 @@ def profile_steps(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, top: int
         steps: Profiled steps.
         warmup: Steps run first and not counted (allocator, kernel selection).
         top: How many operators to list.
+        shapes: List an operator once per set of input shapes (``aten::convolution_backward
+            [[256, 192, 2, 2], ...]``), which tells which layer a slow kernel belongs to.
 
     Returns:
         The :class:`StepProfile`.
@@ -74,16 +78,21 @@ def profile_steps(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, top: int
     for _ in range(warmup):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=shapes) as prof:
         t0, seen = time.perf_counter(), 0
         for _ in range(steps):
             seen += step()
         elapsed = time.perf_counter() - t0
     events = prof.key_averages()
     phase_ms = {e.key: e.cpu_time_total / 1e3 / steps for e in events if e.key in PHASES}
+    if shapes:
+        events = prof.key_averages(group_by_input_shape=True)
     phase_ms = {k: phase_ms.get(k, 0.0) for k in PHASES}
     step_ms = elapsed * 1e3 / steps
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     ops = sorted((e for e in events if e.key not in PHASES), key=lambda e: getattr(e, attr), reverse=True)
-    top_ops = [(e.key, getattr(e, attr) / 1e3 / steps, getattr(e, attr) / 1e3 / steps / step_ms) for e in ops[:top]]
+    def name(e: FunctionEventAvg) -> str:
+        return f"{e.key} {e.input_shapes}".replace("[], ", "").replace(", []", "") if shapes else e.key
+
+    top_ops = [(name(e), getattr(e, attr) / 1e3 / steps, getattr(e, attr) / 1e3 / steps / step_ms) for e in ops[:top]]
     return StepProfile(phase_ms, seen / elapsed, top_ops)
