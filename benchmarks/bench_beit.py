@@ -15,6 +15,9 @@ whole train split (codes given to at least one patch, and the perplexity of thei
     MAE               mae_fmnist for the whole budget
     data2vec 2.0      data2vec2_fmnist for the whole budget
 
+``--tokenizers-only`` trains the earlier stages alone and prints every tokenizer's codebook usage, so
+that a codebook that collapses is seen before the whole budget is spent.
+
 Usage (two chains side by side, one core each, then a last call for the tables and the figure):
     python benchmarks/bench_beit.py --budget-min 30 --threads 1 --shard 0/2 --out RUNS
     python benchmarks/bench_beit.py --budget-min 30 --threads 1 --shard 1/2 --out RUNS
@@ -107,11 +110,10 @@ def codebook_usage(run_dir: Path) -> dict[str, float]:
     return {"usage": round(float((counts > 0).float().mean()), 4), "perplexity": round(perplexity(counts), 1)}
 
 
-def run_chain(chain: Chain, out: Path, args: argparse.Namespace) -> dict:
-    """Every stage in order (the earlier ones trained and scored, the last with a curve); its rows."""
-    stages = resolved(chain, out, args)
+def run_earlier(stages: list[tuple[Cell, float, float]], out: Path, args: argparse.Namespace) -> list[dict]:
+    """The stages before a chain's last, trained and scored in order, with each tokenizer's codebook usage."""
     earlier = []
-    for cell, minutes, spent in stages[:-1]:
+    for cell, minutes, spent in stages:
         row = run_cell(cell, out, minutes, args.train_fraction, [])
         if load_yaml(resolve_config_path(cell.config))["method"]["name"] == "vqvae":
             usage_file = cell_dir(out, cell) / "usage.json"
@@ -120,6 +122,13 @@ def run_chain(chain: Chain, out: Path, args: argparse.Namespace) -> dict:
             row |= json.loads(usage_file.read_text())
         earlier.append(row | {"minutes": minutes, "from_min": spent})
         print(json.dumps(earlier[-1]), flush=True)
+    return earlier
+
+
+def run_chain(chain: Chain, out: Path, args: argparse.Namespace) -> dict:
+    """Every stage in order (the earlier ones trained and scored, the last with a curve); its rows."""
+    stages = resolved(chain, out, args)
+    earlier = run_earlier(stages[:-1], out, args)
     last, minutes, spent = stages[-1]
     curve = knn_curve(last, out, minutes, args.train_fraction, args.curve_points, [])
     curve = [r | {"minutes": round(r["minutes"] + spent, 2)} for r in curve]
@@ -142,6 +151,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of every run (0: the configs' own)")
     ap.add_argument("--shard", default="0/1", help="K/N: run every N-th model starting at the K-th (0-based)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--tokenizers-only", action="store_true",
+                    help="train the chains' earlier stages only and print their codebook usage (a check "
+                         "before the whole budget is spent)")
     ap.add_argument("--out", default="runs/beit")
     args = ap.parse_args()
     shard, shards = parse_shard(ap, args.shard)
@@ -154,6 +166,13 @@ def main() -> None:
     models = [c for c in chains(args.seed) if args.only in c.name]
     if not models:
         ap.error(f"--only {args.only!r} picks no model; the models: {'; '.join(c.name for c in chains(0))}")
+    if args.tokenizers_only:
+        rows = [r | {"chain": c.name} for c in models[shard::shards] for r in run_earlier(resolved(c, out, args)[:-1],
+                                                                                          out, args)]
+        print("\n" + markdown_table(["chain", "stage", "minutes", "steps", "codebook usage", "perplexity"],
+                                    [[r["chain"], r["cell"], r["minutes"], r["steps"], r.get("usage", "-"),
+                                      r.get("perplexity", "-")] for r in rows]))
+        return
     results = [run_chain(c, out, args) for c in models[shard::shards]]
     if shards > 1:
         return
