@@ -170,8 +170,9 @@ def main() -> None:
         rows = [r | {"chain": c.name} for c in models[shard::shards] for r in run_earlier(resolved(c, out, args)[:-1],
                                                                                           out, args)]
         print("\n" + markdown_table(["chain", "stage", "minutes", "steps", "codebook usage", "perplexity"],
-                                    [[r["chain"], r["cell"], r["minutes"], r["steps"], r.get("usage", "-"),
-                                      r.get("perplexity", "-")] for r in rows]))
+                                    [[r["chain"], r["cell"], r["minutes"], r["steps"],
+                                      f"{r['usage']:.1%}" if "usage" in r else "-", r.get("perplexity", "-")]
+                                     for r in rows]))
         return
     results = [run_chain(c, out, args) for c in models[shard::shards]]
     if shards > 1:
