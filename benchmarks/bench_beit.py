@@ -28,20 +28,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from cells import Cell, cell_dir, final_row, knn_curve, parse_shard, random_init_rows, run_cell
+from cells import Cell, cell_dir, final_row, knn_curve, random_init_rows, run_cell, start_cells
 from common import evaluate_subject, markdown_table
 
 from mimkit.config import load_yaml, resolve_config_path
 from mimkit.data import build_dataset, build_loader
 from mimkit.engine.checkpoint import load_weights, resolve_checkpoint
 from mimkit.engine.continuation import run_settings
-from mimkit.evaluation.resources import cpu_flags, measure_configs, resources_table
+from mimkit.evaluation.resources import measure_configs, resources_table
 from mimkit.evaluation.runner import resolve_subject
 from mimkit.methods.quantizer import perplexity
 from mimkit.models import method_from_config
@@ -156,13 +154,7 @@ def main() -> None:
                          "before the whole budget is spent)")
     ap.add_argument("--out", default="runs/beit")
     args = ap.parse_args()
-    shard, shards = parse_shard(ap, args.shard)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"# {__doc__.splitlines()[0]}\n# {platform.node()} ({cpu_flags()}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    shard, shards, out = start_cells(ap, args, __doc__)
     models = [c for c in chains(args.seed) if args.only in c.name]
     if not models:
         ap.error(f"--only {args.only!r} picks no model; the models: {'; '.join(c.name for c in chains(0))}")

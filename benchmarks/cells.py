@@ -177,6 +177,23 @@ def parse_shard(ap: argparse.ArgumentParser, text: str) -> tuple[int, int]:
     return shard, shards
 
 
+def start_cells(ap: argparse.ArgumentParser, args: argparse.Namespace, doc: str) -> tuple[int, int, Path]:
+    """``--shard``, ``--threads`` and ``--out`` of a cell experiment applied, and its header printed.
+
+    Returns:
+        ``(shard, shards, out)``: the parsed ``--shard`` and the output folder, created.
+
+    """
+    shard, shards = parse_shard(ap, args.shard)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"# {doc.splitlines()[0]}\n# {platform.node()} ({cpu_flags()}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    return shard, shards, out
+
+
 def final_row(cell: Cell, out: Path, finetune_min: float) -> dict:
     """The last checkpoint under the full protocol, and its fine-tuning (written once, then read; a
     later call with ``finetune_min`` fine-tunes an encoder evaluated without)."""
@@ -255,13 +272,7 @@ def budget_comparison(doc: str, models: list[Cell], default_out: str,
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", default=default_out)
     args = ap.parse_intermixed_args()
-    shard, shards = parse_shard(ap, args.shard)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"# {doc.splitlines()[0]}\n# {platform.node()} ({cpu_flags()}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    shard, shards, out = start_cells(ap, args, doc)
     if args.overrides:  # what every run was given beyond the budget (a fixed number of epochs, another precision)
         print(f"# every run: {' '.join(args.overrides)}", flush=True)
     # --only takes several texts, so a key=value after it would land there: a text must pick a model
