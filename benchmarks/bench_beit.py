@@ -152,6 +152,9 @@ def main() -> None:
     ap.add_argument("--tokenizers-only", action="store_true",
                     help="train the chains' earlier stages only and print their codebook usage (a check "
                          "before the whole budget is spent)")
+    ap.add_argument("--no-floors", action="store_true",
+                    help="leave the untrained encoders and raw pixels out of the last call's table (each a "
+                         "full-protocol evaluation of minutes)")
     ap.add_argument("--out", default="runs/beit")
     args = ap.parse_args()
     shard, shards, out = start_cells(ap, args, __doc__)
@@ -169,6 +172,9 @@ def main() -> None:
     results = [run_chain(c, out, args) for c in models[shard::shards]]
     if shards > 1:
         return
+    untrained = [Cell(r["chain"], str(Path(r["run"]) / "config.yaml")) for r in results]
+    floors = [] if args.no_floors else [[row[0], "-", "-", "-", *row[4:7], "-", "-"]
+                                        for row in random_init_rows(untrained)]
     print(f"\n# {args.budget_min:g} one-core minutes per model, every stage counted; full protocol (whole train "
           f"split as bank and probe set, full test set); fine-tuning {args.finetune_min:g} minutes")
     print(markdown_table(
@@ -178,10 +184,10 @@ def main() -> None:
           round(r["cell"]["img_per_s"]), r["final"]["knn20"], r["final"]["knn200"], r["final"]["linprobe"],
           r["final"].get("finetune", "-"),
           next((f"{e['usage']:.1%} ({e['perplexity']:g})" for e in r["earlier"] if "usage" in e), "-")]
-         for r in results] + [[row[0], "-", "-", "-", *row[4:7], "-", "-"] for row in random_init_rows(
-            [Cell(r["chain"], str(Path(r["run"]) / "config.yaml")) for r in results])]))
-    pixels = evaluate_subject(resolve_subject(None, "pixels", str(resolve_config_path("mae_fmnist")), []), 1.0)
-    print(f"\nraw pixels: {pixels['knn20']:.2f} / {pixels['knn200']:.2f} / {pixels['linprobe']:.2f}")
+         for r in results] + floors))
+    if not args.no_floors:
+        pixels = evaluate_subject(resolve_subject(None, "pixels", str(resolve_config_path("mae_fmnist")), []), 1.0)
+        print(f"\nraw pixels: {pixels['knn20']:.2f} / {pixels['knn200']:.2f} / {pixels['linprobe']:.2f}")
     print(f"\n# the curve ({args.train_fraction:.0%} bank / probe set): minutes from the chain's start")
     print(markdown_table(["model", "step", "minutes", "kNN k=20", "kNN k=200", "linear probe"],
                          [[r["chain"], c["step"], c["minutes"], c["knn20"], c["knn200"], c["linprobe"]]

@@ -179,6 +179,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def servers():
+    """Three fork servers of ``python -m mimkit`` (``cli_forkserver.py``): a command's process without
+    the interpreter's start and mimkit's imports (about 3 s each). Two run side by side, one per core;
+    the third is the one a resumed run is forked from while the other two hold the run it resumes and
+    the uninterrupted one it must equal, so the three are three processes, as three interpreters were."""
+    from cli_forkserver import ForkServers
+
+    servers = ForkServers(3)
+    yield servers
+    servers.close()
+
+
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """Undo logging set-up done by a test (the CLI's basicConfig, a run's file handler)."""

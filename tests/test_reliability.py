@@ -3,9 +3,9 @@
 The cases are the table in ``reliability_cases.py``. Every case runs ``python -m mimkit`` in its own
 process and its own copy of a workspace (a finished tiny run, small image folders, a truncated
 archive); the workspace is hashed before and after, so a refusal that wrote, moved or deleted
-anything fails. The processes are forked from two servers that have imported mimkit once
-(``cli_forkserver.py``), which saves the interpreter's start and the imports of every case (about 3 s
-each); they run two at a time (one per core), once per session.
+anything fails. The processes are forked from the servers of the ``servers`` fixture, which have
+imported mimkit once (``cli_forkserver.py``): that saves the interpreter's start and the imports of
+every case (about 3 s each). They run one per core at a time, once per session.
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ from __future__ import annotations
 import fcntl
 import gzip
 import hashlib
-import json
 import os
-import queue
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_forkserver import ForkServers
 from reliability_cases import CASES, CLASSES, Case
 
 from mimkit.data.datasets import DEBIAN_FASHION_MNIST
@@ -220,44 +218,7 @@ class Outcome:
     skipped: str = ""
 
 
-class _Servers:
-    """Two ``cli_forkserver.py`` processes, each lent to one case at a time."""
-
-    def __init__(self, count: int) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        self.procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_forkserver.py"))],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-                      for _ in range(count)]
-        self.free: queue.Queue[subprocess.Popen] = queue.Queue()
-        for proc in self.procs:
-            self.free.put(proc)
-
-    def run(self, argv: list[str], cwd: Path, timeout: int) -> tuple[int, str, str]:
-        """``python -m mimkit *argv`` in ``cwd``: exit code, standard output, standard error."""
-        proc = self.free.get()
-        try:
-            out, err = cwd.parent / f"{cwd.name}.out", cwd.parent / f"{cwd.name}.err"
-            proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "out": str(out), "err": str(err),
-                                         "timeout": timeout}) + "\n")
-            proc.stdin.flush()
-            reply = proc.stdout.readline()
-            if not reply:
-                raise RuntimeError(f"the fork server ended (exit {proc.wait()})")
-            rc = json.loads(reply)["rc"]
-            text = err.read_text()
-            if rc == -signal.SIGALRM:  # a hang is a failure of its case, not of the table
-                rc, text = -1, f"timed out after {timeout} s: {text}"
-            return rc, out.read_text(), text
-        finally:
-            self.free.put(proc)
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.stdin.close()
-            proc.wait(timeout=60)
-
-
-def _run_case(case: Case, template: Path, base: Path, servers: _Servers) -> Outcome:
+def _run_case(case: Case, template: Path, base: Path, servers: ForkServers) -> Outcome:
     ws = base / case.id
     shutil.copytree(template, ws, symlinks=True)
     try:
@@ -278,26 +239,18 @@ def _run_case(case: Case, template: Path, base: Path, servers: _Servers) -> Outc
 
 
 @pytest.fixture(scope="session")
-def servers():
-    # Two: the machine has two cores.
-    servers = _Servers(2)
-    yield servers
-    servers.close()
-
-
-@pytest.fixture(scope="session")
 def outcomes(tmp_path_factory, write_image_session, servers) -> dict[str, Outcome]:
     from conftest import TINY_RUN_OVERRIDES
 
     base = tmp_path_factory.mktemp("reliability")
     template = _make_template(base, list(TINY_RUN_OVERRIDES), write_image_session)
-    with ThreadPoolExecutor(max_workers=len(servers.procs)) as pool:
+    with ThreadPoolExecutor(max_workers=min(len(servers.procs), os.cpu_count() or 1)) as pool:
         futures = {c.id: pool.submit(_run_case, c, template, base, servers) for c in CASES}
     return {k: f.result() for k, f in futures.items()}
 
 
 @pytest.mark.parametrize("argv", [["config", "train.epochs=3"], ["knn", "no-such-run"]])
-def test_forked_command_is_the_command(argv: list[str], servers: _Servers, tmp_path: Path):
+def test_forked_command_is_the_command(argv: list[str], servers: ForkServers, tmp_path: Path):
     """What the fork server gives is what ``python -m mimkit`` gives: exit code, output, errors."""
     (tmp_path / "ws").mkdir()
     real = subprocess.run([sys.executable, "-m", "mimkit", *argv], capture_output=True, text=True, cwd=tmp_path / "ws",

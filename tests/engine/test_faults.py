@@ -11,7 +11,6 @@ import errno
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -160,10 +159,6 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_run_ove
     _assert_same(reference, _final_weights(tmp_path / "run"))
 
 
-def _child_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A tmpfs of 1000 KiB, room for two of the tiny run's checkpoints (skipped where it cannot be mounted)."""
@@ -176,18 +171,19 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_a_really_full_disk(small_tmpfs, tiny_run_overrides, reference):
+def test_a_really_full_disk(small_tmpfs, tiny_run_overrides, reference, servers, tmp_path):
     run = small_tmpfs / "run"
-    cmd = [sys.executable, "-m", "mimkit", "pretrain", *_settings(run, tiny_run_overrides)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
-    assert "the disk is full" in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    argv = ["pretrain", *_settings(run, tiny_run_overrides)]
+    rc, _, err = servers.run(argv, tmp_path, log=tmp_path / "full")  # its output off the full disk
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert rc == 2 and len(errors) == 1, err
+    assert "the disk is full" in errors[0] and "Traceback" not in err, err
     done = list_checkpoints(run / "checkpoints")
     assert [c.name for c in done] == ["step_00000004", "step_00000008"]
     assert not list((run / "checkpoints").glob(".tmp-*")), "a half-written checkpoint was left"
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
-    subprocess.run([*cmd, "--resume", "auto"], check=True, capture_output=True, env=_child_env())
+    rc, _, err = servers.run([*argv, "--resume", "auto"], tmp_path, log=tmp_path / "resumed")
+    assert rc == 0, err
     _assert_same(reference, _final_weights(run))
 
 
@@ -209,17 +205,16 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_kill_during_a_checkpoint_write(tmp_path, tiny_run_overrides, reference):
+def test_kill_during_a_checkpoint_write(tmp_path, tiny_run_overrides, reference, servers):
     run = tmp_path / "run"
     settings = ["pretrain", *_settings(run, tiny_run_overrides)]
-    proc = subprocess.run([sys.executable, "-c", _DIE_IN_THIRD_WRITE, *settings], capture_output=True,
-                          env=_child_env())
-    assert proc.returncode == -9, proc.stderr
+    rc, _, err = servers.run(settings, tmp_path, log=tmp_path / "dying", code=_DIE_IN_THIRD_WRITE)
+    assert rc == -9, err
     ckpts = run / "checkpoints"
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000004", "step_00000008"]
     assert list(ckpts.glob(".tmp-step_00000012-*")), "the kill should have left a half-written temporary"
-    subprocess.run([sys.executable, "-m", "mimkit", *settings, "--resume", "auto"], check=True,
-                   capture_output=True, env=_child_env())
+    rc, _, err = servers.run([*settings, "--resume", "auto"], tmp_path, log=tmp_path / "resumed")
+    assert rc == 0, err
     assert not list(ckpts.glob(".tmp-*")), "the resumed run should remove the dead run's temporary"
     _assert_same(reference, _final_weights(run))
 

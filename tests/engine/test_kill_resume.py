@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_forkserver import ForkedCommand, ForkServers
 from conftest import fake_run, tiny_tokenizer_settings
 from safetensors.torch import load_file
 
@@ -19,15 +18,35 @@ from mimkit.engine.checkpoint import latest_checkpoint, list_checkpoints, load_s
 pytestmark = [pytest.mark.fmnist, pytest.mark.slow]
 
 
-def _cmd(run: Path, overrides: list[str], resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "mimkit", "pretrain", f"run_dir={run}", *overrides, "train.epochs=2",
-           "train.ckpt_every_steps=4", "train.keep_last=0", "train.deterministic=true"]
-    return cmd + (["--resume", "auto"] if resume else [])
+def _argv(run: Path, overrides: list[str], resume: bool) -> list[str]:
+    argv = ["pretrain", f"run_dir={run}", *overrides, "train.epochs=2", "train.ckpt_every_steps=4",
+            "train.keep_last=0", "train.deterministic=true"]
+    return argv + (["--resume", "auto"] if resume else [])
 
 
-def _env() -> dict[str, str]:
-    # The same thread count in every process: float reductions must happen in the same order.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # a child its server has not reaped yet still counts: it is about to be
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill_after_third_checkpoint(servers: ForkServers, run: Path, overrides: list[str], log: Path) -> ForkedCommand:
+    """Start the run and SIGKILL it as soon as its third periodic checkpoint exists, wherever it is
+    then (between steps, inside a step, or writing the next checkpoint); the killed command."""
+    proc = servers.start(_argv(run, overrides, False), log.parent, timeout=300, log=log)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _running(proc.pid):
+            if (run / "checkpoints").is_dir() and len(list_checkpoints(run / "checkpoints")) >= 3:
+                break
+            time.sleep(0.01)
+        proc.kill()
+    finally:
+        rc, _, err = proc.wait()
+    assert rc == -signal.SIGKILL, f"the run ended with exit {rc} before it could be killed: {err}"
+    return proc
 
 
 #: A tiny DINO (teacher, centre and schedules in the state; four views per image from the loader).
@@ -69,37 +88,30 @@ def _overrides(method: str, tiny: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("method", ["mae", "dino", "ibot", "mixmae", "mixedae", "data2vec",
                                     "data2vec2", "data2vec@cvt", "data2vec2@cvt", "vqvae", "beit"])
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_run_overrides, method):
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_run_overrides, method, servers):
     if method == "beit":  # masks from the global RNG, a frozen tokenizer from its own run
         tokenizer = fake_run(tmp_path / "tokenizer", tiny_tokenizer_settings())
         tiny_run_overrides = [o for o in tiny_run_overrides if not o.startswith("method.")] + [
             "method.name=beit", f"method.tokenizer={tokenizer}"]
     tiny_run_overrides = _overrides(method, tiny_run_overrides)
     full, killed = tmp_path / "full", tmp_path / "killed"
-    # The uninterrupted run beside the killed one (one thread each, one core each): they share nothing.
-    log = (tmp_path / "full.log").open("w")
-    uninterrupted = subprocess.Popen(_cmd(full, tiny_run_overrides, False), env=_env(), stdout=log, stderr=log)
-
-    proc = subprocess.Popen(_cmd(killed, tiny_run_overrides, False), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    # Wait for the third periodic checkpoint, then kill at once, wherever the process is: between
-    # steps, inside a step, or writing the next checkpoint.
-    while time.monotonic() < deadline and proc.poll() is None:
-        ckpts = list_checkpoints(killed / "checkpoints") if (killed / "checkpoints").is_dir() else []
-        if len(ckpts) >= 3:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    last = latest_checkpoint(killed / "checkpoints")
-    stopped_at = load_state(last)["step"]
-    assert 0 < stopped_at < 36
-
-    subprocess.run(_cmd(killed, tiny_run_overrides, True), env=_env(), check=True, capture_output=True)
-    assert uninterrupted.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()
-    log.close()
+    # The uninterrupted run beside the killed one, each forked by its own server (one thread, one core
+    # each): they share nothing.
+    uninterrupted = servers.start(_argv(full, tiny_run_overrides, False), tmp_path, timeout=300,
+                                  log=tmp_path / "full")
+    try:
+        dead = _kill_after_third_checkpoint(servers, killed, tiny_run_overrides, tmp_path / "killed")
+        stopped_at = load_state(latest_checkpoint(killed / "checkpoints"))["step"]
+        assert 0 < stopped_at < 36
+        resumed = servers.start(_argv(killed, tiny_run_overrides, True), tmp_path, timeout=300,
+                                log=tmp_path / "resumed")
+        rc, _, err = resumed.wait()
+        assert rc == 0, err
+        # Three processes, as three interpreters were: no state of the killed one survives into the resume.
+        assert len({uninterrupted.proc.pid, dead.proc.pid, resumed.proc.pid}) == 3
+    finally:
+        full_rc, _, full_err = uninterrupted.wait()
+    assert full_rc == 0, full_err
     a = load_file(str(latest_checkpoint(full / "checkpoints") / "model.safetensors"))
     b = load_file(str(latest_checkpoint(killed / "checkpoints") / "model.safetensors"))
     assert latest_checkpoint(killed / "checkpoints").name == "step_00000036"
