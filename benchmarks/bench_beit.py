@@ -172,9 +172,8 @@ def main() -> None:
     results = [run_chain(c, out, args) for c in models[shard::shards]]
     if shards > 1:
         return
-    untrained = [Cell(r["chain"], str(Path(r["run"]) / "config.yaml")) for r in results]
-    floors = [] if args.no_floors else [[row[0], "-", "-", "-", *row[4:7], "-", "-"]
-                                        for row in random_init_rows(untrained)]
+    floors = [] if args.no_floors else [[row[0], "-", "-", "-", *row[4:7], "-", "-"] for row in random_init_rows(
+        [Cell(r["chain"], str(Path(r["run"]) / "config.yaml")) for r in results])]
     print(f"\n# {args.budget_min:g} one-core minutes per model, every stage counted; full protocol (whole train "
           f"split as bank and probe set, full test set); fine-tuning {args.finetune_min:g} minutes")
     print(markdown_table(

@@ -101,6 +101,16 @@ class ForkedCommand:
             self.result = rc, self.out.read_text() if self.out.is_file() else "", text
         return self.result
 
+    def running(self) -> bool:
+        """Whether the child still exists (one its server has not reaped yet counts: it is about to be)."""
+        if self.result is not None:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
     def kill(self) -> None:
         """SIGKILL the command if it still runs."""
         if self.result is not None:
@@ -199,7 +209,7 @@ class ForkServers:
 def _wait_all(commands: list[ForkedCommand]) -> list[tuple[int, str, str]]:
     """Every command's result; once one fails, the others are killed (they would wait for it forever)."""
     with ThreadPoolExecutor(max_workers=max(1, len(commands))) as pool:
-        futures = {pool.submit(c.wait): c for c in commands}
+        futures = [pool.submit(c.wait) for c in commands]
         for done in as_completed(futures):
             if done.exception() is not None or done.result()[0] != 0:
                 for c in commands:

@@ -26,8 +26,10 @@ def test_forked_code_is_python_c(servers: ForkServers, tmp_path: Path):
 def test_a_started_command_can_be_killed(servers: ForkServers, tmp_path: Path):
     started = servers.start([], tmp_path, code="import time\ntime.sleep(60)")
     time.sleep(0.2)
+    assert started.running()
     os.kill(started.pid, signal.SIGKILL)
     assert started.wait()[0] == -signal.SIGKILL
+    assert not started.running()
 
 
 def test_a_timeout_is_a_failure_of_its_command(servers: ForkServers, tmp_path: Path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -24,21 +23,13 @@ def _argv(run: Path, overrides: list[str], resume: bool) -> list[str]:
     return argv + (["--resume", "auto"] if resume else [])
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # a child its server has not reaped yet still counts: it is about to be
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _kill_after_third_checkpoint(servers: ForkServers, run: Path, overrides: list[str], log: Path) -> ForkedCommand:
     """Start the run and SIGKILL it as soon as its third periodic checkpoint exists, wherever it is
     then (between steps, inside a step, or writing the next checkpoint); the killed command."""
     proc = servers.start(_argv(run, overrides, False), log.parent, timeout=300, log=log)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and _running(proc.pid):
+        while time.monotonic() < deadline and proc.running():
             if (run / "checkpoints").is_dir() and len(list_checkpoints(run / "checkpoints")) >= 3:
                 break
             time.sleep(0.01)
